@@ -1,0 +1,119 @@
+"""Prompt formatting, tokenisation and response-only label masking.
+
+The prompt is everything the model conditions on (chat template applied to all turns but the last,
+with the generation prompt); the response is the last assistant turn through its end-of-turn token.
+Prompt and response are tokenised separately, so the boundary is exactly where generation would
+start, and prompt labels are ``-100`` so that every loss in lobass is over response tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lobass.data import ALPACA_TEMPLATE, Example, Message
+
+IGNORE_INDEX = -100  # the label value that torch's cross_entropy and transformers ignore
+
+
+@dataclass(frozen=True)
+class Features:
+    """One tokenised example: ``input_ids`` and ``labels`` of equal length."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_prompt: int
+    truncated: bool
+
+    @property
+    def n_response(self) -> int:
+        """Number of response tokens that carry a label."""
+        return len(self.input_ids) - self.n_prompt
+
+
+def _alpaca_prompt(messages: tuple[Message, ...], eos: str) -> str:
+    """Alpaca template for base models; earlier turns (multi-turn rows) are replayed in it."""
+    parts: list[str] = []
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(ALPACA_TEMPLATE.format(user=message["content"]))
+        elif message["role"] == "assistant":
+            parts.append(message["content"] + eos + "\n\n")
+        else:  # a system message leads the prompt
+            parts.append(message["content"] + "\n\n")
+    return "".join(parts)
+
+
+def format_prompt(messages: tuple[Message, ...], tokenizer: Any, template: str) -> str:
+    """The text of the prompt for ``messages`` (all turns but the last assistant one).
+
+    Args:
+        messages: conversation; the last message is the response and is left out.
+        tokenizer: a transformers tokenizer (its chat template is used when ``template='chat'``).
+        template: ``chat`` (the tokenizer's own chat template) or ``alpaca``.
+    """
+    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError("model.template=chat but the tokenizer has no chat template; "
+                             "set model.template=alpaca")
+        text: str = tokenizer.apply_chat_template(
+            list(history), add_generation_prompt=True, tokenize=False
+        )
+        return text
+    if template == "alpaca":
+        return _alpaca_prompt(history, tokenizer.eos_token or "")
+    raise ValueError(f"unknown model.template {template!r}; choose 'chat' or 'alpaca'")
+
+
+def _response_text(example: Example, tokenizer: Any, template: str, prompt: str) -> str:
+    """The response through its end-of-turn token, as the template writes it."""
+    content = example.messages[-1]["content"]
+    eos = tokenizer.eos_token or ""
+    if template != "chat":
+        return content + eos
+    full: str = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently inside the full "
+                         "conversation; lobass cannot find the response boundary (use alpaca)")
+    tail = full[len(prompt):]
+    end = tail.rfind(eos) if eos else -1
+    # Keep the end-of-turn token (the model must learn to stop) but not what follows it.
+    return tail[: end + len(eos)] if end >= 0 else tail + eos
+
+
+def prompt_token_ids(prompt: str, tokenizer: Any) -> list[int]:
+    """Tokenise a prompt, adding BOS when the tokenizer wants one and the text lacks it.
+
+    Chat templates that need BOS write it themselves; base models (Gemma, LLaMA) need it added.
+    """
+    ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    wants_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    if wants_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def tokenize_example(
+    example: Example, tokenizer: Any, template: str, max_length: int
+) -> Features:
+    """Tokenise one example with response-only labels, truncated to ``max_length`` tokens.
+
+    Over-long rows keep their prompt and lose the end of the response; when the prompt alone
+    leaves no room, its beginning is cut so that at least a quarter of ``max_length`` (or the
+    whole response, if shorter) stays scoreable.
+    """
+    prompt = format_prompt(example.messages, tokenizer, template)
+    prompt_ids = prompt_token_ids(prompt, tokenizer)
+    response_ids: list[int] = tokenizer(
+        _response_text(example, tokenizer, template, prompt), add_special_tokens=False
+    )["input_ids"]
+    truncated = len(prompt_ids) + len(response_ids) > max_length
+    if truncated:
+        keep_response = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
+        response_ids = response_ids[:keep_response]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return Features(input_ids, labels, len(prompt_ids), truncated)

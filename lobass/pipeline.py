@@ -1,0 +1,397 @@
+"""``run(cfg)``: the one place where the stages meet, in order, top to bottom.
+
+data -> reference -> score -> select -> train -> eval. ``cfg.stages`` names the outputs wanted;
+the stages they depend on run too, and every stage first looks for its content-addressed artifact
+under ``artifacts_dir`` and reuses it when complete. The run ends by writing ``summary.json``
+(stage timings and reuse, artifact paths, flat metrics) into the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
+from lobass.config import validate
+from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
+from lobass.evaluation import evaluate_gsm8k, heldout_loss_metrics
+from lobass.formatting import Features, tokenize_example
+from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
+from lobass.scoring import adapter_state, compute_response_losses, get_scorer
+from lobass.selection import export_rows, select_top, selected_rows, selection_size
+from lobass.tracking import RunLogger, make_logger
+from lobass.training import train_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """What ``summary.json`` holds: stage timings and reuse, artifact paths, flat metrics."""
+
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage; the body sets ``record["reused"]``."""
+        record: dict[str, Any] = {"seconds": 0.0, "reused": False}
+        start = time.perf_counter()
+        try:
+            yield record
+        finally:
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            self.stages[name] = record
+            log.info("stage %s: %.1f s%s", name, record["seconds"],
+                     " (reused)" if record["reused"] else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON document."""
+        return {"stages": self.stages, "artifacts": self.artifacts, "metrics": self.metrics}
+
+
+@dataclass
+class Pool:
+    """The tokenised pool and the keys that identify it."""
+
+    examples: list[Example]
+    features: list[Features]
+    key: dict[str, Any]  # model, data fingerprint and formatting: what every artifact depends on
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stages that ``cfg.stages`` asks for, reusing cached artifacts.
+
+    Args:
+        cfg: the composed Hydra config (``conf/config.yaml``).
+
+    Returns:
+        The summary (also written to ``<run dir>/summary.json``).
+    """
+    validate(cfg)
+    run_dir = _run_dir(cfg)
+    artifacts_dir = Path(cfg.artifacts_dir).resolve()
+    scorer = get_scorer(cfg.scorer.name)
+    wanted = set(cfg.stages)
+    need_train = bool(wanted & {"train", "eval"})
+    need_select = need_train or "select" in wanted
+    need_score = need_select or "score" in wanted
+    need_reference = "reference" in wanted or (need_score and "ref" in scorer.needs)
+    summary = Summary()
+    tracker = make_logger(cfg.logger, _loggable_config(cfg), run_dir)
+    try:
+        # 0) data: read, validate and tokenise the pool
+        model_path, _ = resolve_model_path(cfg.model, artifacts_dir)
+        tokenizer = load_tokenizer(cfg.model, model_path)
+        pool = _load_pool(cfg, tokenizer, summary)
+
+        # 1) reference: the initial model fine-tuned with LoRA on the pool
+        reference_dir: Path | None = None
+        if need_reference:
+            with summary.stage("reference") as record:
+                reference_dir, record["reused"] = _reference(cfg, pool, model_path, tokenizer,
+                                                             artifacts_dir, tracker)
+            summary.artifacts["reference_adapter"] = str(reference_dir / "adapter")
+
+        # 2) score: per-row losses (each computed once) combined by the scorer
+        scores_dir: Path | None = None
+        if need_score:
+            with summary.stage("score") as record:
+                scores_dir, record["reused"] = _score(cfg, pool, model_path, reference_dir,
+                                                      artifacts_dir, summary)
+            summary.artifacts["scores"] = str(scores_dir / "scores.jsonl")
+            scores = _read_scores(scores_dir)
+            tracker.log_histogram("score/distribution", scores)
+            summary.metrics.update(_score_stats(scores))
+
+        # 3) select: top rows by score, exported in the pool's own format
+        selection_dir: Path | None = None
+        if need_select:
+            assert scores_dir is not None
+            with summary.stage("select") as record:
+                selection_dir, record["reused"] = _select(cfg, pool, scores_dir, artifacts_dir)
+            summary.artifacts["selected"] = str(selection_dir / "selected.jsonl")
+            summary.metrics["select/count"] = float(
+                json.loads((selection_dir / "meta.json").read_text())["count"])
+            tracker.log_file("selected", "selection", selection_dir / "selected.jsonl")
+
+        # 4) train: LoRA fine-tune of the initial model on the selection
+        adapter_dir: Path | None = None
+        if need_train:
+            assert selection_dir is not None
+            with summary.stage("train") as record:
+                adapter_dir, record["reused"] = _train(cfg, pool, selection_dir, model_path,
+                                                       tokenizer, artifacts_dir, tracker)
+            summary.artifacts["adapter"] = str(adapter_dir / "adapter")
+            summary.metrics.update(json.loads((adapter_dir / "train_metrics.json").read_text()))
+
+        # 5) eval: GSM8K through lm-eval and held-out response loss
+        if "eval" in wanted:
+            assert adapter_dir is not None
+            with summary.stage("eval") as record:
+                eval_dir, record["reused"] = _evaluate(cfg, pool, adapter_dir, model_path,
+                                                       tokenizer, artifacts_dir)
+            summary.metrics.update(json.loads((eval_dir / "metrics.json").read_text()))
+
+        summary.metrics.update({f"time/{k}_seconds": v["seconds"]
+                                for k, v in summary.stages.items()})
+        tracker.log_metrics(summary.metrics)
+        tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
+                          [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
+    finally:
+        atomic_write_json(run_dir / "summary.json", summary.as_dict())
+        tracker.finish()
+    log.info("summary written to %s\n%s", run_dir / "summary.json", format_summary(summary))
+    return summary.as_dict()
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        path = Path(cfg.output_dir).resolve()
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        path = Path(HydraConfig.get().runtime.output_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items()}
+
+
+def _load_pool(cfg: DictConfig, tokenizer: Any, summary: Summary) -> Pool:
+    data = cfg.data
+    sources = {data.source: data, **(data.mix or {})}
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for name, source in sources.items():
+        rows, stats = read_examples(source.path, source.reader, source=str(name),
+                                    max_rows=source.max_rows, on_bad_row=data.on_bad_row)
+        unique = [e for e in rows if e.id not in seen]  # a row in two mixed files counts once
+        stats.skipped["duplicate"] += len(rows) - len(unique)
+        seen.update(e.id for e in unique)
+        examples += unique
+        summary.metrics.update(ReadStats(len(unique), stats.skipped).as_metrics(f"data/{name}"))
+    features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length)
+                for e in examples]
+    summary.metrics["data/pool_rows"] = float(len(examples))
+    summary.metrics["data/truncated"] = float(sum(f.truncated for f in features))
+    summary.metrics["data/tokens"] = float(sum(len(f.input_ids) for f in features))
+    log.info("data=%s: %d rows, %d truncated to data.max_length=%d", data.name, len(examples),
+             summary.metrics["data/truncated"], data.max_length)
+    key = {"model": model_key(cfg.model), "pool": pool_fingerprint(examples),
+           "template": cfg.model.template, "max_length": data.max_length}
+    return Pool(examples, features, key)
+
+
+def _train_config(group: DictConfig) -> dict[str, Any]:
+    container = OmegaConf.to_container(group, resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def _reference(cfg: DictConfig, pool: Pool, model_path: str, tokenizer: Any,
+               artifacts_dir: Path, tracker: RunLogger) -> tuple[Path, bool]:
+    key = fingerprint({**pool.key, "reference": _train_config(cfg.reference), "seed": cfg.seed,
+                       "targets": list(cfg.model.lora_targets)})
+
+    def build(work: Path) -> dict[str, Any]:
+        rows = list(range(len(pool.features)))
+        if cfg.reference.fraction < 1:  # a cheaper reference on a seeded share of the pool
+            k = max(1, round(cfg.reference.fraction * len(rows)))
+            rows = sorted(random.Random(cfg.seed).sample(rows, k))
+        model = load_model(cfg.model, model_path)
+        metrics = train_lora(model, tokenizer, [pool.features[i] for i in rows], cfg.reference,
+                             list(cfg.model.lora_targets), work, seed=cfg.seed,
+                             report_to=tracker.report_to, dtype=cfg.model.dtype)
+        atomic_write_json(work / "train_metrics.json",
+                          {k.replace("train/", "reference/"): v for k, v in metrics.items()})
+        return {"rows": len(rows)}
+
+    return ensure_artifact(artifacts_dir / "reference" / key, build)
+
+
+def _loss_dir(artifacts_dir: Path, pool: Pool, loss: str, reference_dir: Path | None) -> Path:
+    adapter = reference_dir.name if loss == "ref" and reference_dir else None
+    return artifacts_dir / "losses" / fingerprint({**pool.key, "loss": loss, "adapter": adapter})
+
+
+def _score(cfg: DictConfig, pool: Pool, model_path: str, reference_dir: Path | None,
+           artifacts_dir: Path, summary: Summary) -> tuple[Path, bool]:
+    scorer = get_scorer(cfg.scorer.name)
+    loss_dirs = {loss: _loss_dir(artifacts_dir, pool, loss, reference_dir) for loss in scorer.needs}
+    all_reused = True
+    model: Any = None
+    for loss, directory in loss_dirs.items():
+
+        def build(work: Path, loss: str = loss) -> dict[str, Any]:
+            nonlocal model
+            if model is None:  # one model in memory: the adapter disabled gives L_init
+                model = load_model(cfg.model, model_path)
+                if reference_dir is not None:
+                    model = load_adapter(model, reference_dir / "adapter")
+            with adapter_state(model, loss):
+                values = compute_response_losses(
+                    model, pool.features, max_tokens_per_batch=cfg.score.max_tokens_per_batch,
+                    pad_token_id=_pad_id(model))
+            atomic_write_text(work / "losses.jsonl", "".join(
+                json.dumps({"id": e.id, "loss": float(v)}) + "\n"
+                for e, v in zip(pool.examples, values, strict=True)))
+            return {"loss": loss, "rows": len(values)}
+
+        _, reused = ensure_artifact(directory, build)
+        all_reused &= reused
+    losses = {loss: _read_losses(d) for loss, d in loss_dirs.items()}
+    bad = np.zeros(len(pool.examples), dtype=bool)
+    for values in losses.values():
+        bad |= ~np.isfinite(values)
+    if bad.any():
+        ids = [pool.examples[i].id for i in np.flatnonzero(bad)[:5]]
+        if cfg.score.on_nonfinite == "error":
+            raise ValueError(f"{int(bad.sum())} rows have a non-finite loss (first ids: {ids}); "
+                             "set score.on_nonfinite=drop to flag them and never select them")
+        log.warning("score.on_nonfinite=drop: %d rows with non-finite losses will not be "
+                    "selected (first ids: %s)", int(bad.sum()), ids)
+    summary.metrics["score/nonfinite"] = float(bad.sum())
+    n_response = np.array([f.n_response for f in pool.features])
+    key = fingerprint({"losses": sorted(d.name for d in loss_dirs.values()),
+                       "scorer": scorer.name, "seed": cfg.seed if scorer.name == "random" else None})
+
+    def build_scores(work: Path) -> dict[str, Any]:
+        values = scorer.compute(losses, n_response, cfg.seed)
+        values[bad] = np.nan
+        rows = [
+            {"id": e.id, "source": e.source, "n_tokens": len(f.input_ids),
+             "n_response_tokens": f.n_response,
+             "loss_init": _json_float(losses["init"][i]) if "init" in losses else None,
+             "loss_ref": _json_float(losses["ref"][i]) if "ref" in losses else None,
+             "score": _json_float(values[i])}
+            for i, (e, f) in enumerate(zip(pool.examples, pool.features, strict=True))
+        ]
+        atomic_write_text(work / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return {"scorer": scorer.name}
+
+    scores_dir, reused = ensure_artifact(artifacts_dir / "scores" / key, build_scores)
+    return scores_dir, reused and all_reused
+
+
+def _pad_id(model: Any) -> int:
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return int(pad[0] if isinstance(pad, list) else pad)
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _read_losses(directory: Path) -> np.ndarray:
+    rows = [json.loads(line) for line in (directory / "losses.jsonl").read_text().splitlines()]
+    return np.array([r["loss"] if r["loss"] is not None else np.nan for r in rows], dtype=float)
+
+
+def _read_scores(directory: Path) -> np.ndarray:
+    rows = [json.loads(line) for line in (directory / "scores.jsonl").read_text().splitlines()]
+    return np.array([r["score"] if r["score"] is not None else np.nan for r in rows], dtype=float)
+
+
+def _score_stats(scores: np.ndarray) -> dict[str, float]:
+    finite = scores[np.isfinite(scores)]
+    if not len(finite):
+        return {}
+    return {"score/mean": float(finite.mean()), "score/std": float(finite.std()),
+            "score/min": float(finite.min()), "score/max": float(finite.max())}
+
+
+def _select(cfg: DictConfig, pool: Pool, scores_dir: Path,
+            artifacts_dir: Path) -> tuple[Path, bool]:
+    k = selection_size(len(pool.examples), cfg.selection.ratio, cfg.selection.count)
+    key = fingerprint({"scores": scores_dir.name, "k": k})
+
+    def build(work: Path) -> dict[str, Any]:
+        scores = _read_scores(scores_dir)
+        chosen = select_top([e.id for e in pool.examples], scores, k)
+        rows = selected_rows(pool.examples, chosen, scores)
+        atomic_write_text(work / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(work / "export.jsonl", export_rows([pool.examples[i] for i in chosen]))
+        atomic_write_json(work / "meta.json", {"count": k, "pool": len(pool.examples),
+                                               "ratio": cfg.selection.ratio})
+        return {"count": k}
+
+    return ensure_artifact(artifacts_dir / "selection" / key, build)
+
+
+def _train(cfg: DictConfig, pool: Pool, selection_dir: Path, model_path: str, tokenizer: Any,
+           artifacts_dir: Path, tracker: RunLogger) -> tuple[Path, bool]:
+    selected = {json.loads(line)["id"]
+                for line in (selection_dir / "selected.jsonl").read_text().splitlines()}
+    rows = [i for i, e in enumerate(pool.examples) if e.id in selected]  # pool order
+    key = fingerprint({**pool.key, "rows": fingerprint(sorted(selected)),
+                       "train": _train_config(cfg.train), "seed": cfg.seed,
+                       "targets": list(cfg.model.lora_targets)})
+
+    def build(work: Path) -> dict[str, Any]:
+        model = load_model(cfg.model, model_path)
+        metrics = train_lora(model, tokenizer, [pool.features[i] for i in rows], cfg.train,
+                             list(cfg.model.lora_targets), work, seed=cfg.seed,
+                             report_to=tracker.report_to, dtype=cfg.model.dtype)
+        atomic_write_json(work / "train_metrics.json", metrics)
+        return {"rows": len(rows)}
+
+    return ensure_artifact(artifacts_dir / "train" / key, build)
+
+
+def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, tokenizer: Any,
+              artifacts_dir: Path) -> tuple[Path, bool]:
+    key = fingerprint({"adapter": adapter_dir.name, "eval": _train_config(cfg.eval),
+                       "seed": cfg.seed})
+
+    def build(work: Path) -> dict[str, Any]:
+        # Merge the adapter into a fresh copy of the initial weights: lm-eval and generation then
+        # see a plain transformers model with no peft indirection.
+        model = load_adapter(load_model(cfg.model, model_path), adapter_dir / "adapter")
+        model = model.merge_and_unload().eval()
+        metrics: dict[str, float] = {}
+        if cfg.eval.heldout.enabled:
+            held = cfg.eval.heldout
+            examples, _ = read_examples(held.path, held.reader, source="heldout",
+                                        max_rows=held.max_rows)
+            features = [tokenize_example(e, tokenizer, cfg.model.template, cfg.data.max_length)
+                        for e in examples]
+            losses = compute_response_losses(
+                model, features, max_tokens_per_batch=cfg.score.max_tokens_per_batch,
+                pad_token_id=_pad_id(model))
+            metrics.update(heldout_loss_metrics(losses, "heldout"))
+        if cfg.eval.gsm8k.enabled:
+            metrics.update(evaluate_gsm8k(model, tokenizer, cfg.eval.gsm8k,
+                                          chat=cfg.model.template == "chat", seed=cfg.seed))
+        atomic_write_json(work / "metrics.json", metrics)
+        return {"metrics": sorted(metrics)}
+
+    return ensure_artifact(artifacts_dir / "eval" / key, build)
+
+
+def format_summary(summary: Summary) -> str:
+    """A short plain-text table of stage timings and metrics for the end of a run."""
+    lines = [f"{'stage':<12}{'seconds':>10}  reused"]
+    lines += [f"{name:<12}{rec['seconds']:>10.1f}  {'yes' if rec['reused'] else 'no'}"
+              for name, rec in summary.stages.items()]
+    shown = [k for k in summary.metrics if k.startswith(("eval/", "train/", "select/", "score/"))
+             and not k.endswith(("_stderr", "ci_low", "ci_high"))]
+    lines.append(f"\n{'metric':<32}{'value':>12}")
+    lines += [f"{k:<32}{summary.metrics[k]:>12.4f}" for k in shown]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Experiment tracking: W&B (offline unless the user says otherwise) or nothing.
+
+The pipeline talks to a :class:`RunLogger`; ``logger=none`` gives the no-op one. Secrets are kept out
+by construction: only the resolved Hydra config (which holds no keys: keys come from the
+environment) and computed numbers are sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger(Protocol):
+    """What the pipeline logs; every method is cheap to call when tracking is off."""
+
+    report_to: str  # value for transformers' TrainingArguments.report_to
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log scalar metrics (keys ``<stage>/<name>``)."""
+
+    def log_histogram(self, key: str, values: np.ndarray) -> None:
+        """Log the distribution of ``values``."""
+
+    def log_file(self, name: str, kind: str, path: Path) -> None:
+        """Attach a file (e.g. the selected ids) as an artifact."""
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Log a small table."""
+
+    def finish(self) -> None:
+        """Flush and close the run."""
+
+
+class NullLogger:
+    """``logger=none``: tracking off."""
+
+    report_to = "none"
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:  # noqa: D102
+        pass
+
+    def log_histogram(self, key: str, values: np.ndarray) -> None:  # noqa: D102
+        pass
+
+    def log_file(self, name: str, kind: str, path: Path) -> None:  # noqa: D102
+        pass
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:  # noqa: D102
+        pass
+
+    def finish(self) -> None:  # noqa: D102
+        pass
+
+
+class WandbLogger:
+    """W&B run; ``mode`` defaults to offline so nothing leaves the machine unless asked."""
+
+    report_to = "wandb"
+
+    def __init__(self, config: dict[str, Any], *, project: str, mode: str, run_dir: Path,
+                 name: str | None, group: str | None, tags: Sequence[str]) -> None:
+        import wandb
+
+        self._wandb = wandb
+        # An explicit WANDB_MODE in the environment wins over the config's default.
+        self.run = wandb.init(project=project, mode=os.environ.get("WANDB_MODE", mode),
+                              dir=str(run_dir), config=config, name=name, group=group,
+                              tags=list(tags), reinit="finish_previous")
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:  # noqa: D102
+        self.run.log(dict(metrics))
+
+    def log_histogram(self, key: str, values: np.ndarray) -> None:  # noqa: D102
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            self.run.log({key: self._wandb.Histogram(finite.tolist())})
+
+    def log_file(self, name: str, kind: str, path: Path) -> None:  # noqa: D102
+        artifact = self._wandb.Artifact(name=name, type=kind)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:  # noqa: D102
+        self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def finish(self) -> None:  # noqa: D102
+        self.run.finish()
+
+
+def make_logger(logger_cfg: Any, config: dict[str, Any], run_dir: Path) -> RunLogger:
+    """The logger named by ``logger.kind`` (``wandb`` or ``none``)."""
+    if logger_cfg.kind == "none":
+        return NullLogger()
+    if logger_cfg.kind == "wandb":
+        return WandbLogger(config, project=logger_cfg.project, mode=logger_cfg.mode,
+                           run_dir=run_dir, name=logger_cfg.get("name"),
+                           group=logger_cfg.get("group"), tags=logger_cfg.get("tags") or [])
+    raise ValueError(f"logger.kind must be 'wandb' or 'none', got {logger_cfg.kind!r}")

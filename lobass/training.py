@@ -1,0 +1,128 @@
+"""LoRA supervised fine-tuning through transformers ``Trainer`` with response-only labels.
+
+Used twice per study: for the reference model (the initial model fine-tuned on the pool) and for
+the final model (the initial model fine-tuned on the selection). Checkpoints go into the artifact's
+work directory, so a killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lobass.formatting import IGNORE_INDEX, Features
+from lobass.modeling import lora_config
+
+log = logging.getLogger(__name__)
+
+
+class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
+    """Tokenised examples as the dicts that ``DataCollatorForSeq2Seq`` pads."""
+
+    def __init__(self, features: Sequence[Features]) -> None:
+        self.features = list(features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        f = self.features[index]
+        return {"input_ids": f.input_ids, "labels": f.labels,
+                "attention_mask": [1] * len(f.input_ids)}
+
+
+def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
+                       report_to: str, dtype: str) -> Any:
+    """``TrainingArguments`` from a ``train``/``reference`` config group."""
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=train_cfg.epochs,
+        max_steps=train_cfg.max_steps,
+        per_device_train_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        learning_rate=train_cfg.learning_rate,
+        lr_scheduler_type=train_cfg.lr_scheduler,
+        warmup_steps=train_cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=train_cfg.weight_decay,
+        max_grad_norm=train_cfg.max_grad_norm,
+        logging_steps=train_cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=train_cfg.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        train_sampling_strategy="group_by_length",  # less padding, same data per epoch
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        bf16=on_gpu and dtype == "bfloat16",
+        use_cpu=not on_gpu,
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    features: Sequence[Features],
+    train_cfg: DictConfig,
+    lora_targets: list[str],
+    work: Path,
+    *,
+    seed: int,
+    report_to: str = "none",
+    dtype: str = "float32",
+) -> dict[str, float]:
+    """Fine-tune a fresh LoRA adapter on ``features`` and save it to ``work/adapter``.
+
+    Args:
+        model: the initial model (LoRA layers are injected into it).
+        tokenizer: its tokenizer (for padding).
+        features: training examples with response-only labels.
+        train_cfg: a ``train`` or ``reference`` config group.
+        lora_targets: module names to adapt.
+        work: the artifact's work directory; checkpoints in ``work/checkpoints`` are resumed.
+        seed: seeds LoRA init, data order and dropout.
+        report_to: ``wandb`` to stream training curves into the active W&B run, else ``none``.
+        dtype: model dtype name (bf16 mixed precision on GPU when ``bfloat16``).
+
+    Returns:
+        ``train/loss`` (mean over the run), ``train/steps`` and ``train/examples``.
+    """
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    set_seed(seed)  # LoRA's random init happens in get_peft_model, before Trainer seeds anything
+    peft_model = get_peft_model(model, lora_config(train_cfg.lora, lora_targets))
+    peft_model.train()
+    checkpoints = work / "checkpoints"
+    args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
+                      data_collator=collator)
+    resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    if resume:
+        log.info("resuming training from the last checkpoint in %s", checkpoints)
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    peft_model.save_pretrained(str(work / "adapter"), safe_serialization=True)
+    for checkpoint in checkpoints.glob("checkpoint-*"):  # resumable state is not part of the result
+        import shutil
+
+        shutil.rmtree(checkpoint)
+    history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    peft_model.eval()
+    return {
+        "train/loss": float(result.training_loss),
+        "train/final_loss": float(history[-1]) if history else float("nan"),
+        "train/steps": float(result.global_step),
+        "train/examples": float(len(features)),
+    }

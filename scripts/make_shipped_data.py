@@ -1,0 +1,43 @@
+"""Rebuild the small data subsets shipped in ``lobass/resources/data`` from the shared data folder.
+
+Run once by maintainers (``python scripts/make_shipped_data.py ../shared/data``); the outputs are
+committed so that a clean clone runs offline. Sampling is seeded, so the files are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "lobass" / "resources" / "data"
+
+
+def main(shared: Path) -> None:
+    """Sample Alpaca and GSM8K subsets and copy their licenses."""
+    rng = random.Random(0)
+    alpaca = json.loads((shared / "alpagasus" / "random_9k.json").read_text())
+    # 4 rows of random_9k have an empty output; they would be rejected by the readers anyway.
+    alpaca = [r for r in alpaca if r["output"].strip() and r["instruction"].strip()]
+    rng.shuffle(alpaca)
+    (OUT / "alpaca").mkdir(parents=True, exist_ok=True)
+    _write_json(OUT / "alpaca" / "alpaca_pool_1k.json", alpaca[:1000])
+    _write_json(OUT / "alpaca" / "alpaca_heldout_200.json", alpaca[1000:1200])
+    shutil.copy(shared / "alpaca" / "DATA_LICENSE", OUT / "alpaca" / "DATA_LICENSE")
+
+    gsm_train = (shared / "gsm8k" / "train.jsonl").read_text().splitlines()
+    rng.shuffle(gsm_train)
+    (OUT / "gsm8k").mkdir(parents=True, exist_ok=True)
+    (OUT / "gsm8k" / "gsm8k_train_300.jsonl").write_text("\n".join(gsm_train[:300]) + "\n")
+    shutil.copy(shared / "gsm8k" / "test.jsonl", OUT / "gsm8k" / "gsm8k_test.jsonl")
+    shutil.copy(shared / "gsm8k" / "LICENSE", OUT / "gsm8k" / "LICENSE")
+
+
+def _write_json(path: Path, rows: list[dict[str, str]]) -> None:
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
