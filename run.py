@@ -1,4 +1,4 @@
-"""lobass entry point: ``python run.py [overrides]`` (Hydra); all work happens in lobass.pipeline."""
+"""lobass entry point: ``python run.py [overrides]``; the work happens in lobass.pipeline."""
 
 from __future__ import annotations
 

@@ -122,6 +122,7 @@ def ensure_artifact(
 
     Returns:
         The artifact directory and whether an existing complete artifact was reused.
+
     """
     if is_complete(directory):
         return directory, True

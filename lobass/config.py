@@ -24,6 +24,7 @@ def validate(cfg: DictConfig) -> None:
 
     Raises:
         ValueError: with the allowed values.
+
     """
     from lobass.scoring import get_scorer
 

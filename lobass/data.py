@@ -1,10 +1,10 @@
-"""SFT data: readers, validation, normalised examples, prompt formatting and label masking.
+"""SFT data: readers, validation and normalised examples.
 
-Every reader turns one file into :class:`Example` objects: ``messages`` in chat form (the last one is
-the assistant response being scored or trained on), ``source`` naming where it came from, a stable
-content ``id`` and the ``raw`` row so that a selection can be exported in the pool's own format.
-A malformed row raises :class:`DataError` naming the file and line, unless the config says to skip
-bad rows, in which case it is counted in :class:`ReadStats`.
+Every reader turns one file into :class:`Example` objects: ``messages`` in chat form (the last
+one is the assistant response being scored or trained on), ``source`` naming where it came from,
+a stable content ``id`` and the ``raw`` row, so that a selection can be exported in the pool's own
+format. A malformed row raises :class:`DataError` naming the file and line, unless the config says
+to skip bad rows, in which case it is counted in :class:`ReadStats`.
 """
 
 from __future__ import annotations
@@ -88,9 +88,11 @@ def alpaca_messages(row: dict[str, Any]) -> list[Message]:
     output = _require_str(row, "output")
     messages: list[Message] = []
     for turn in row.get("history") or []:  # LIMA as converted by LLaMA-Factory: [[user, bot], ...]
-        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+        if not (isinstance(turn, list) and len(turn) == 2
+                and all(isinstance(t, str) for t in turn)):
             raise ValueError("field 'history' must be a list of [user, assistant] string pairs")
-        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        messages += [{"role": "user", "content": turn[0]},
+                     {"role": "assistant", "content": turn[1]}]
     return [*messages, {"role": "user", "content": _user_turn(instruction, extra)},
             {"role": "assistant", "content": output}]
 
@@ -146,11 +148,19 @@ CONVERTERS: dict[str, Callable[[dict[str, Any]], list[Message]]] = {
 # element k still names the line where that element starts.
 
 
+class InvalidJSON(str):
+    """Stands in for a JSON Lines row that does not parse (its text is the parser's message)."""
+
+
 def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, row)`` from a JSON array file or a JSON Lines file.
 
+    A JSON Lines row that does not parse is yielded as :class:`InvalidJSON`, so the caller can
+    skip it; in a JSON array nothing after a syntax error can be trusted, so that raises.
+
     Raises:
         DataError: unreadable file, invalid UTF-8 or JSON, with file and line.
+
     """
     try:
         raw_bytes = path.read_bytes()
@@ -166,13 +176,13 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
-    for number, line in enumerate(text.splitlines(), start=1):  # handles CRLF too
-        if not line.strip():
+    for number, row_text in enumerate(text.splitlines(), start=1):  # handles CRLF too
+        if not row_text.strip():
             continue
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+            yield number, json.loads(row_text)
+        except json.JSONDecodeError as err:  # one bad line: the caller may skip it
+            yield number, InvalidJSON(f"invalid JSON ({err.msg})")
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -228,6 +238,7 @@ def read_examples(
 
     Raises:
         DataError: a bad row (with ``on_bad_row=error``), an unreadable or empty file.
+
     """
     if reader not in CONVERTERS:
         raise DataError(f"unknown data reader {reader!r}; choose one of {sorted(CONVERTERS)}")
@@ -242,6 +253,8 @@ def read_examples(
         if max_rows is not None and len(examples) >= max_rows:
             break
         try:
+            if isinstance(row, InvalidJSON):
+                raise ValueError(str(row))
             if not isinstance(row, dict):
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
             messages = convert(row)

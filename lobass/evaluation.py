@@ -45,6 +45,7 @@ def evaluate_gsm8k(model: Any, tokenizer: Any, gsm_cfg: DictConfig, *, chat: boo
 
     Returns:
         ``eval/gsm8k/strict_acc``, ``eval/gsm8k/flexible_acc``, their standard errors and ``n``.
+
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM

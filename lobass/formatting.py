@@ -51,6 +51,7 @@ def format_prompt(messages: tuple[Message, ...], tokenizer: Any, template: str) 
         messages: conversation; the last message is the response and is left out.
         tokenizer: a transformers tokenizer (its chat template is used when ``template='chat'``).
         template: ``chat`` (the tokenizer's own chat template) or ``alpaca``.
+
     """
     history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
     if template == "chat":

@@ -67,7 +67,7 @@ def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are already dequantised to float; only the GGUF quantizer marker blocks saving.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(work)
@@ -84,8 +84,8 @@ def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
     tokenizer_cfg = model_cfg.random_init.tokenizer_from
     gguf = locate_gguf(tokenizer_cfg, work)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    arch = OmegaConf.to_container(model_cfg.random_init.llama, resolve=True)
-    assert isinstance(arch, dict)
+    arch: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        model_cfg.random_init.llama, resolve=True)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -99,12 +99,17 @@ def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
     return {"random_init": arch}
 
 
-def resolve_model_path(model_cfg: DictConfig, artifacts_dir: Path) -> tuple[str, bool]:
+def resolve_model_path(model_cfg: DictConfig, models_dir: Path) -> tuple[str, bool]:
     """Where ``from_pretrained`` should load the initial model from.
+
+    Args:
+        model_cfg: the ``model`` config group.
+        models_dir: where converted (GGUF) and random-initialised checkpoints are kept.
 
     Returns:
         A local directory (converted GGUF or random init, built once) or the hub id, and whether
         the local directory was reused.
+
     """
     source = model_cfg.source
     if source == "hub":
@@ -113,7 +118,7 @@ def resolve_model_path(model_cfg: DictConfig, artifacts_dir: Path) -> tuple[str,
     if source not in builders:
         raise ValueError(f"model.source must be one of gguf, hub, random; got {source!r}")
     directory, reused = ensure_artifact(
-        artifacts_dir / "models" / model_key(model_cfg),
+        models_dir / model_key(model_cfg),
         lambda work: builders[source](model_cfg, work),
     )
     return str(directory), reused
@@ -137,7 +142,7 @@ def load_model(model_cfg: DictConfig, path: str) -> Any:
 
     if model_cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_cfg.get("revision"),
         dtype=DTYPES[model_cfg.dtype],
@@ -151,7 +156,7 @@ def load_model(model_cfg: DictConfig, path: str) -> Any:
 
 
 def lora_config(lora_cfg: DictConfig, targets: list[str]) -> Any:
-    """peft ``LoraConfig`` for causal-LM fine-tuning of the named modules."""
+    """Peft ``LoraConfig`` for causal-LM fine-tuning of the named modules."""
     from peft import LoraConfig
 
     return LoraConfig(

@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The summary (also written to ``<run dir>/summary.json``).
+
     """
     validate(cfg)
     run_dir = _run_dir(cfg)
@@ -92,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tracker = make_logger(cfg.logger, _loggable_config(cfg), run_dir)
     try:
         # 0) data: read, validate and tokenise the pool
-        model_path, _ = resolve_model_path(cfg.model, artifacts_dir)
+        model_path, _ = resolve_model_path(cfg.model, Path(cfg.models_dir).resolve())
         tokenizer = load_tokenizer(cfg.model, model_path)
         pool = _load_pool(cfg, tokenizer, summary)
 
@@ -199,8 +200,7 @@ def _load_pool(cfg: DictConfig, tokenizer: Any, summary: Summary) -> Pool:
 
 
 def _train_config(group: DictConfig) -> dict[str, Any]:
-    container = OmegaConf.to_container(group, resolve=True)
-    assert isinstance(container, dict)
+    container: dict[str, Any] = OmegaConf.to_container(group, resolve=True)  # type: ignore[assignment]
     return container
 
 
@@ -268,8 +268,8 @@ def _score(cfg: DictConfig, pool: Pool, model_path: str, reference_dir: Path | N
                     "selected (first ids: %s)", int(bad.sum()), ids)
     summary.metrics["score/nonfinite"] = float(bad.sum())
     n_response = np.array([f.n_response for f in pool.features])
-    key = fingerprint({"losses": sorted(d.name for d in loss_dirs.values()),
-                       "scorer": scorer.name, "seed": cfg.seed if scorer.name == "random" else None})
+    key = fingerprint({"losses": sorted(d.name for d in loss_dirs.values()), "scorer": scorer.name,
+                       "seed": cfg.seed if scorer.name == "random" else None})
 
     def build_scores(work: Path) -> dict[str, Any]:
         values = scorer.compute(losses, n_response, cfg.seed)

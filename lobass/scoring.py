@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,8 +70,9 @@ def batch_response_losses(
 
     Returns:
         ``(B,)`` float32 losses; rows without response tokens get NaN (caught by the caller).
+
     """
-    base = _unwrap(model)
+    base: Any = _unwrap(model)  # transformers' PreTrainedModel API, untyped for mypy
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
     # Position t predicts token t+1: shift so targets line up with the states that predict them.
     targets = labels[:, 1:]  # (B, T-1)
@@ -106,6 +108,7 @@ def compute_response_losses(
 
     Returns:
         ``(N,)`` float64 array of losses (NaN where a row has no response token).
+
     """
     device = next(model.parameters()).device
     out = np.full(len(features), np.nan)

@@ -18,6 +18,7 @@ def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
 
     Raises:
         ValueError: neither or both given, a ratio outside (0, 1], or a count outside [1, pool].
+
     """
     if (ratio is None) == (count is None):
         raise ValueError("set exactly one of selection.ratio and selection.count "
@@ -40,6 +41,7 @@ def select_top(ids: Sequence[str], scores: np.ndarray, k: int) -> list[int]:
 
     Raises:
         ValueError: fewer than ``k`` rows have a finite score.
+
     """
     finite = [i for i in range(len(ids)) if np.isfinite(scores[i])]
     if len(finite) < k:

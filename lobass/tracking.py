@@ -1,7 +1,7 @@
 """Experiment tracking: W&B (offline unless the user says otherwise) or nothing.
 
-The pipeline talks to a :class:`RunLogger`; ``logger=none`` gives the no-op one. Secrets are kept out
-by construction: only the resolved Hydra config (which holds no keys: keys come from the
+The pipeline talks to a :class:`RunLogger`; ``logger=none`` gives the no-op one. Secrets are kept
+out by construction: only the resolved Hydra config (which holds no keys: keys come from the
 environment) and computed numbers are sent.
 """
 
@@ -71,7 +71,7 @@ class WandbLogger:
 
         self._wandb = wandb
         # An explicit WANDB_MODE in the environment wins over the config's default.
-        self.run = wandb.init(project=project, mode=os.environ.get("WANDB_MODE", mode),
+        self.run = wandb.init(project=project, mode=os.environ.get("WANDB_MODE", mode),  # type: ignore[arg-type]
                               dir=str(run_dir), config=config, name=name, group=group,
                               tags=list(tags), reinit="finish_previous")
 

@@ -60,7 +60,7 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="group_by_length",  # less padding, same data per epoch
-        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        activation_checkpointing=train_cfg.gradient_checkpointing,
         bf16=on_gpu and dtype == "bfloat16",
         use_cpu=not on_gpu,
         report_to=report_to,
@@ -97,6 +97,7 @@ def train_lora(
 
     Returns:
         ``train/loss`` (mean over the run), ``train/steps`` and ``train/examples``.
+
     """
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real Hydra config, composed offline, with outputs under tmp_path.
+
+Converted and random-initialised model checkpoints live in one session-wide ``models_dir`` so the
+GGUF conversion (~20 s for SmolLM2) happens once per test session, not once per test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import lobass  # noqa: E402,F401  (registers the ${pkg_data:...} resolver)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# Small sizes that keep the tiny-model end-to-end runs to seconds.
+TINY = [
+    "model=tiny_random", "logger=none", "data.max_rows=24", "data.mix.gsm8k.max_rows=8",
+    "data.max_length=128", "reference.max_steps=4", "train.max_steps=3",
+    "eval.gsm8k.limit=2", "eval.gsm8k.max_gen_toks=8", "eval.heldout.max_rows=6",
+    "selection.ratio=0.25",
+]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Session-wide directory for converted model checkpoints."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, models_dir: Path) -> Callable[..., DictConfig]:
+    """Compose ``conf/config.yaml`` with overrides; outputs and artifacts go under tmp_path."""
+
+    def _make(*overrides: str, artifacts: Path | None = None) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=[
+                f"artifacts_dir={artifacts or tmp_path / 'artifacts'}",
+                f"models_dir={models_dir}",
+                f"output_dir={tmp_path / 'run'}",
+                *overrides,
+            ])
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def smol(models_dir: Path) -> tuple[object, object]:
+    """The embedded SmolLM2-135M-Instruct (model, tokenizer), converted once per session."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config")
+    from lobass.modeling import load_model, load_tokenizer, resolve_model_path
+
+    path, _ = resolve_model_path(cfg.model, models_dir)
+    return load_model(cfg.model, path), load_tokenizer(cfg.model, path)
+
+
+@pytest.fixture(scope="session")
+def tiny(models_dir: Path) -> tuple[object, object]:
+    """The random-initialised 2-layer Llama (model, tokenizer)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=tiny_random"])
+    from lobass.modeling import load_model, load_tokenizer, resolve_model_path
+
+    path, _ = resolve_model_path(cfg.model, models_dir)
+    return load_model(cfg.model, path), load_tokenizer(cfg.model, path)
