@@ -9,6 +9,7 @@ to skip bad rows, in which case it is counted in :class:`ReadStats`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections import Counter
@@ -73,6 +74,11 @@ def _require_str(row: dict[str, Any], key: str, *, allow_empty: bool = False) ->
         raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise ValueError(f"field {key!r} is empty")
+    try:  # JSON may escape a lone surrogate ("\\ud800"); the tokenizer would fail on it much later
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"field {key!r} holds an unpaired surrogate "
+                         f"{value[err.start]!r} at character {err.start}") from err
     return value
 
 
@@ -124,10 +130,14 @@ def chat_messages(row: dict[str, Any]) -> list[Message]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = _require_str(message, "role")
+        try:
+            role = _require_str(message, "role")
+            content = _require_str(message, "content")
+        except ValueError as err:
+            raise ValueError(f"messages[{i}]: {err}") from err
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
-        out.append({"role": role, "content": _require_str(message, "content")})
+        out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant response")
     if not any(m["role"] == "user" for m in out):
@@ -149,40 +159,79 @@ CONVERTERS: dict[str, Callable[[dict[str, Any]], list[Message]]] = {
 
 
 class InvalidJSON(str):
-    """Stands in for a JSON Lines row that does not parse (its text is the parser's message)."""
+    """Stands in for a JSON Lines row that cannot be read (its text says why: JSON, UTF-8)."""
+
+
+# UTF-16/32 files open with these marks; decoding them as UTF-8 would fail on the first byte with
+# an unhelpful message. (UTF-32-LE starts with the UTF-16-LE mark, so one check covers both.)
+_WIDE_BOMS = {codecs.BOM_UTF16_LE: "UTF-16/32-LE", codecs.BOM_UTF16_BE: "UTF-16-BE",
+              codecs.BOM_UTF32_BE: "UTF-32-BE"}
 
 
 def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, row)`` from a JSON array file or a JSON Lines file.
 
-    A JSON Lines row that does not parse is yielded as :class:`InvalidJSON`, so the caller can
-    skip it; in a JSON array nothing after a syntax error can be trusted, so that raises.
+    A UTF-8 byte-order mark is ignored and CRLF line ends are accepted. JSON Lines are split on
+    line feeds only (not ``str.splitlines``, which also splits inside strings at U+2028 and other
+    Unicode separators that JSON allows unescaped), and each line is decoded on its own, so a
+    line that is not UTF-8 or not JSON is yielded as :class:`InvalidJSON` and the caller may skip
+    it. In a JSON array nothing after a syntax error can be trusted, so that raises.
 
     Raises:
-        DataError: unreadable file, invalid UTF-8 or JSON, with file and line.
+        DataError: unreadable, empty or UTF-16 file; invalid UTF-8 or JSON in an array; a single
+            pretty-printed JSON object. The message names the file and, where known, the line.
 
     """
     try:
         raw_bytes = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read data file ({err.strerror})") from err
-    try:
-        text = raw_bytes.decode("utf-8-sig")  # tolerate a byte-order mark
-    except UnicodeDecodeError as err:
-        line = raw_bytes[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason})") from err
-    if not text.strip():
+    for bom, name in _WIDE_BOMS.items():
+        if raw_bytes.startswith(bom):
+            raise DataError(f"{path}:1: the file is {name} encoded (byte-order mark "
+                            f"{bom.hex(' ')}); re-save it as UTF-8")
+    raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)  # tolerate a UTF-8 byte-order mark
+    if not raw_bytes.strip():
         raise DataError(f"{path}: the file is empty")
-    if text.lstrip().startswith("["):
+    if raw_bytes.lstrip().startswith(b"["):
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw_bytes[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 ({err.reason}, byte "
+                            f"{raw_bytes[err.start]:#04x})") from err
         yield from _iter_json_array(path, text)
         return
-    for number, row_text in enumerate(text.splitlines(), start=1):  # handles CRLF too
-        if not row_text.strip():
+    first = True
+    for number, line_bytes in enumerate(raw_bytes.split(b"\n"), start=1):
+        if not line_bytes.strip():
             continue
         try:
-            yield number, json.loads(row_text)
+            row_text = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, InvalidJSON(f"not valid UTF-8 ({err.reason}, byte "
+                                      f"{line_bytes[err.start]:#04x} at column {err.start + 1})")
+            first = False
+            continue
+        try:
+            row = json.loads(row_text)
         except json.JSONDecodeError as err:  # one bad line: the caller may skip it
-            yield number, InvalidJSON(f"invalid JSON ({err.msg})")
+            if first and row_text.lstrip().startswith("{"):
+                _reject_single_object(path, raw_bytes)
+            row = InvalidJSON(f"invalid JSON ({err.msg} at column {err.colno})")
+        first = False
+        yield number, row
+
+
+def _reject_single_object(path: Path, raw_bytes: bytes) -> None:
+    """Raise a clear error for a pretty-printed JSON object (neither JSON Lines nor an array)."""
+    try:
+        whole = json.loads(raw_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # not a single object either: report the first line as invalid JSON
+    if isinstance(whole, dict):
+        raise DataError(f"{path}:1: the file is one JSON object spread over lines; a data file "
+                        "is JSON Lines (one object per line) or a JSON array of objects")
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -206,7 +255,10 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+            # Name the line where the broken element starts (the row to fix) and where the
+            # parser gave up, which can be far below it (an unclosed string, a missing brace).
+            raise DataError(f"{path}:{line_at(pos)}: invalid JSON ({err.msg} at line "
+                            f"{err.lineno} column {err.colno})") from err
         yield line_at(pos), row
         pos = end
 
@@ -274,6 +326,9 @@ def read_examples(
         seen[row_id] = line
         examples.append(Example(row_id, tuple(messages), source or reader, row))
     stats.rows = len(examples)
+    if not examples:  # an empty pool would fail much later, in selection or in the trainer
+        skipped = ", ".join(f"{v} {k}" for k, v in sorted(stats.skipped.items())) or "none"
+        raise DataError(f"{path}: no usable rows (skipped: {skipped})")
     return examples, stats
 
 

@@ -83,3 +83,179 @@ def test_bom_crlf_duplicates_and_empty_file(tmp_path):
         read_examples(tmp_path / "missing.json", "alpaca")
     with pytest.raises(DataError, match="choose one of"):
         read_examples(path, "parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# The bad-input matrix (issue 8): every reader x every fault, on real shipped rows. Each fault
+# either raises DataError naming file and line (and the skip switch) or, with on_bad_row=skip,
+# drops exactly that row and counts it.
+
+def _alpaca_rows() -> list[dict]:
+    return json.loads(Path(package_data("alpaca/alpaca_pool_1k.json")).read_text())[:3]
+
+
+def _gsm8k_rows() -> list[dict]:
+    lines = Path(package_data("gsm8k/gsm8k_train_300.jsonl")).read_text().splitlines()[:3]
+    return [json.loads(x) for x in lines]
+
+
+# reader -> (three real rows in its format, path to the instruction, path to the response)
+READERS = {
+    "alpaca": (_alpaca_rows, ("instruction",), ("output",)),
+    "dolly": (lambda: [{"instruction": r["instruction"], "context": r["input"],
+                        "response": r["output"], "category": "open_qa"} for r in _alpaca_rows()],
+              ("instruction",), ("response",)),
+    "gsm8k": (_gsm8k_rows, ("question",), ("answer",)),
+    "jsonl": (lambda: [{"messages": [{"role": "user", "content": r["instruction"]},
+                                     {"role": "assistant", "content": r["output"]}]}
+                       for r in _alpaca_rows()],
+              ("messages", 0, "content"), ("messages", 1, "content")),
+}
+
+
+def _set(row: dict, path: tuple, value=None, *, delete: bool = False) -> dict:
+    target = row
+    for key in path[:-1]:
+        target = target[key]
+    if delete:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return row
+
+
+# fault -> (how line 2 of a 3-row JSON Lines file is spoiled, text the error must contain)
+FAULTS = {
+    "invalid_json": (lambda row, ins, res: json.dumps(row).encode()[:-1], "invalid JSON"),
+    "missing_response": (lambda row, ins, res: json.dumps(_set(row, res, delete=True)).encode(),
+                         "missing field"),
+    "wrong_type": (lambda row, ins, res: json.dumps(_set(row, res, 3)).encode(),
+                   "must be a string, got int"),
+    "empty_instruction": (lambda row, ins, res: json.dumps(_set(row, ins, " \t")).encode(),
+                          "is empty"),
+    "empty_response": (lambda row, ins, res: json.dumps(_set(row, res, "")).encode(), "is empty"),
+    "non_utf8": (lambda row, ins, res: json.dumps(_set(row, res, "caf@")).encode()
+                 .replace(b"@", b"\xe9"), "not valid UTF-8"),  # Latin-1 'é'
+    "lone_surrogate": (lambda row, ins, res: json.dumps(_set(row, res, "x\ud800y")).encode(),
+                       "unpaired surrogate"),
+    "not_an_object": (lambda row, ins, res: json.dumps([row]).encode(), "expected a JSON object"),
+}
+
+
+def _write_jsonl(path: Path, lines: list[bytes], newline: bytes = b"\n") -> Path:
+    path.write_bytes(newline.join(lines) + newline)
+    return path
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_bad_row_matrix_errors_with_file_and_line_or_skips_and_counts(tmp_path, reader, fault):
+    make, ins, res = READERS[reader]
+    rows = make()
+    spoil, needle = FAULTS[fault]
+    lines = [json.dumps(rows[0]).encode(), spoil(rows[1], ins, res), json.dumps(rows[2]).encode()]
+    path = _write_jsonl(tmp_path / "pool.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        read_examples(path, reader)
+    message = str(err.value)
+    assert message.startswith(f"{path}:2: ") and needle in message, message
+    assert "data.on_bad_row=skip" in message
+    kept, stats = read_examples(path, reader, on_bad_row="skip")
+    assert stats.rows == 2 and dict(stats.skipped) == {"bad_row": 1}
+    clean, _ = read_examples(_write_jsonl(tmp_path / "clean.jsonl", [lines[0], lines[2]]), reader)
+    assert [e.id for e in kept] == [e.id for e in clean]
+    assert stats.as_metrics("data/x") == {"data/x/rows": 2.0, "data/x/skipped_bad_row": 1.0}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_bom_crlf_and_unicode_separators_read_like_a_clean_file(tmp_path, reader):
+    make, _, res = READERS[reader]
+    rows = make()
+    # U+2028 is legal unescaped inside a JSON string; it must not split the row in two.
+    _set(rows[1], res, "first part\u2028second part\u0085third")
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
+    clean, _ = read_examples(_write_jsonl(tmp_path / "clean.jsonl", lines), reader)
+    assert len(clean) == 3
+    assert clean[1].messages[-1]["content"] == "first part\u2028second part\u0085third"
+    variants = {
+        "bom": b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n",
+        "crlf": b"\r\n".join(lines) + b"\r\n",
+        "bom_crlf_blank_lines": b"\xef\xbb\xbf\r\n" + b"\r\n\r\n".join(lines),
+    }
+    for name, blob in variants.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(blob)
+        got, stats = read_examples(path, reader)
+        assert [e.id for e in got] == [e.id for e in clean], name
+        assert [e.messages for e in got] == [e.messages for e in clean], name
+        assert not stats.skipped, name
+    # Line numbers still count every physical line (the blank ones too) after a BOM and CRLF.
+    spoiled = b"\xef\xbb\xbf\r\n" + b"\r\n\r\n".join([lines[0], lines[1][:-1], lines[2]])
+    (tmp_path / "bad.jsonl").write_bytes(spoiled)
+    with pytest.raises(DataError, match=r"bad\.jsonl:4: invalid JSON"):
+        read_examples(tmp_path / "bad.jsonl", reader)
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_duplicate_rows_are_dropped_and_counted(tmp_path, reader, caplog):
+    make, _, _ = READERS[reader]
+    rows = make()
+    lines = [json.dumps(r).encode() for r in [*rows, rows[0], rows[0]]]
+    got, stats = read_examples(_write_jsonl(tmp_path / "pool.jsonl", lines), reader)
+    assert len(got) == 3 and stats.rows == 3 and dict(stats.skipped) == {"duplicate": 2}
+    assert "pool.jsonl:4, a duplicate of line 1" in caplog.text
+    # The same rows as a JSON array: duplicates counted the same way.
+    (tmp_path / "pool.json").write_text(json.dumps([*rows, rows[0]], indent=2))
+    got, stats = read_examples(tmp_path / "pool.json", reader)
+    assert len(got) == 3 and dict(stats.skipped) == {"duplicate": 1}
+
+
+@pytest.mark.parametrize("fault", ["missing_response", "wrong_type", "empty_response",
+                                   "lone_surrogate", "not_an_object"])
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_bad_element_in_a_json_array_names_its_line(tmp_path, reader, fault):
+    make, ins, res = READERS[reader]
+    rows = make()
+    spoil, needle = FAULTS[fault]
+    elements = [rows[0], json.loads(spoil(rows[1], ins, res)), rows[2]]
+    path = tmp_path / "pool.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(e) for e in elements) + "\n]\n")
+    with pytest.raises(DataError, match=rf"pool\.json:3: .*{needle}"):
+        read_examples(path, reader)
+    got, stats = read_examples(path, reader, on_bad_row="skip")
+    assert len(got) == 2 and dict(stats.skipped) == {"bad_row": 1}
+
+
+@pytest.mark.parametrize(("blob", "needle"), [
+    (b'[\n{"instruction": "a", "output": "b"},\n{"instruction": \n', "pool.json:3: invalid"),
+    (b'[\n{"instruction": "a", "output": "b"},\n', "pool.json:3: invalid JSON (unterminated"),
+    (b'[\n{"instruction": "a", "output": "b\xff"}]\n', "pool.json:2: not valid UTF-8"),
+    (b"[]", "pool.json: no usable rows (skipped: none)"),
+    (b"", "pool.json: the file is empty"),
+    (b" \r\n\n\t\n", "pool.json: the file is empty"),
+    (b"\xef\xbb\xbf", "pool.json: the file is empty"),
+    ("[{\"instruction\": \"a\", \"output\": \"b\"}]".encode("utf-16"), "pool.json:1: the file is "
+     "UTF-16/32-LE encoded (byte-order mark ff fe); re-save it as UTF-8"),
+    (b'{\n  "instruction": "a",\n  "output": "b"\n}\n', "pool.json:1: the file is one JSON"),
+])
+def test_unusable_files_raise_even_when_skipping(tmp_path, blob, needle):
+    # A syntax error inside a JSON array leaves nothing after it trustworthy, and an empty or
+    # wrongly encoded file has no row to skip: these raise whatever data.on_bad_row says.
+    path = tmp_path / "pool.json"
+    path.write_bytes(blob)
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError) as err:
+            read_examples(path, "alpaca", on_bad_row=mode)
+        assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_file_directory_and_all_rows_bad(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read data file \(No such file"):
+        read_examples(tmp_path / "missing.jsonl", "alpaca")
+    with pytest.raises(DataError, match=r"cannot read data file \(Is a directory\)"):
+        read_examples(tmp_path, "alpaca")
+    path = _write_jsonl(tmp_path / "bad.jsonl", [b'{"instruction": "a"}', b"not json"])
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable rows \(skipped: 2 bad_row\)"):
+        read_examples(path, "alpaca", on_bad_row="skip")
+    with pytest.raises(DataError, match="data.on_bad_row must be 'error' or 'skip'"):
+        read_examples(path, "alpaca", on_bad_row="ignore")
