@@ -1,0 +1,104 @@
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, TINY
+from scipy.stats import spearmanr
+
+from lobass.report import bootstrap_ci, collect_runs, spearman, write_report
+
+# A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and
+# one failed point. Held-out losses chosen so the pooled means are easy to check by hand.
+RUNS = [
+    ("lobass", 0.06, 0, 1.50), ("lobass", 0.5, 0, 1.40),
+    ("random", 0.06, 0, 1.70), ("random", 0.06, 1, 1.80), ("random", 0.06, 2, 1.90),
+    ("random", 0.5, 0, 1.45), ("lobass", 1.0, 0, 1.42),
+]
+
+
+def _write_runs(root: Path, scores_file: Path) -> None:
+    for i, (scorer, ratio, seed, loss) in enumerate(RUNS):
+        run = root / str(i)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"scorer": {"name": scorer}, "selection": {"ratio": ratio}, "seed": seed}))
+        summary = {"stages": {}, "artifacts": {"scores": str(scores_file)},
+                   "metrics": {"eval/heldout/loss": loss, "select/count": ratio * 100,
+                               "eval/heldout/loss_ci_low": loss - 0.1,
+                               "eval/heldout/loss_ci_high": loss + 0.1}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    failed = root / "7"
+    failed.mkdir()
+    (failed / "config.yaml").write_text(yaml.safe_dump(
+        {"scorer": {"name": "rho"}, "selection": {"ratio": 0.06}, "seed": 0}))
+    (failed / "error.txt").write_text("Traceback...\nValueError: out of memory in train\n")
+
+
+def test_report_on_fixed_summaries(tmp_path):
+    scores = tmp_path / "scores.jsonl"
+    rng = np.random.default_rng(0)
+    scores.write_text("".join(json.dumps({"id": str(i), "n_tokens": 10 + i, "n_response_tokens": i,
+                                          "score": float(i + 15 * rng.normal())}) + "\n"
+                              for i in range(50)))
+    _write_runs(tmp_path / "sweep", scores)
+    report = write_report(tmp_path / "sweep")
+    text = report.read_text()
+    rows = list(csv.DictReader((tmp_path / "sweep" / "report.csv").open()))
+    assert len(rows) == 8 and sum(r["status"] == "failed" for r in rows) == 1
+    assert "failed: ValueError: out of memory in train" in text
+    # random at 6%: three seeds pooled to their mean, 1.8
+    line = next(x for x in text.splitlines() if x.startswith("| random | 0.06 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "3" and float(cells[4]) == pytest.approx(1.8)
+    low, high = (float(v) for v in cells[5].strip("[]").split(","))
+    assert 1.7 <= low < 1.8 < high <= 1.9
+    for png in ("eval_heldout_loss.png", "scores.png"):
+        assert (tmp_path / "sweep" / png).stat().st_size > 1000
+    records = [json.loads(x) for x in scores.read_text().splitlines()]
+    expected = spearmanr([r["score"] for r in records], [r["n_response_tokens"] for r in records])
+    assert f"Spearman correlation of score with response length: lobass {expected[0]:.2f}" in text
+
+
+def test_spearman_and_bootstrap_against_hand_values():
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1)
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1)
+    # ties get average ranks: x ranks [0.5, 0.5, 2, 3] against y ranks [0, 1, 2, 3]
+    assert spearman(np.array([1, 1, 2, 3.0]), np.array([1, 2, 3, 4.0])) == pytest.approx(
+        np.corrcoef([0.5, 0.5, 2, 3], [0, 1, 2, 3])[0, 1])
+    low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= low < 2.5 < high <= 4.0
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pass(tmp_path,
+                                                                                   models_dir):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", *TINY, f"models_dir={models_dir}",
+           f"artifacts_dir={tmp_path / 'artifacts'}", "selection.ratio=0.25,0.5",
+           "scorer=lobass,rho", "stages=[select]", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    artifacts = tmp_path / "artifacts"
+
+    def built(stage):
+        return [p for p in (artifacts / stage).iterdir() if p.is_dir()]
+
+    assert len(built("reference")) == 1
+    assert len(built("losses")) == 2  # L_init and L_ref, each once for all four points
+    assert len(built("scores")) == 2  # one per scorer
+    assert len(built("selection")) == 4
+    runs = collect_runs(sweep)
+    assert sorted((r.scorer, r.ratio) for r in runs) == [
+        ("lobass", 0.25), ("lobass", 0.5), ("rho", 0.25), ("rho", 0.5)]
+    reused = [json.loads((r.path / "summary.json").read_text())["stages"] for r in runs]
+    assert sum(not s["reference"]["reused"] for s in reused) == 1
+    assert sum(s["score"]["reused"] for s in reused) == 2  # the second point of each scorer
+    write_report(sweep)
+    assert (sweep / "report.md").is_file()
