@@ -26,6 +26,7 @@ from lobass.config import validate
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
 from lobass.evaluation import evaluate_gsm8k, heldout_loss_metrics
 from lobass.formatting import Features, tokenize_example
+from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
 from lobass.scoring import adapter_state, compute_response_losses, get_scorer
 from lobass.selection import export_rows, select_top, selected_rows, selection_size
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         # 0) data: read, validate and tokenise the pool
         model_path, _ = resolve_model_path(cfg.model, Path(cfg.models_dir).resolve())
+        check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load
         tokenizer = load_tokenizer(cfg.model, model_path)
         pool = _load_pool(cfg, tokenizer, summary)
 

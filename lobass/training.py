@@ -8,17 +8,22 @@ work directory, so a killed run resumes from its last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.modeling import lora_config
 
 log = logging.getLogger(__name__)
+
+# What peft writes for an adapter; Trainer.save_model adds the tokenizer and pickled arguments.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
 class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
@@ -36,6 +41,71 @@ class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
                 "attention_mask": [1] * len(f.input_ids)}
 
 
+def world_size() -> int:
+    """Processes in this run: ``WORLD_SIZE`` as torchrun (or a SLURM launcher) sets it, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
+    """Micro-batches per optimiser step.
+
+    With ``global_batch_size`` set, accumulation is derived so that ``batch_size x grad_accum x
+    world`` rows make one step whatever the number of GPUs (Stanford Alpaca's recipe: 128 rows);
+    otherwise ``grad_accum`` is used as it is.
+
+    Raises:
+        ValueError: when the global batch is not a multiple of ``batch_size x world``.
+
+    """
+    global_batch = train_cfg.get("global_batch_size")
+    if global_batch is None:
+        return int(train_cfg.grad_accum)
+    per_step = int(train_cfg.batch_size) * world
+    if global_batch % per_step:
+        raise ValueError(
+            f"global_batch_size={global_batch} is not a multiple of "
+            f"batch_size={train_cfg.batch_size} x {world} process(es); choose a batch_size (or "
+            "process count) that divides it")
+    return int(global_batch) // per_step
+
+
+def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
+    """FSDP / DeepSpeed / DDP keyword arguments for ``TrainingArguments`` from the config group.
+
+    Data parallelism itself needs nothing here: under ``torchrun`` the ``Trainer`` wraps the model
+    in DDP. ``fsdp``/``fsdp_config`` and ``deepspeed`` are handed to transformers unchanged (its
+    documentation lists their keys), with one translation: under FSDP ``gradient_checkpointing``
+    becomes FSDP's own ``fsdp_config.activation_checkpointing``, because the ``Trainer`` refuses
+    both and the plain kind adds a redundant all-gather in the backward pass.
+
+    Raises:
+        ValueError: when both FSDP and DeepSpeed are asked for.
+
+    """
+    fsdp = bool(train_cfg.get("fsdp", False))
+    deepspeed = train_cfg.get("deepspeed")
+    if fsdp and deepspeed:
+        raise ValueError("set at most one of train.fsdp and train.deepspeed (reference.* likewise)")
+    checkpointing = bool(train_cfg.gradient_checkpointing)
+    kwargs: dict[str, Any] = {
+        # LoRA uses every adapter on every step: DDP need not search the graph for unused ones.
+        "ddp_find_unused_parameters": False,
+        "activation_checkpointing": checkpointing,
+    }
+    if fsdp:
+        fsdp_config = OmegaConf.to_container(train_cfg.get("fsdp_config") or {}, resolve=True)
+        assert isinstance(fsdp_config, dict)
+        if checkpointing:
+            fsdp_config.setdefault("activation_checkpointing", True)
+            kwargs["activation_checkpointing"] = False
+        kwargs.update(fsdp=True, fsdp_config=fsdp_config)
+    if deepspeed:
+        # A path to a JSON file or an inline mapping, as TrainingArguments(deepspeed=...) takes.
+        kwargs["deepspeed"] = (OmegaConf.to_container(deepspeed, resolve=True)
+                               if isinstance(deepspeed, DictConfig) else str(deepspeed))
+    return kwargs
+
+
 def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
                        report_to: str, dtype: str) -> Any:
     """``TrainingArguments`` from a ``train``/``reference`` config group."""
@@ -47,7 +117,7 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
         per_device_train_batch_size=train_cfg.batch_size,
-        gradient_accumulation_steps=train_cfg.grad_accum,
+        gradient_accumulation_steps=gradient_accumulation(train_cfg, world_size()),
         learning_rate=train_cfg.learning_rate,
         lr_scheduler_type=train_cfg.lr_scheduler,
         warmup_steps=train_cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
@@ -60,13 +130,13 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="group_by_length",  # less padding, same data per epoch
-        activation_checkpointing=train_cfg.gradient_checkpointing,
         bf16=on_gpu and dtype == "bfloat16",
         use_cpu=not on_gpu,
         report_to=report_to,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **parallel_arguments(train_cfg),
     )
 
 
@@ -114,11 +184,21 @@ def train_lora(
     if resume:
         log.info("resuming training from the last checkpoint in %s", checkpoints)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
-    peft_model.save_pretrained(str(work / "adapter"), safe_serialization=True)
-    for checkpoint in checkpoints.glob("checkpoint-*"):  # resumable state is not part of the result
-        import shutil
-
-        shutil.rmtree(checkpoint)
+    # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only, so every
+    # rank calls it; only the peft adapter files are kept (not the tokenizer or pickled arguments).
+    staging = work / "adapter.staging"
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        adapter = work / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        adapter.mkdir()
+        for name in ADAPTER_FILES:
+            if (staging / name).is_file():
+                os.replace(staging / name, adapter / name)
+        shutil.rmtree(staging)
+        for checkpoint in checkpoints.glob("checkpoint-*"):  # resumable state is not the result
+            shutil.rmtree(checkpoint)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves before the adapter is on disk
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     peft_model.eval()
     return {
