@@ -66,25 +66,49 @@ def write_manifest(directory: Path, meta: dict[str, Any]) -> None:
     atomic_write_json(directory / MANIFEST, {"files": files, "meta": meta})
 
 
-def is_complete(directory: Path) -> bool:
-    """True when ``directory`` has a manifest and every listed file has its recorded size and hash.
+def artifact_problem(directory: Path) -> str | None:
+    """Why ``directory`` is not a usable artifact, or ``None`` when it is.
 
-    A truncated or edited artifact fails this check and is rebuilt rather than used.
+    Usable means: a readable manifest, every file it lists present with its recorded size and
+    sha256, and no file that it does not list (an artifact is exactly what its builder wrote).
     """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        return False
+        return "no manifest" if directory.exists() else "missing"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    for rel, info in manifest.get("files", {}).items():
+        files = json.loads(manifest_path.read_text())["files"]
+        listed = {str(rel): (int(info["size"]), str(info["sha256"])) for rel, info in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable manifest ({type(err).__name__}: {err})"
+    for rel, (size, digest) in listed.items():
         path = directory / rel
-        if not path.is_file() or path.stat().st_size != info["size"]:
-            return False
-        if file_sha256(path) != info["sha256"]:
-            return False
-    return True
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
+        if file_sha256(path) != digest:
+            return f"{rel} does not match its sha256 in the manifest (edited or corrupted)"
+    extra = [str(p.relative_to(directory)) for p in directory.rglob("*")
+             if p.is_file() and p.name != MANIFEST and str(p.relative_to(directory)) not in listed]
+    if extra:
+        return f"files not in the manifest: {sorted(extra)[:5]}"
+    return None
+
+
+def is_complete(directory: Path) -> bool:
+    """True when ``directory`` has a valid manifest matching its files (see artifact_problem).
+
+    A truncated or edited artifact fails this check and is rebuilt rather than used.
+    """
+    return artifact_problem(directory) is None
+
+
+def _remove_stale_temporaries(work: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>`` files that a killed :func:`atomic_write_text` left behind."""
+    for stale in work.rglob(".*.tmp-*"):
+        if stale.is_file():
+            log.warning("removing %s, left by an interrupted write", stale)
+            stale.unlink()
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -130,11 +154,29 @@ def ensure_artifact(
         if is_complete(directory):  # another process finished it while we waited
             return directory, True
         if directory.exists():
-            log.warning("artifact %s is incomplete or corrupt; rebuilding it", directory)
+            log.warning("artifact %s is not usable (%s); rebuilding it", directory,
+                        artifact_problem(directory))
             shutil.rmtree(directory)
         work = directory.with_name(directory.name + ".partial")
         work.mkdir(parents=True, exist_ok=True)
         meta = build(work)
+        _remove_stale_temporaries(work)
         write_manifest(work, meta)
         os.replace(work, directory)
     return directory, False
+
+
+def work_dir(directory: Path) -> Path:
+    """The ``.partial`` directory where ``directory`` is built (kept across crashes)."""
+    return directory.with_name(directory.name + ".partial")
+
+
+def publish_artifact(work: Path, directory: Path, meta: dict[str, Any]) -> None:
+    """Finish a build done in ``work``: manifest, then one atomic rename to ``directory``.
+
+    For builders that cannot go through :func:`ensure_artifact` (several ranks writing one
+    artifact); the caller holds the artifact's lock and has removed any unusable ``directory``.
+    """
+    _remove_stale_temporaries(work)
+    write_manifest(work, meta)
+    os.replace(work, directory)

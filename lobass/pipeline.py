@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
-from lobass.config import validate
+from lobass.config import check_lora_targets, validate, validate_pool_size
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
 from lobass.evaluation import evaluate_gsm8k, heldout_loss_metrics
 from lobass.formatting import Features, tokenize_example
@@ -93,11 +93,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = Summary()
     tracker = make_logger(cfg.logger, _loggable_config(cfg), run_dir)
     try:
-        # 0) data: read, validate and tokenise the pool
+        # 0) data: read and check the pool and the LoRA targets before any model loads; tokenise
+        examples = _read_pool(cfg, summary)
+        validate_pool_size(cfg, len(examples))
         model_path, _ = resolve_model_path(cfg.model, Path(cfg.models_dir).resolve())
         check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load
+        if need_reference or need_train:
+            check_lora_targets(cfg.model, model_path)  # meta device: no weights are read
         tokenizer = load_tokenizer(cfg.model, model_path)
-        pool = _load_pool(cfg, tokenizer, summary)
+        pool = _load_pool(cfg, examples, tokenizer, summary)
 
         # 1) reference: the initial model fine-tuned with LoRA on the pool
         reference_dir: Path | None = None
@@ -176,7 +180,8 @@ def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in container.items()}
 
 
-def _load_pool(cfg: DictConfig, tokenizer: Any, summary: Summary) -> Pool:
+def _read_pool(cfg: DictConfig, summary: Summary) -> list[Example]:
+    """Every source of ``data`` read and de-duplicated, with per-source counts in the summary."""
     data = cfg.data
     sources = {data.source: data, **(data.mix or {})}
     examples: list[Example] = []
@@ -189,6 +194,12 @@ def _load_pool(cfg: DictConfig, tokenizer: Any, summary: Summary) -> Pool:
         seen.update(e.id for e in unique)
         examples += unique
         summary.metrics.update(ReadStats(len(unique), stats.skipped).as_metrics(f"data/{name}"))
+    return examples
+
+
+def _load_pool(cfg: DictConfig, examples: list[Example], tokenizer: Any,
+               summary: Summary) -> Pool:
+    data = cfg.data
     features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length)
                 for e in examples]
     summary.metrics["data/pool_rows"] = float(len(examples))

@@ -7,8 +7,10 @@ work directory, so a killed run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lobass.artifacts import atomic_write_json
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.modeling import lora_config
 
@@ -180,10 +183,12 @@ def train_lora(
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
                       data_collator=collator)
-    resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
-    if resume:
-        log.info("resuming training from the last checkpoint in %s", checkpoints)
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    resume = last_complete_checkpoint(checkpoints)
+    resumed_step = 0
+    if resume is not None:
+        resumed_step = int(json.loads((resume / "trainer_state.json").read_text())["global_step"])
+        log.info("resuming training from %s (step %d)", resume, resumed_step)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only, so every
     # rank calls it; only the peft adapter files are kept (not the tokenizer or pickled arguments).
     staging = work / "adapter.staging"
@@ -199,11 +204,61 @@ def train_lora(
         for checkpoint in checkpoints.glob("checkpoint-*"):  # resumable state is not the result
             shutil.rmtree(checkpoint)
     trainer.accelerator.wait_for_everyone()  # no rank leaves before the adapter is on disk
-    history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    # The per-step curve (restored from the checkpoint on resume, so it covers the whole run).
+    history = [{k: e[k] for k in ("step", "epoch", "loss", "grad_norm", "learning_rate") if k in e}
+               for e in trainer.state.log_history if "loss" in e]
+    if trainer.args.should_save:
+        atomic_write_json(work / "log_history.json", history)
     peft_model.eval()
     return {
-        "train/loss": float(result.training_loss),
-        "train/final_loss": float(history[-1]) if history else float("nan"),
+        "train/loss": _mean_loss(history, float(result.training_loss), result.global_step,
+                                 resumed_step),
+        "train/final_loss": float(history[-1]["loss"]) if history else float("nan"),
         "train/steps": float(result.global_step),
         "train/examples": float(len(features)),
     }
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` that was saved completely, deleting incomplete ones.
+
+    ``Trainer`` writes a checkpoint's files in place and ``trainer_state.json`` last, so a run
+    killed while saving leaves a directory without a readable one; resuming from it would fail
+    (or load a half-written optimizer state). ``save_total_limit`` deletes the previous
+    checkpoint only after the new one is complete, so an older complete one is still there.
+    """
+    complete: list[tuple[int, Path]] = []
+    for directory in checkpoints.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", directory.name)
+        if not match or not directory.is_dir():
+            continue
+        try:
+            json.loads((directory / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("removing %s: incomplete (the run was stopped while saving it)", directory)
+            shutil.rmtree(directory, ignore_errors=True)  # other ranks may be removing it too
+            continue
+        complete.append((int(match[1]), directory))
+    return max(complete)[1] if complete else None
+
+
+def _mean_loss(history: list[dict[str, float]], training_loss: float, steps: int,
+               resumed_step: int) -> float:
+    """Mean training loss over the whole run, also when it was resumed from a checkpoint.
+
+    ``Trainer`` reports the mean over the steps this process trained; after a resume the steps
+    before the checkpoint are added back from the restored log history, weighted by steps.
+    """
+    if not resumed_step or not steps:
+        return training_loss
+    before, previous = 0.0, 0
+    for entry in history:
+        if entry["step"] > resumed_step:
+            break
+        before += entry["loss"] * (entry["step"] - previous)
+        previous = int(entry["step"])
+    if previous != resumed_step:  # the log does not reach the checkpoint: the best we have
+        log.warning("logging_steps does not divide checkpoint step %d: train/loss averages "
+                    "only the steps trained after it", resumed_step)
+        return training_loss
+    return (before + training_loss * (steps - resumed_step)) / steps

@@ -1,0 +1,123 @@
+"""Interrupted runs (issue 8): ``kill -9`` during reference and final training, then the same
+command again. Training resumes from its last complete checkpoint and the run ends with the same
+scores, selection and adapters as an uninterrupted run in another artifacts directory.
+
+Everything runs through ``run.py`` in subprocesses (the real entry point, the real SIGKILL), so
+both runs use the same thread count and the comparison can be exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+# Small but long enough to be killed in the middle: checkpoints every 2 steps.
+RUN = [
+    "model=tiny_random", "logger=none", "data.max_rows=16", "data.mix.gsm8k.max_rows=4",
+    "data.max_length=96", "selection.ratio=0.5", "stages=[train]",
+    "reference.max_steps=6", "reference.save_steps=2", "reference.logging_steps=1",
+    "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
+]
+
+
+def _command(tmp: Path, name: str, models_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), *RUN, f"artifacts_dir={tmp / name}",
+            f"models_dir={models_dir}", f"output_dir={tmp / name / 'run'}",
+            f"hydra.run.dir={tmp / name / 'hydra'}"]
+
+
+def _env() -> dict[str, str]:
+    # One intra-op thread: identical float reductions in every run, and fair to shared cores.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run(command: list[str], log: Path) -> str:
+    with open(log, "w") as handle:
+        done = subprocess.run(command, cwd=ROOT, env=_env(), stdout=handle,
+                              stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    return text
+
+
+def _kill_at_checkpoint(command: list[str], artifacts: Path, stage: str, log: Path) -> str:
+    """Start ``command`` and SIGKILL it as soon as ``stage`` has a complete checkpoint."""
+    pattern = f"{stage}/*.partial/checkpoints/checkpoint-*/trainer_state.json"
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=handle,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while not list(artifacts.glob(pattern)):
+            assert proc.poll() is None, f"finished before a {stage} checkpoint:\n" + \
+                log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 900 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    return log.read_text()
+
+
+def _artifact(artifacts: Path, stage: str) -> Path:
+    (directory,) = [p for p in (artifacts / stage).iterdir()
+                    if p.is_dir() and not p.name.endswith(".partial")]
+    return directory
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    wa = load_file(a / "adapter" / "adapter_model.safetensors")
+    wb = load_file(b / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_kill_9_in_reference_and_final_training_then_rerun_matches_uninterrupted(
+        tmp_path, models_dir):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = _command(tmp_path, "killed", models_dir)
+
+    # 1) killed while training the reference model
+    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log")
+    assert not [p for p in (killed / "reference").iterdir() if not p.name.endswith(
+        (".partial", ".lock"))], "a killed build must not leave a usable-looking artifact"
+    # 2) the same command resumes the reference, scores, selects, and is killed in training
+    second = _kill_at_checkpoint(command, killed, "train", tmp_path / "2.log")
+    assert "resuming training from" in second and "/reference/" in second
+    # 3) the same command again resumes the final training and finishes
+    third = _run(command, tmp_path / "3.log")
+    assert "resuming training from" in third and "/train/" in third
+    summary = json.loads((killed / "run" / "summary.json").read_text())
+    assert summary["stages"]["reference"]["reused"] and summary["stages"]["score"]["reused"]
+    assert not summary["stages"]["train"]["reused"]
+    # no work directories or checkpoints are left behind
+    assert not list(killed.glob("*/*.partial"))
+
+    # 4) the uninterrupted run, elsewhere
+    _run(_command(tmp_path, "clean", models_dir), tmp_path / "4.log")
+    for stage in ("reference", "train"):
+        a, b = _artifact(killed, stage), _artifact(clean, stage)
+        assert a.name == b.name  # same content key: the artifacts dir is not part of it
+        _assert_same_adapter(a, b)
+        history_a = json.loads((a / "log_history.json").read_text())
+        history_b = json.loads((b / "log_history.json").read_text())
+        assert [h["step"] for h in history_a] == list(range(1, 7))
+        assert history_a == history_b  # bit-identical per-step losses, grad norms, lr
+        metrics_a = json.loads((a / "train_metrics.json").read_text())
+        metrics_b = json.loads((b / "train_metrics.json").read_text())
+        assert metrics_a.keys() == metrics_b.keys()
+        for key in metrics_a:  # the whole-run mean is summed in another order after a resume
+            assert metrics_a[key] == pytest.approx(metrics_b[key], rel=1e-6), key
+    for stage, name in (("scores", "scores.jsonl"), ("selection", "selected.jsonl")):
+        a, b = _artifact(killed, stage), _artifact(clean, stage)
+        assert (a / name).read_bytes() == (b / name).read_bytes()
