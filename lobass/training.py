@@ -205,8 +205,9 @@ def train_lora(
             shutil.rmtree(checkpoint)
     trainer.accelerator.wait_for_everyone()  # no rank leaves before the adapter is on disk
     # The per-step curve (restored from the checkpoint on resume, so it covers the whole run).
-    history = [{k: e[k] for k in ("step", "epoch", "loss", "grad_norm", "learning_rate") if k in e}
-               for e in trainer.state.log_history if "loss" in e]
+    keys = ("step", "epoch", "loss", "grad_norm", "learning_rate")
+    history: list[dict[str, float]] = [{k: e[k] for k in keys if k in e}
+                                       for e in trainer.state.log_history if "loss" in e]
     if trainer.args.should_save:
         atomic_write_json(work / "log_history.json", history)
     peft_model.eval()
