@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
 from lobass.config import check_lora_targets, validate, validate_pool_size
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
-from lobass.evaluation import evaluate_gsm8k, heldout_loss_metrics
+from lobass.evaluation import heldout_loss_metrics, suite
 from lobass.formatting import Features, tokenize_example
 from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 eval_dir, record["reused"] = _evaluate(cfg, pool, adapter_dir, model_path,
                                                        tokenizer, artifacts_dir)
             summary.metrics.update(json.loads((eval_dir / "metrics.json").read_text()))
+            summary.artifacts["eval"] = str(eval_dir)  # a later run's eval.judge.baseline
 
         summary.metrics.update({f"time/{k}_seconds": v["seconds"]
                                 for k, v in summary.stages.items()})
@@ -370,8 +371,10 @@ def _train(cfg: DictConfig, pool: Pool, selection_dir: Path, model_path: str, to
 
 def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, tokenizer: Any,
               artifacts_dir: Path) -> tuple[Path, bool]:
-    key = fingerprint({"adapter": adapter_dir.name, "eval": _train_config(cfg.eval),
-                       "seed": cfg.seed})
+    ev = cfg.eval
+    judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
+    key = fingerprint({"adapter": adapter_dir.name, "eval": _train_config(ev), "seed": cfg.seed,
+                       "judged": judged})
 
     def build(work: Path) -> dict[str, Any]:
         # Merge the adapter into a fresh copy of the initial weights: lm-eval and generation then
@@ -379,21 +382,44 @@ def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, t
         model = load_adapter(load_model(cfg.model, model_path), adapter_dir / "adapter")
         model = model.merge_and_unload().eval()
         metrics: dict[str, float] = {}
-        if cfg.eval.heldout.enabled:
-            held = cfg.eval.heldout
-            examples, _ = read_examples(held.path, held.reader, source="heldout",
-                                        max_rows=held.max_rows)
+        # a) reference-free: mean response loss on held-out reference answers
+        for name, examples in suite.reference_sets(ev).items():
             features = [tokenize_example(e, tokenizer, cfg.model.template, cfg.data.max_length)
                         for e in examples]
             losses = compute_response_losses(
                 model, features, max_tokens_per_batch=cfg.score.max_tokens_per_batch,
                 pad_token_id=_pad_id(model))
-            metrics.update(heldout_loss_metrics(losses, "heldout"))
-        if cfg.eval.gsm8k.enabled:
-            metrics.update(evaluate_gsm8k(model, tokenizer, cfg.eval.gsm8k,
-                                          chat=cfg.model.template == "chat", seed=cfg.seed))
+            metrics.update(heldout_loss_metrics(losses, name))
+        # b) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
+        bench, skipped = suite.run_benchmarks(
+            model, tokenizer, ev, chat=cfg.model.template == "chat", seed=cfg.seed,
+            model_path=model_path, adapter_dir=adapter_dir / "adapter",
+            max_lora_rank=int(cfg.train.lora.r))
+        metrics.update(bench)
+        # c) greedy answers per prompt set, each its own resumable artifact
+        generations = suite.generate_sets(
+            model, tokenizer, ev, artifacts_dir, template=cfg.model.template,
+            key={"adapter": adapter_dir.name, "model": model_key(cfg.model)})
+        metrics.update(suite.generation_set_metrics(generations))
+        # d) pairwise judge against the baseline run's answers, both orders
+        if judged is not None:
+            del model  # the judge may load another model
+
+            def load_local(name: str | None) -> tuple[Any, Any]:
+                if name is None:  # the embedded/initial model judges
+                    return load_model(cfg.model, model_path), tokenizer
+                judge_cfg = OmegaConf.merge(cfg.model, {"source": "hub", "hub_id": name})
+                assert isinstance(judge_cfg, DictConfig)
+                return load_model(judge_cfg, name), load_tokenizer(judge_cfg, name)
+
+            judge = suite.make_judge(ev.judge, load_local, cfg.model.template)
+            metrics.update(suite.judge_sets(judge, ev.judge, generations, work, seed=cfg.seed))
+        elif generations:
+            log.info("eval.judge.baseline is null: answers saved, no pairwise judging")
+        atomic_write_json(work / "generations.json", {k: str(v) for k, v in generations.items()})
+        atomic_write_json(work / "skipped.json", skipped)
         atomic_write_json(work / "metrics.json", metrics)
-        return {"metrics": sorted(metrics)}
+        return {"metrics": sorted(metrics), "skipped": skipped}
 
     return ensure_artifact(artifacts_dir / "eval" / key, build)
 

@@ -1,0 +1,107 @@
+"""Evaluation prompt sets and reference answers, read from shipped files.
+
+Two formats: FastChat's question files (Vicuna-80, MT-Bench: ``question_id``, ``category``,
+``turns``; we use the first turn, as single-turn pairwise judging does) and any SFT file that
+:func:`lobass.data.read_examples` reads (a held-out slice of the pool: its instructions are the
+prompts and its responses the references for the reference-free loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lobass.data import DataError, Example, InvalidJSON, example_id, iter_json_rows, read_examples
+
+PROMPT_READERS = ("fastchat", "alpaca", "dolly", "gsm8k", "jsonl")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One evaluation prompt: a stable id, the conversation so far and where it came from."""
+
+    id: str
+    messages: tuple[dict[str, str], ...]  # ends with the user turn to answer
+    category: str = ""
+
+
+def _fastchat_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, row)`` of a FastChat question file, checked for ``question_id`` and ``turns``."""
+    rows = []
+    for line, row in iter_json_rows(path):
+        problem = ""
+        if isinstance(row, InvalidJSON):
+            problem = str(row)
+        elif not isinstance(row, dict) or "question_id" not in row:
+            problem = "expected an object with 'question_id' and 'turns'"
+        elif not (isinstance(row.get("turns"), list) and row["turns"]
+                  and all(isinstance(t, str) and t.strip() for t in row["turns"])):
+            problem = "field 'turns' must be a non-empty list of non-empty strings"
+        if problem:
+            raise DataError(f"{path}:{line}: {problem}")
+        rows.append((line, row))
+    return rows
+
+
+def read_prompts(path: str | Path, reader: str, max_rows: int | None = None) -> list[Prompt]:
+    """The first ``max_rows`` prompts of a prompt file.
+
+    Args:
+        path: FastChat question JSONL (``reader=fastchat``) or an SFT data file.
+        reader: ``fastchat`` or a :data:`lobass.data.CONVERTERS` reader name.
+        max_rows: keep the first N prompts (``None``: all).
+
+    Raises:
+        DataError: unknown reader, or a malformed row (file and line in the message).
+
+    """
+    path = Path(path)
+    if reader not in PROMPT_READERS:
+        raise DataError(f"unknown prompt reader {reader!r}; choose one of {PROMPT_READERS}")
+    if reader == "fastchat":
+        prompts = [Prompt(str(row["question_id"]),
+                          ({"role": "user", "content": row["turns"][0]},),
+                          str(row.get("category", "")))
+                   for _, row in _fastchat_rows(path)]
+    else:
+        examples, _ = read_examples(path, reader, source="prompts", max_rows=max_rows)
+        prompts = [Prompt(e.id, e.messages[:-1]) for e in examples]
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate prompt ids")
+    return prompts[:max_rows] if max_rows is not None else prompts
+
+
+def read_reference_examples(questions: str | Path, answers: str | Path,
+                            max_rows: int | None = None) -> list[Example]:
+    """FastChat questions joined with their reference answers (first turn) as SFT examples.
+
+    MT-Bench ships GPT-4 reference answers for 30 of its 80 questions (math, reasoning, coding):
+    the mean response loss of the evaluated model on them needs no judge.
+
+    Raises:
+        DataError: a malformed row, or an answer whose ``question_id`` has no question.
+
+    """
+    questions, answers = Path(questions), Path(answers)
+    by_id = {row["question_id"]: row for _, row in _fastchat_rows(questions)}
+    examples: list[Example] = []
+    for line, row in iter_json_rows(answers):
+        try:
+            turn = row["choices"][0]["turns"][0]
+            if not isinstance(turn, str) or not turn.strip():
+                raise TypeError
+        except (KeyError, IndexError, TypeError) as err:
+            raise DataError(f"{answers}:{line}: expected choices[0].turns[0] to be the "
+                            "reference answer text") from err
+        question = by_id.get(row.get("question_id"))
+        if question is None:
+            raise DataError(f"{answers}:{line}: question_id {row.get('question_id')!r} is not "
+                            f"in {questions}")
+        messages = [{"role": "user", "content": question["turns"][0]},
+                    {"role": "assistant", "content": turn}]
+        examples.append(Example(example_id(messages), tuple(messages), "reference", row))
+        if max_rows is not None and len(examples) >= max_rows:
+            break
+    return examples

@@ -1,0 +1,222 @@
+"""The eval stage's steps, driven by the ``eval`` config (the pipeline calls them in order).
+
+Reference-free losses, lm-eval benchmarks (GSM8K, IFEval), generation per prompt set (each set its
+own resumable artifact, so changing only the judge or the baseline reuses the answers), and the
+pairwise judge against a baseline run. Stage modules never import each other: the pipeline passes
+in what needs scoring or model loading as callables.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lobass.artifacts import atomic_write_text, ensure_artifact, file_sha256, fingerprint
+from lobass.data import Example, read_examples
+from lobass.evaluation.generation import generate_responses, generation_metrics
+from lobass.evaluation.gsm8k import evaluate_gsm8k
+from lobass.evaluation.harness import build_task_manager
+from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_task_dir
+from lobass.evaluation.judge import (
+    Judge,
+    LocalHFJudge,
+    OpenAICompatibleJudge,
+    find_baseline_generations,
+    judge_pairwise,
+)
+from lobass.evaluation.prompts import read_prompts, read_reference_examples
+
+log = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "conf" / "judge" / "prompts"
+JUDGES = ("local_hf", "openai_compatible")
+
+
+def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
+    """Held-out examples whose responses the evaluated model is scored on, by metric name."""
+    sets: dict[str, list[Example]] = {}
+    held = eval_cfg.heldout
+    if held.enabled:
+        sets["heldout"], _ = read_examples(held.path, held.reader, source="heldout",
+                                           max_rows=held.max_rows)
+    for name, ref in (eval_cfg.get("reference_loss") or {}).items():
+        if ref.enabled:
+            sets[str(name)] = read_reference_examples(ref.questions, ref.answers, ref.max_rows)
+    return sets
+
+
+def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bool, seed: int,
+                   model_path: str, adapter_dir: Path, max_lora_rank: int
+                   ) -> tuple[dict[str, float], dict[str, str]]:
+    """GSM8K and IFEval through lm-eval with one task manager.
+
+    Returns:
+        The metrics, and what was skipped with the reason (IFEval without its NLTK data).
+
+    """
+    metrics: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    run_ifeval = bool(eval_cfg.ifeval.enabled)
+    if run_ifeval and (missing := ifeval_missing()):
+        skipped["ifeval"] = ("lm-eval's IFEval checkers cannot run offline here; missing: "
+                             + "; ".join(missing))
+        log.warning("eval.ifeval skipped: %s", skipped["ifeval"])
+        run_ifeval = False
+    if not (eval_cfg.gsm8k.enabled or run_ifeval):
+        return metrics, skipped
+    manager = build_task_manager([ifeval_task_dir()] if run_ifeval else [])
+    common = {"chat": chat, "seed": seed, "task_manager": manager, "backend": eval_cfg.backend,
+              "model_path": model_path, "adapter_dir": adapter_dir,
+              "max_lora_rank": max_lora_rank}
+    if eval_cfg.gsm8k.enabled:
+        metrics.update(evaluate_gsm8k(model, tokenizer, eval_cfg.gsm8k, **common))
+    if run_ifeval:
+        metrics.update(evaluate_ifeval(model, tokenizer, eval_cfg.ifeval, **common))
+    return metrics, skipped
+
+
+def enabled_prompt_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
+    """The generation prompt sets switched on, by name.
+
+    Raises:
+        ValueError: a set named like a reference-loss set (their metric keys would collide).
+
+    """
+    generation = eval_cfg.generation
+    if not generation.enabled:
+        return {}
+    sets = {str(k): v for k, v in generation.sets.items() if v.enabled}
+    clash = set(sets) & ({"heldout", "gsm8k", "ifeval"} | set(eval_cfg.get("reference_loss") or {}))
+    if clash:
+        raise ValueError(f"eval.generation.sets {sorted(clash)} share a name with another eval "
+                         "metric group; rename them")
+    return sets
+
+
+def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_dir: Path, *,
+                  key: dict[str, Any], template: str) -> dict[str, Path]:
+    """Answer every enabled prompt set; each set is its own artifact under ``generations/``.
+
+    Args:
+        model: the evaluated model (adapter merged).
+        tokenizer: its tokenizer.
+        eval_cfg: the ``eval`` config.
+        artifacts_dir: the artifact cache.
+        key: what identifies the evaluated model (adapter, initial model), hashed into each key.
+        template: ``model.template``.
+
+    Returns:
+        The generations JSONL of each set.
+
+    """
+    generation = eval_cfg.generation
+    paths: dict[str, Path] = {}
+    for name, spec in enabled_prompt_sets(eval_cfg).items():
+        prompts = read_prompts(spec.path, spec.reader, spec.max_rows)
+        set_key = fingerprint({**key, "template": template, "prompts": file_sha256(Path(spec.path)),
+                               "reader": spec.reader, "max_rows": spec.max_rows,
+                               "max_new_tokens": generation.max_new_tokens})
+
+        def build(work: Path, name: str = name, prompts: Any = prompts) -> dict[str, Any]:
+            rows = generate_responses(model, tokenizer, prompts, work / f"{name}.jsonl",
+                                      template=template,
+                                      max_new_tokens=int(generation.max_new_tokens),
+                                      batch_size=int(generation.batch_size), set_name=name)
+            return {"set": name, "rows": len(rows)}
+
+        directory, _ = ensure_artifact(artifacts_dir / "generations" / set_key, build)
+        paths[name] = directory / f"{name}.jsonl"
+    return paths
+
+
+def generation_set_metrics(paths: dict[str, Path]) -> dict[str, float]:
+    """Answer counts and lengths of every set."""
+    metrics: dict[str, float] = {}
+    for name, path in paths.items():
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        metrics.update(generation_metrics(rows, name))
+    return metrics
+
+
+def judge_prompt(judge_cfg: DictConfig) -> tuple[str, str]:
+    """The judge prompt's text and sha256.
+
+    ``eval.judge.prompt`` is a file name under ``conf/judge/prompts/`` or a path; prompts are
+    versioned by name (``pairwise_v1.txt``) and the hash goes into every raw verdict record.
+    """
+    path = Path(judge_cfg.prompt)
+    if not path.is_absolute():
+        path = PROMPTS_DIR / path
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.judge.prompt={judge_cfg.prompt}: {path} does not exist; "
+                                f"shipped prompts: {sorted(p.name for p in PROMPTS_DIR.glob('*'))}")
+    text = path.read_text(encoding="utf-8")
+    missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in text]
+    if missing:
+        raise ValueError(f"eval.judge.prompt={path} lacks the placeholders {missing}")
+    return text, file_sha256(path)
+
+
+def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
+    """What the judge's results depend on beyond the config: the baseline answers and prompt.
+
+    Called before the eval artifact's key is made, so that new baseline answers (same path)
+    re-judge, and a wrong baseline path fails before any model is loaded.
+    """
+    judge_cfg = eval_cfg.judge
+    if judge_cfg.baseline is None or not enabled_prompt_sets(eval_cfg):
+        return None
+    if judge_cfg.name not in JUDGES:
+        raise ValueError(f"eval.judge.name must be one of {JUDGES}, got {judge_cfg.name!r}")
+    baseline = {name: fingerprint(find_baseline_generations(judge_cfg.baseline, name))
+                for name in enabled_prompt_sets(eval_cfg)}
+    return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1]}
+
+
+def make_judge(judge_cfg: DictConfig, load_local: Callable[[str | None], tuple[Any, Any]],
+               template: str) -> Judge:
+    """The judge named by ``eval.judge.name``; ``load_local(model)`` gives (model, tokenizer)."""
+    if judge_cfg.name == "openai_compatible":
+        return OpenAICompatibleJudge(
+            base_url=judge_cfg.base_url, model=judge_cfg.model, api_key_env=judge_cfg.api_key_env,
+            max_tokens=int(judge_cfg.max_tokens), temperature=float(judge_cfg.temperature),
+            timeout_s=float(judge_cfg.timeout_s), retries=int(judge_cfg.retries),
+            max_workers=int(judge_cfg.max_workers))
+    if judge_cfg.name == "local_hf":
+        model, tokenizer = load_local(judge_cfg.model)
+        return LocalHFJudge(model, tokenizer, template=template,
+                            max_length=int(judge_cfg.max_length))
+    raise ValueError(f"eval.judge.name must be one of {JUDGES}, got {judge_cfg.name!r}")
+
+
+def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path], work: Path, *,
+               seed: int) -> dict[str, float]:
+    """Judge each set against the baseline; raw verdicts go to ``work/judge/<set>.jsonl``.
+
+    Returns:
+        ``eval/<set>/{win,tie,lose,unparsed,n,win_rate,win_rate_ci_low,win_rate_ci_high}``.
+
+    """
+    template, prompt_sha = judge_prompt(judge_cfg)
+    metrics: dict[str, float] = {}
+    for name, path in generations.items():
+        ours = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        baseline = find_baseline_generations(judge_cfg.baseline, name)
+        records, counts = judge_pairwise(
+            judge, template, ours, baseline, tie_margin=float(judge_cfg.get("tie_margin", 0.0)),
+            bootstrap_iters=int(judge_cfg.bootstrap_iters), seed=seed)
+        for record in records:
+            record.update({"judge": judge.name, "prompt_file": judge_cfg.prompt,
+                           "prompt_sha256": prompt_sha})
+        atomic_write_text(work / "judge" / f"{name}.jsonl", "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        metrics.update({f"eval/{name}/{k}": float(v) for k, v in counts.items()})
+        log.info("eval.judge=%s on %s: %d win / %d tie / %d lose, win rate %.3f [%.3f, %.3f]",
+                 judge.name, name, counts["win"], counts["tie"], counts["lose"],
+                 counts["win_rate"], counts["win_rate_ci_low"], counts["win_rate_ci_high"])
+    return metrics
