@@ -202,8 +202,8 @@ def test_killed_build_leaves_only_the_work_dir_and_stale_temporaries_are_dropped
 def test_same_config_and_seed_same_selection_and_training_losses(make_cfg, tmp_path):
     runs = []
     for name in ("a", "b"):
-        summary = run(make_cfg(*TINY, "stages=[train]", "train.logging_steps=1",
-                               "reference.logging_steps=1",
+        # scorer=loss: one training per run (the resume test compares reference adapters too)
+        summary = run(make_cfg(*TINY, "stages=[train]", "scorer=loss", "train.logging_steps=1",
                                artifacts=tmp_path / name))
         runs.append(summary)
     a, b = (Path(s["artifacts"]["selected"]).read_text() for s in runs)
@@ -214,8 +214,5 @@ def test_same_config_and_seed_same_selection_and_training_losses(make_cfg, tmp_p
     assert histories[0] == histories[1]  # exact: same per-step loss, grad norm and lr
     for key in ("train/loss", "train/final_loss"):
         assert runs[0]["metrics"][key] == runs[1]["metrics"][key]
-    references = [json.loads((Path(s["artifacts"]["reference_adapter"]).parent /
-                              "log_history.json").read_text()) for s in runs]
-    assert len(references[0]) == 4 and references[0] == references[1]
     scores = [Path(s["artifacts"]["scores"]).read_bytes() for s in runs]
     assert scores[0] == scores[1]
