@@ -118,3 +118,15 @@ def tokenize_example(
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return Features(input_ids, labels, len(prompt_ids), truncated)
+
+
+def response_only(features: Features, start_token_id: int) -> Features:
+    """The same response tokens with the prompt replaced by one start token: the input of ``L(y)``.
+
+    IFD (Cherry LLM) divides ``L(y|x)`` by the loss of the response alone. Reusing the already
+    tokenised (and possibly truncated) response keeps exactly the same target tokens in both
+    losses, so the ratio compares like with like; the start token (BOS, or EOS for tokenizers
+    without one) gives the first response token something to be predicted from.
+    """
+    response = features.input_ids[features.n_prompt:]
+    return Features([start_token_id, *response], [IGNORE_INDEX, *response], 1, features.truncated)

@@ -1,0 +1,37 @@
+"""Scoring: per-example response losses and the scorers that turn them into scores.
+
+Losses are batched, cached in shards and split across ranks: ``engine`` is the hot loop (one forward per batch of similar-length rows), ``store`` makes each
+loss a resumable, sharded artifact, ``scorers`` maps losses to scores.
+"""
+
+from lobass.scoring.engine import (
+    LOSSES,
+    adapter_state,
+    batch_response_losses,
+    compute_response_losses,
+    length_batches,
+    shared_prefix_length,
+)
+from lobass.scoring.scorers import (
+    SCORERS,
+    Scorer,
+    get_scorer,
+    is_finite,
+    mean_finite,
+    needed_losses,
+)
+
+__all__ = [
+    "LOSSES",
+    "SCORERS",
+    "Scorer",
+    "adapter_state",
+    "batch_response_losses",
+    "compute_response_losses",
+    "get_scorer",
+    "is_finite",
+    "length_batches",
+    "mean_finite",
+    "needed_losses",
+    "shared_prefix_length",
+]
