@@ -3,6 +3,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +37,8 @@ from lobass.formatting import format_prompt, prompt_token_ids
 
 def test_wilson_interval_matches_the_closed_form_and_stays_in_unit_range():
     low, high = wilson_interval(0, 50)
-    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(3.8415 / (50 + 3.8415), rel=1e-4)  # z^2/(n+z^2)
+    assert low == pytest.approx(0.0, abs=1e-12)
+    assert high == pytest.approx(3.8415 / (50 + 3.8415), rel=1e-4)  # z^2 / (n + z^2) at 0 of n
     low, high = wilson_interval(5, 10)
     assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)  # textbook value for 5/10
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
@@ -46,7 +48,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     values = [1.0] * 6 + [0.5] * 2 + [0.0] * 4
     low, high = bootstrap_interval(values, seed=3)
     assert (low, high) == bootstrap_interval(values, seed=3)
-    assert low < np.mean(values) < high and 0 <= low and high <= 1
+    assert 0 <= low < np.mean(values) < high <= 1
     assert bootstrap_interval([1.0] * 5) == (1.0, 1.0)
 
 
@@ -69,7 +71,7 @@ def test_gsm8k_task_extracts_strict_and_flexible_answers_on_real_rows():
     task = build_task_manager().load([gsm8k_task_config(cfg)])["tasks"]["lobass_gsm8k"]
     task.build_all_requests(limit=4, rank=0, world_size=1)
     rows = [json.loads(x) for x in
-            open(package_data("gsm8k/gsm8k_test.jsonl")).read().splitlines()[:4]]
+            Path(package_data("gsm8k/gsm8k_test.jsonl")).read_text().splitlines()[:4]]
     assert [i.doc["question"] for i in task.instances] == [r["question"] for r in rows]
     # Gold answers of the first four test questions: 18, 3, 70000, 540.
     generations = ["16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18",  # both right
@@ -171,7 +173,7 @@ def test_generation_jsonl_resumes_after_a_kill(tiny, tmp_path):
     resumed = generate_responses(model, tokenizer, prompts, path, template="chat",
                                  max_new_tokens=6, batch_size=2, set_name="vicuna")
     assert resumed == full
-    assert len(path.read_text().splitlines()) == 4 and len(read_generations(path)) == 4
+    assert path.read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in full)
 
 
 def test_torn_line_in_the_middle_is_an_error(tmp_path):
@@ -274,7 +276,7 @@ def test_eval_and_judge_configs_compose_and_shipped_files_exist(judge, eval_opti
     paths += [s["path"] for s in ev["generation"]["sets"].values()]
     paths += [r[k] for r in ev["reference_loss"].values() for k in ("questions", "answers")]
     for path in paths:
-        assert open(path, "rb").read(1), path
+        assert Path(path).stat().st_size > 0, path
     assert set(enabled_prompt_sets(cfg.eval)) <= {"vicuna", "mt_bench", "heldout_prompts"}
 
 

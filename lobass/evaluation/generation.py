@@ -104,7 +104,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
         set_name: stored on each row (a baseline file may hold several sets).
 
     Returns:
-        The rows in prompt order.
+        The rows in prompt order (the file is rewritten in that order once complete).
 
     """
     from tqdm.auto import tqdm
@@ -135,7 +135,10 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
             handle.flush()
             os.fsync(handle.fileno())  # a kill after this point loses nothing of the batch
             bar.update(len(batch))
-    return [done[p.id] for p in prompts]
+    rows = [done[p.id] for p in prompts]
+    # Complete: rewrite in prompt order (batches ran longest first), so the file reads like the set.
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
 
 
 def generation_metrics(rows: Sequence[dict[str, Any]], name: str) -> dict[str, float]:

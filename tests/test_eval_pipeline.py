@@ -1,0 +1,61 @@
+"""The eval stage through ``run(cfg)``: a full-data baseline run, then a 25% run judged against it
+with ``judge=local_hf`` (the run's initial model as judge), on the tiny random model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from lobass.evaluation.judge import combine_orders
+from lobass.pipeline import run
+
+SMALL_EVAL = ["eval.generation.max_new_tokens=6", "eval.generation.sets.vicuna.max_rows=3",
+              "eval.reference_loss.mt_bench_ref.max_rows=4", "eval.ifeval.limit=2"]
+
+
+@pytest.mark.slow  # ~60-80 s here: three tiny runs
+def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_path):
+    base = run(make_cfg(*TINY, *SMALL_EVAL, "selection.ratio=1.0"))
+    m = base["metrics"]
+    assert m["eval/vicuna/generated"] == 3 and 0 <= m["eval/vicuna/truncated_share"] <= 1
+    assert m["eval/mt_bench_ref/n"] == 4 and m["eval/vicuna_ref/n"] == 10
+    assert m["eval/mt_bench_ref/loss_ci_low"] <= m["eval/mt_bench_ref/loss"]
+    assert m["eval/gsm8k/n"] == 2 and m["eval/gsm8k/strict_acc_ci_high"] > 0
+    assert "eval/vicuna/win_rate" not in m  # no baseline: answers saved, nothing judged
+    eval_dir = Path(base["artifacts"]["eval"])
+    skipped = json.loads((eval_dir / "skipped.json").read_text())
+    assert ("eval/ifeval/n" in m) != ("ifeval" in skipped)  # run, or skipped with a reason
+    generations = json.loads((eval_dir / "generations.json").read_text())
+    rows = {r["id"]: r for r in map(json.loads,
+                                    Path(generations["vicuna"]).read_text().splitlines())}
+    assert list(rows) == ["1", "2", "3"]
+    baseline_run = tmp_path / "baseline_run"
+    baseline_run.mkdir()
+    shutil.copy(tmp_path / "run" / "summary.json", baseline_run / "summary.json")
+
+    judged = run(make_cfg(*TINY, *SMALL_EVAL, f"eval.judge.baseline={baseline_run}"))
+    m = judged["metrics"]
+    assert m["eval/vicuna/n"] == 3 and m["eval/vicuna/win"] + m["eval/vicuna/tie"] + \
+        m["eval/vicuna/lose"] == 3
+    assert m["eval/vicuna/win_rate_ci_low"] <= m["eval/vicuna/win_rate"] <= \
+        m["eval/vicuna/win_rate_ci_high"]
+    records = [json.loads(x) for x in
+               (Path(judged["artifacts"]["eval"]) / "judge" / "vicuna.jsonl").read_text()
+               .splitlines()]
+    assert [r["id"] for r in records] == ["1", "2", "3"]
+    assert all(r["baseline"] == rows[r["id"]]["output"] for r in records)
+    for record in records:  # raw log-probabilities of both orders are kept
+        assert set(record["ours_first"]["logprobs"]) == {"A", "B", "tie"}
+        assert record["outcome"] == combine_orders(record["ours_first"], record["baseline_first"])
+        assert record["judge"] == "local_hf" and record["prompt_file"] == "pairwise_v1.txt"
+
+    # Only the judge changes: the answers are reused, the verdicts recomputed.
+    again = run(make_cfg(*TINY, *SMALL_EVAL, f"eval.judge.baseline={baseline_run}",
+                         "eval.judge.tie_margin=1000"))
+    assert not again["stages"]["eval"]["reused"]
+    assert again["metrics"]["eval/vicuna/tie"] == 3
+    answers = [p for p in (tmp_path / "artifacts" / "generations").iterdir()
+               if p.is_dir() and not p.name.endswith(".partial")]
+    assert len(answers) == 2  # the baseline's and ours, each generated once
