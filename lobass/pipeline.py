@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lobass import distributed
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
 from lobass.config import check_lora_targets, validate, validate_pool_size
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
@@ -28,9 +29,11 @@ from lobass.evaluation import heldout_loss_metrics, suite
 from lobass.formatting import Features, tokenize_example
 from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
-from lobass.scoring import adapter_state, compute_response_losses, get_scorer
+from lobass.scoring import Scorer, compute_response_losses, get_scorer, needed_losses
+from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
+from lobass.scoring.store import ensure_losses, read_losses
 from lobass.selection import export_rows, select_top, selected_rows, selection_size
-from lobass.tracking import RunLogger, make_logger
+from lobass.tracking import NullLogger, RunLogger, make_logger
 from lobass.training import train_lora
 
 log = logging.getLogger(__name__)
@@ -84,14 +87,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     run_dir = _run_dir(cfg)
     artifacts_dir = Path(cfg.artifacts_dir).resolve()
-    scorer = get_scorer(cfg.scorer.name)
     wanted = set(cfg.stages)
     need_train = bool(wanted & {"train", "eval"})
     need_select = need_train or "select" in wanted
     need_score = need_select or "score" in wanted
-    need_reference = "reference" in wanted or (need_score and "ref" in scorer.needs)
+    need_reference = "reference" in wanted or (
+        need_score and "ref" in needed_losses(_scorers(cfg)))
     summary = Summary()
-    tracker = make_logger(cfg.logger, _loggable_config(cfg), run_dir)
+    # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
+    tracker = (make_logger(cfg.logger, _loggable_config(cfg), run_dir) if distributed.is_main()
+               else NullLogger())
     try:
         # 0) data: read and check the pool and the LoRA targets before any model loads; tokenise
         examples = _read_pool(cfg, summary)
@@ -115,8 +120,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scores_dir: Path | None = None
         if need_score:
             with summary.stage("score") as record:
-                scores_dir, record["reused"] = _score(cfg, pool, model_path, reference_dir,
-                                                      artifacts_dir, summary)
+                scores_dir, record["reused"] = _score(cfg, pool, model_path, tokenizer,
+                                                      reference_dir, artifacts_dir, summary)
             summary.artifacts["scores"] = str(scores_dir / "scores.jsonl")
             scores = _read_scores(scores_dir)
             tracker.log_histogram("score/distribution", scores)
@@ -158,7 +163,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
                           [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
     finally:
-        atomic_write_json(run_dir / "summary.json", summary.as_dict())
+        if distributed.is_main():
+            atomic_write_json(run_dir / "summary.json", summary.as_dict())
         tracker.finish()
     log.info("summary written to %s\n%s", run_dir / "summary.json", format_summary(summary))
     return summary.as_dict()
@@ -239,67 +245,61 @@ def _reference(cfg: DictConfig, pool: Pool, model_path: str, tokenizer: Any,
     return ensure_artifact(artifacts_dir / "reference" / key, build)
 
 
+def _scorers(cfg: DictConfig) -> list[Scorer]:
+    """The run's scorer first, then ``score.extra_scorers`` (written as ``score_<name>``)."""
+    names = dict.fromkeys([cfg.scorer.name, *(cfg.score.get("extra_scorers") or [])])
+    return [get_scorer(name) for name in names]
+
+
 def _loss_dir(artifacts_dir: Path, pool: Pool, loss: str, reference_dir: Path | None) -> Path:
     adapter = reference_dir.name if loss == "ref" and reference_dir else None
     return artifacts_dir / "losses" / fingerprint({**pool.key, "loss": loss, "adapter": adapter})
 
 
-def _score(cfg: DictConfig, pool: Pool, model_path: str, reference_dir: Path | None,
-           artifacts_dir: Path, summary: Summary) -> tuple[Path, bool]:
-    scorer = get_scorer(cfg.scorer.name)
-    loss_dirs = {loss: _loss_dir(artifacts_dir, pool, loss, reference_dir) for loss in scorer.needs}
-    all_reused = True
-    model: Any = None
-    for loss, directory in loss_dirs.items():
+def _score(cfg: DictConfig, pool: Pool, model_path: str, tokenizer: Any,
+           reference_dir: Path | None, artifacts_dir: Path, summary: Summary) -> tuple[Path, bool]:
+    scorers = _scorers(cfg)
+    distributed.init_from_env()  # under torchrun, ranks split every loss's shards
 
-        def build(work: Path, loss: str = loss) -> dict[str, Any]:
-            nonlocal model
-            if model is None:  # one model in memory: the adapter disabled gives L_init
-                model = load_model(cfg.model, model_path)
-                if reference_dir is not None:
-                    model = load_adapter(model, reference_dir / "adapter")
-            with adapter_state(model, loss):
-                values = compute_response_losses(
-                    model, pool.features, max_tokens_per_batch=cfg.score.max_tokens_per_batch,
-                    pad_token_id=_pad_id(model))
-            atomic_write_text(work / "losses.jsonl", "".join(
-                json.dumps({"id": e.id, "loss": float(v)}) + "\n"
-                for e, v in zip(pool.examples, values, strict=True)))
-            return {"loss": loss, "rows": len(values)}
+    def load() -> Any:  # one model for every loss: the adapter disabled gives L_init and L(y)
+        model = load_model(cfg.model, model_path)
+        return load_adapter(model, reference_dir / "adapter") if reference_dir else model
 
-        _, reused = ensure_artifact(directory, build)
-        all_reused &= reused
-    losses = {loss: _read_losses(d) for loss, d in loss_dirs.items()}
-    bad = np.zeros(len(pool.examples), dtype=bool)
-    for values in losses.values():
-        bad |= ~np.isfinite(values)
-    if bad.any():
-        ids = [pool.examples[i].id for i in np.flatnonzero(bad)[:5]]
-        if cfg.score.on_nonfinite == "error":
-            raise ValueError(f"{int(bad.sum())} rows have a non-finite loss (first ids: {ids}); "
-                             "set score.on_nonfinite=drop to flag them and never select them")
-        log.warning("score.on_nonfinite=drop: %d rows with non-finite losses will not be "
-                    "selected (first ids: %s)", int(bad.sum()), ids)
-    summary.metrics["score/nonfinite"] = float(bad.sum())
-    n_response = np.array([f.n_response for f in pool.features])
-    key = fingerprint({"losses": sorted(d.name for d in loss_dirs.values()), "scorer": scorer.name,
-                       "seed": cfg.seed if scorer.name == "random" else None})
+    model = LazyModel(load)  # loaded only if some shard is missing
+    ids = [e.id for e in pool.examples]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    losses: dict[str, np.ndarray] = {}
+    loss_keys, all_reused = [], True
+    for loss in needed_losses(scorers):  # each loss once, whatever scorers share it
+        directory = _loss_dir(artifacts_dir, pool, loss, reference_dir)
+        compute = loss_fn(model, loss, loss_features(pool.features, loss, start),
+                          max_tokens_per_batch=cfg.score.max_tokens_per_batch,
+                          pad_token_id=tokenizer.pad_token_id, share_prefix=cfg.score.share_prefix)
+        result = ensure_losses(directory, ids, compute, shard_rows=cfg.score.shard_rows,
+                               desc=f"score loss={loss}")
+        losses[loss], all_reused = result.values, all_reused and result.reused
+        loss_keys.append(directory.name)
+        summary.metrics[f"score/{loss}_shards_computed"] = 0.0 if result.reused else float(
+            result.meta["shards_computed"])
+    flagged = flag_nonfinite(losses, ids, cfg.score.on_nonfinite)
+    summary.metrics.update({
+        "score/rows": float(len(ids)), "score/model_loads": float(model.loads),
+        "score/truncated": float(sum(f.truncated for f in pool.features)),
+        "score/nonfinite": float(flagged.sum()), "score/skipped": float(flagged.sum()),
+    })
+    seeded = any(s.name == "random" for s in scorers)
+    key = fingerprint({"losses": loss_keys, "scorers": [s.name for s in scorers],
+                       "seed": cfg.seed if seeded else None})
 
     def build_scores(work: Path) -> dict[str, Any]:
-        values = scorer.compute(losses, n_response, cfg.seed)
-        values[bad] = np.nan
-        rows = [
-            {"id": e.id, "source": e.source, "n_tokens": len(f.input_ids),
-             "n_response_tokens": f.n_response,
-             "loss_init": _json_float(losses["init"][i]) if "init" in losses else None,
-             "loss_ref": _json_float(losses["ref"][i]) if "ref" in losses else None,
-             "score": _json_float(values[i])}
-            for i, (e, f) in enumerate(zip(pool.examples, pool.features, strict=True))
-        ]
+        rows = score_rows(ids, [e.source for e in pool.examples], pool.features, losses, scorers,
+                          flagged, cfg.seed)
         atomic_write_text(work / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        return {"scorer": scorer.name}
+        return {"scorers": [s.name for s in scorers], "flagged": int(flagged.sum())}
 
-    scores_dir, reused = ensure_artifact(artifacts_dir / "scores" / key, build_scores)
+    # Rank 0 writes the one scores artifact; the other ranks wait for it and read it.
+    scores_dir, reused = distributed.on_main(
+        lambda: ensure_artifact(artifacts_dir / "scores" / key, build_scores))
     return scores_dir, reused and all_reused
 
 
@@ -309,13 +309,8 @@ def _pad_id(model: Any) -> int:
     return int(pad[0] if isinstance(pad, list) else pad)
 
 
-def _json_float(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
-
-
 def _read_losses(directory: Path) -> np.ndarray:
-    rows = [json.loads(line) for line in (directory / "losses.jsonl").read_text().splitlines()]
-    return np.array([r["loss"] if r["loss"] is not None else np.nan for r in rows], dtype=float)
+    return read_losses(directory)
 
 
 def _read_scores(directory: Path) -> np.ndarray:
