@@ -403,7 +403,8 @@ def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, t
             def load_local(name: str | None) -> tuple[Any, Any]:
                 if name is None:  # the embedded/initial model judges
                     return load_model(cfg.model, model_path), tokenizer
-                judge_cfg = OmegaConf.merge(cfg.model, {"source": "hub", "hub_id": name})
+                judge_cfg = OmegaConf.merge(cfg.model, {"source": "hub", "hub_id": name,
+                                                        "revision": None})
                 assert isinstance(judge_cfg, DictConfig)
                 return load_model(judge_cfg, name), load_tokenizer(judge_cfg, name)
 

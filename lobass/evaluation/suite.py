@@ -66,6 +66,7 @@ def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bo
         skipped["ifeval"] = ("lm-eval's IFEval checkers cannot run offline here; missing: "
                              + "; ".join(missing))
         log.warning("eval.ifeval skipped: %s", skipped["ifeval"])
+        metrics["eval/ifeval/skipped"] = 1.0  # the flag in summary.json; the reason: skipped.json
         run_ifeval = False
     if not (eval_cfg.gsm8k.enabled or run_ifeval):
         return metrics, skipped
@@ -169,7 +170,11 @@ def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
     re-judge, and a wrong baseline path fails before any model is loaded.
     """
     judge_cfg = eval_cfg.judge
-    if judge_cfg.baseline is None or not enabled_prompt_sets(eval_cfg):
+    if judge_cfg.baseline is None:
+        return None
+    if not enabled_prompt_sets(eval_cfg):
+        log.warning("eval.judge.baseline is set but no eval.generation set is enabled: "
+                    "nothing to judge")
         return None
     if judge_cfg.name not in JUDGES:
         raise ValueError(f"eval.judge.name must be one of {JUDGES}, got {judge_cfg.name!r}")
