@@ -1,0 +1,223 @@
+"""Scoring speed: naive per-row loop vs the lobass engine vs the engine with a warm cache.
+
+run: .venv/bin/python benchmarks/scoring.py [--rows 512] [--device cpu|cuda] [--profile]
+
+Scores the first ``--rows`` real Alpaca rows shipped in lobass/resources (chat template of the
+embedded SmolLM2-135M-Instruct, float32) three ways in one process:
+
+1. naive: ``model(input_ids, labels=...)`` one row at a time (Cherry LLM's IFD code does this);
+2. engine: ``ensure_losses`` as the score stage runs it (length-batched under
+   ``--max-tokens``, LM head at response positions only, shared-prefix KV reuse, shards on disk);
+3. cached: the same call again, finding the complete artifact (no model forward).
+
+It checks that engine and naive agree within 1e-4, then prints tokens/s for each, the ratio to
+the naive loop, the effective FLOP rate ``2 * params * tokens / time`` (every token counted, as if
+all work were done) as a fraction of a large float32 ``torch.matmul`` on the same device, and the
+peak memory of the engine pass relative to holding the model. The last line is exactly
+``speedup_vs_naive=<x> matmul_fraction=<y> cached_speedup=<z>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import lobass  # noqa: E402,F401
+from lobass.config import package_data  # noqa: E402
+from lobass.data import read_examples  # noqa: E402
+from lobass.formatting import tokenize_example  # noqa: E402
+from lobass.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from lobass.scoring import compute_response_losses, shared_prefix_length  # noqa: E402
+from lobass.scoring.runner import LazyModel, loss_fn  # noqa: E402
+from lobass.scoring.store import ensure_losses  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_flops(device: str, n: int = 2048, reps: int = 10) -> float:
+    """Measured float32 FLOP/s of a large square matmul: the machine's practical ceiling."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.matmul(a, b)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) so that it measures from now on."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def naive(model, features, device: str) -> tuple[np.ndarray, float]:
+    out = []
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for f in features:
+            ids = torch.tensor([f.input_ids], device=device)
+            out.append(model(input_ids=ids, labels=torch.tensor([f.labels], device=device))
+                       .loss.item())
+    sync(device)
+    return np.array(out), time.perf_counter() - start
+
+
+def profile_engine(model, features, budget: int, pad: int) -> None:
+    """Where the engine's time goes, by operator (torch.profiler, CPU and CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        compute_response_losses(model, features, max_tokens_per_batch=budget, pad_token_id=pad)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=4096, help="score.max_tokens_per_batch")
+    parser.add_argument("--shard-rows", type=int, default=256, help="score.shard_rows")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--models-dir", default=str(ROOT / "artifacts" / "models"))
+    parser.add_argument("--budgets", default="", help="also time the engine at these budgets, "
+                        "e.g. 256,1024,16384 (no cache, on the same rows)")
+    parser.add_argument("--profile", type=int, default=0, help="profile the engine on N rows")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # load_model moves to CUDA when it sees one
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=smollm2_135m"])
+    path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
+    tokenizer = load_tokenizer(cfg.model, path)
+    examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
+                                max_rows=args.rows)
+    features = [tokenize_example(e, tokenizer, "chat", args.max_length) for e in examples]
+    tokens = sum(len(f.input_ids) for f in features)
+    response = sum(f.n_response for f in features)
+    pad = tokenizer.pad_token_id
+    print(f"rows={len(features)} tokens={tokens} response_tokens={response} "
+          f"shared_prefix={shared_prefix_length(features)} device={args.device} "
+          f"threads={torch.get_num_threads()} truncated={sum(f.truncated for f in features)}")
+
+    peak_flops = matmul_flops(args.device)
+    print(f"matmul float32: {peak_flops / 1e9:.1f} GFLOP/s")
+
+    rss_before = rss_kib()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(cfg.model, path)
+    model = model.to(args.device)
+    sync(args.device)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():  # page in every weight (safetensors loads lazily through mmap)
+        sum(float(p.sum()) for p in model.parameters())
+    rss_model = rss_kib()
+    held_gpu = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+
+    # 2) engine, as the score stage runs it (first, so its memory peak is measured on its own)
+    lazy = LazyModel(lambda: model)
+    compute = loss_fn(lazy, "init", features, max_tokens_per_batch=args.max_tokens,
+                      pad_token_id=pad, share_prefix=True)
+    ids = [e.id for e in examples]
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "losses" / "bench"
+        hwm_ok = reset_peak_rss()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(args.device)
+        start = time.perf_counter()
+        engine = ensure_losses(directory, ids, compute, shard_rows=args.shard_rows,
+                               desc="engine")
+        sync(args.device)
+        t_engine = time.perf_counter() - start
+        rss_peak = rss_kib("VmHWM")
+        gpu_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
+
+        # 3) the same call again: the artifact is complete, nothing is computed
+        start = time.perf_counter()
+        cached = ensure_losses(directory, ids, compute, shard_rows=args.shard_rows, desc="cached")
+        t_cached = time.perf_counter() - start
+        assert cached.reused and np.array_equal(cached.values, engine.values)
+
+    # 1) the naive per-row loop
+    reference, t_naive = naive(model, features, args.device)
+    diff = float(np.abs(engine.values - reference).max())
+    assert diff < 1e-4, f"engine and naive loop differ by {diff}"
+
+    def line(name: str, seconds: float) -> None:
+        rate = 2 * params * tokens / seconds
+        print(f"{name:<8} {seconds:9.2f} s {tokens / seconds:12.1f} tokens/s "
+              f"x{t_naive / seconds:10.2f} vs naive  {rate / 1e9:9.1f} GFLOP/s effective "
+              f"= {rate / peak_flops:.3f} of matmul")
+
+    print(f"params={params} max_abs_diff_engine_vs_naive={diff:.2e}")
+    line("naive", t_naive)
+    line("engine", t_engine)
+    line("cached", t_cached)
+    if args.device == "cuda":
+        print(f"memory: model {held_gpu / 2**20:.0f} MiB allocated, engine peak "
+              f"{gpu_peak / 2**20:.0f} MiB = {gpu_peak / held_gpu:.3f}x holding the model")
+    elif hwm_ok:
+        model_kib = rss_model - rss_before
+        print(f"memory: process RSS {rss_before / 1024:.0f} MiB before the model, "
+              f"{rss_model / 1024:.0f} MiB holding it (model {model_kib / 1024:.0f} MiB), "
+              f"engine peak {rss_peak / 1024:.0f} MiB = {rss_peak / rss_model:.3f}x the process "
+              f"holding the model; peak above the model-holding process "
+              f"{(rss_peak - rss_model) / 1024:.0f} MiB = "
+              f"{(rss_peak - rss_before) / model_kib:.3f}x the model's own RSS")
+
+    for budget in [int(b) for b in args.budgets.split(",") if b]:
+        sync(args.device)
+        start = time.perf_counter()
+        compute_response_losses(model, features, max_tokens_per_batch=budget, pad_token_id=pad)
+        sync(args.device)
+        line(f"b={budget}", time.perf_counter() - start)
+    if args.profile:
+        profile_engine(model, features[:args.profile], args.max_tokens, pad)
+
+    fraction = 2 * params * tokens / t_engine / peak_flops
+    print(f"speedup_vs_naive={t_naive / t_engine:.3f} matmul_fraction={fraction:.3f} "
+          f"cached_speedup={t_naive / t_cached:.1f}")
+
+
+if __name__ == "__main__":
+    main()
