@@ -1,7 +1,8 @@
 """Scoring: per-example response losses and the scorers that turn them into scores.
 
-Losses are batched, cached in shards and split across ranks: ``engine`` is the hot loop (one forward per batch of similar-length rows), ``store`` makes each
-loss a resumable, sharded artifact, ``scorers`` maps losses to scores.
+Losses are batched, cached in shards and split across ranks: ``engine`` is the hot loop (one
+forward per batch of similar-length rows), ``store`` makes each loss a resumable, sharded
+artifact, ``runner`` ties them to the score stage, ``scorers`` maps losses to scores.
 """
 
 from lobass.scoring.engine import (
