@@ -173,4 +173,7 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
     """Wrap ``model`` with a saved LoRA adapter (inference mode, adapter enabled)."""
     from peft import PeftModel
 
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        # peft would fall back to a pickled adapter_model.bin; we only load safetensors.
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
