@@ -1,6 +1,7 @@
 """Evaluation: intervals, GSM8K answer extraction on real rows, prompt sets, batched generation
 (against one-at-a-time), resume, the local judge (fast path against slow), the pairwise protocol."""
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from lobass.config import package_data
 from lobass.data import DataError
 from lobass.evaluation.generation import generate_batch, generate_responses, read_generations
 from lobass.evaluation.gsm8k import gsm8k_metrics, gsm8k_task_config
-from lobass.evaluation.harness import build_task_manager
+from lobass.evaluation.harness import build_lm, build_task_manager
 from lobass.evaluation.heldout import heldout_loss_metrics
 from lobass.evaluation.ifeval import ifeval_missing
 from lobass.evaluation.judge import (
@@ -278,6 +279,15 @@ def test_eval_and_judge_configs_compose_and_shipped_files_exist(judge, eval_opti
     for path in paths:
         assert Path(path).stat().st_size > 0, path
     assert set(enabled_prompt_sets(cfg.eval)) <= {"vicuna", "mt_bench", "heldout_prompts"}
+
+
+def test_unknown_or_missing_backend_fails_with_the_fix(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="eval.backend must be one of"):
+        build_lm(model, tokenizer, "tgi", batch_size=1, max_length=64)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ImportError, match="pip install vllm"):
+            build_lm(model, tokenizer, "vllm", batch_size=1, max_length=64, model_path="x")
 
 
 def test_ifeval_reports_what_it_lacks():

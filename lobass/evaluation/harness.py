@@ -54,7 +54,11 @@ def build_lm(model: Any, tokenizer: Any, backend: str, *, batch_size: int, max_l
     if backend == "vllm":
         if model_path is None:
             raise ValueError("eval.backend=vllm needs the initial model's path")
-        from lm_eval.models.vllm_causallms import VLLM
+        try:
+            from lm_eval.models.vllm_causallms import VLLM
+        except ImportError as err:
+            raise ImportError("eval.backend=vllm needs vLLM: `pip install vllm` (GPU), or use "
+                              "eval.backend=hf") from err
 
         # vLLM cannot take an in-memory model: it loads the same initial weights and serves the
         # trained adapter as a LoRA request, which is equivalent to the merged model.
