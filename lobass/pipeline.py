@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,13 @@ from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key,
 from lobass.scoring import Scorer, compute_response_losses, get_scorer, needed_losses
 from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
 from lobass.scoring.store import ensure_losses, read_losses
-from lobass.selection import export_rows, select_top, selected_rows, selection_size
+from lobass.selection import (
+    export_rows,
+    read_selected_ids,
+    select_top,
+    selected_rows,
+    selection_size,
+)
 from lobass.tracking import NullLogger, RunLogger, make_logger
 from lobass.training import train_lora
 
@@ -94,6 +101,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     need_reference = "reference" in wanted or (
         need_score and "ref" in needed_losses(_scorers(cfg)))
     summary = Summary()
+    # The resolved config beside summary.json: what the report reads scorer, ratio and seed from.
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
     tracker = (make_logger(cfg.logger, _loggable_config(cfg), run_dir) if distributed.is_main()
                else NullLogger())
@@ -115,6 +125,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 reference_dir, record["reused"] = _reference(cfg, pool, model_path, tokenizer,
                                                              artifacts_dir, tracker)
             summary.artifacts["reference_adapter"] = str(reference_dir / "adapter")
+            summary.metrics.update(
+                {k.replace("train/", "reference/"): v for k, v in
+                 json.loads((reference_dir / "train_metrics.json").read_text()).items()})
 
         # 2) score: per-row losses (each computed once) combined by the scorer
         scores_dir: Path | None = None
@@ -142,17 +155,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         adapter_dir: Path | None = None
         if need_train:
             assert selection_dir is not None
+            selected = set(read_selected_ids(selection_dir / "selected.jsonl"))
             with summary.stage("train") as record:
-                adapter_dir, record["reused"] = _train(cfg, pool, selection_dir, model_path,
+                adapter_dir, record["reused"] = _train(cfg, pool, selected, model_path,
                                                        tokenizer, artifacts_dir, tracker)
             summary.artifacts["adapter"] = str(adapter_dir / "adapter")
             summary.metrics.update(json.loads((adapter_dir / "train_metrics.json").read_text()))
 
-        # 5) eval: GSM8K through lm-eval and held-out response loss
+        # 5) eval: benchmarks, reference-answer losses, answers judged against a baseline's
         if "eval" in wanted:
             assert adapter_dir is not None
+            eval_cfg = cfg
+            if cfg.eval.judge.baseline == "full_data":
+                with summary.stage("baseline") as record:
+                    eval_cfg, record["reused"] = _full_data_baseline(
+                        cfg, pool, adapter_dir, model_path, tokenizer, artifacts_dir, tracker)
+                if eval_cfg.eval.judge.baseline:
+                    summary.artifacts["baseline_eval"] = str(eval_cfg.eval.judge.baseline)
             with summary.stage("eval") as record:
-                eval_dir, record["reused"] = _evaluate(cfg, pool, adapter_dir, model_path,
+                eval_dir, record["reused"] = _evaluate(eval_cfg, pool, adapter_dir, model_path,
                                                        tokenizer, artifacts_dir)
             summary.metrics.update(json.loads((eval_dir / "metrics.json").read_text()))
             summary.artifacts["eval"] = str(eval_dir)  # a later run's eval.judge.baseline
@@ -162,6 +183,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_metrics(summary.metrics)
         tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
                           [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
+    except BaseException:
+        # A failed sweep point leaves its reason beside its partial summary; the report shows it.
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        raise
     finally:
         if distributed.is_main():
             atomic_write_json(run_dir / "summary.json", summary.as_dict())
@@ -226,23 +251,25 @@ def _train_config(group: DictConfig) -> dict[str, Any]:
 
 def _reference(cfg: DictConfig, pool: Pool, model_path: str, tokenizer: Any,
                artifacts_dir: Path, tracker: RunLogger) -> tuple[Path, bool]:
-    key = fingerprint({**pool.key, "reference": _train_config(cfg.reference), "seed": cfg.seed,
+    # reference.seed (not the run's seed): one reference serves every seed of a sweep.
+    key = fingerprint({**pool.key, "reference": _train_config(cfg.reference),
                        "targets": list(cfg.model.lora_targets)})
 
     def build(work: Path) -> dict[str, Any]:
         rows = list(range(len(pool.features)))
         if cfg.reference.fraction < 1:  # a cheaper reference on a seeded share of the pool
             k = max(1, round(cfg.reference.fraction * len(rows)))
-            rows = sorted(random.Random(cfg.seed).sample(rows, k))
+            rows = sorted(random.Random(cfg.reference.seed).sample(rows, k))
         model = load_model(cfg.model, model_path)
         metrics = train_lora(model, tokenizer, [pool.features[i] for i in rows], cfg.reference,
-                             list(cfg.model.lora_targets), work, seed=cfg.seed,
+                             list(cfg.model.lora_targets), work, seed=cfg.reference.seed,
                              report_to=tracker.report_to, dtype=cfg.model.dtype)
-        atomic_write_json(work / "train_metrics.json",
-                          {k.replace("train/", "reference/"): v for k, v in metrics.items()})
+        if distributed.is_main():
+            atomic_write_json(work / "train_metrics.json", metrics)
         return {"rows": len(rows)}
 
-    return ensure_artifact(artifacts_dir / "reference" / key, build)
+    # Every rank trains (data parallel under torchrun); rank 0 alone locks and publishes.
+    return distributed.ensure_artifact_all_ranks(artifacts_dir / "reference" / key, build)
 
 
 def _scorers(cfg: DictConfig) -> list[Scorer]:
@@ -344,11 +371,13 @@ def _select(cfg: DictConfig, pool: Pool, scores_dir: Path,
     return ensure_artifact(artifacts_dir / "selection" / key, build)
 
 
-def _train(cfg: DictConfig, pool: Pool, selection_dir: Path, model_path: str, tokenizer: Any,
+def _train(cfg: DictConfig, pool: Pool, selected: set[str], model_path: str, tokenizer: Any,
            artifacts_dir: Path, tracker: RunLogger) -> tuple[Path, bool]:
-    selected = {json.loads(line)["id"]
-                for line in (selection_dir / "selected.jsonl").read_text().splitlines()}
     rows = [i for i, e in enumerate(pool.examples) if e.id in selected]  # pool order
+    if _is_reference_run(cfg, len(rows), len(pool.examples)):
+        # Full data with the reference's own recipe: the reference model *is* this fine-tune.
+        log.info("selection is the whole pool and train == reference: reusing the reference")
+        return _reference(cfg, pool, model_path, tokenizer, artifacts_dir, tracker)
     key = fingerprint({**pool.key, "rows": fingerprint(sorted(selected)),
                        "train": _train_config(cfg.train), "seed": cfg.seed,
                        "targets": list(cfg.model.lora_targets)})
@@ -358,10 +387,46 @@ def _train(cfg: DictConfig, pool: Pool, selection_dir: Path, model_path: str, to
         metrics = train_lora(model, tokenizer, [pool.features[i] for i in rows], cfg.train,
                              list(cfg.model.lora_targets), work, seed=cfg.seed,
                              report_to=tracker.report_to, dtype=cfg.model.dtype)
-        atomic_write_json(work / "train_metrics.json", metrics)
+        if distributed.is_main():
+            atomic_write_json(work / "train_metrics.json", metrics)
         return {"rows": len(rows)}
 
-    return ensure_artifact(artifacts_dir / "train" / key, build)
+    return distributed.ensure_artifact_all_ranks(artifacts_dir / "train" / key, build)
+
+
+def _is_reference_run(cfg: DictConfig, n_selected: int, n_pool: int) -> bool:
+    reference = _train_config(cfg.reference)
+    fraction, seed = reference.pop("fraction"), reference.pop("seed")
+    return (n_selected == n_pool and fraction == 1 and seed == cfg.seed
+            and reference == _train_config(cfg.train))
+
+
+def _full_data_baseline(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str,
+                        tokenizer: Any, artifacts_dir: Path,
+                        tracker: RunLogger) -> tuple[DictConfig, bool]:
+    """``eval.judge.baseline=full_data``: the config that judges against the full-data model.
+
+    The full-data model (the initial model fine-tuned on the whole pool with ``reference.seed``;
+    the reference itself when the recipes match) is trained and evaluated, without a judge, once
+    per sweep: both are content-addressed artifacts. The run that *is* the full-data model gets
+    no judge (it would face itself) and so shares that very evaluation artifact.
+    """
+    baseline_cfg = OmegaConf.merge(cfg, {"seed": cfg.reference.seed,
+                                         "eval": {"judge": {"baseline": None}}})
+    assert isinstance(baseline_cfg, DictConfig)
+    everything = {e.id for e in pool.examples}
+    full_dir, trained_reused = _train(baseline_cfg, pool, everything, model_path, tokenizer,
+                                      artifacts_dir, tracker)
+    if full_dir == adapter_dir:
+        log.info("eval.judge.baseline=full_data: this run is the full-data model; no judge")
+        unjudged = OmegaConf.merge(cfg, {"eval": {"judge": {"baseline": None}}})
+        assert isinstance(unjudged, DictConfig)
+        return unjudged, trained_reused
+    eval_dir, eval_reused = _evaluate(baseline_cfg, pool, full_dir, model_path, tokenizer,
+                                      artifacts_dir)
+    judged = OmegaConf.merge(cfg, {"eval": {"judge": {"baseline": str(eval_dir)}}})
+    assert isinstance(judged, DictConfig)
+    return judged, trained_reused and eval_reused
 
 
 def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, tokenizer: Any,

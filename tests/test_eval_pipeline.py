@@ -59,3 +59,30 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
     answers = [p for p in (tmp_path / "artifacts" / "generations").iterdir()
                if p.is_dir() and not p.name.endswith(".partial")]
     assert len(answers) == 2  # the baseline's and ours, each generated once
+
+
+@pytest.mark.slow  # ~60 s here
+def test_full_data_baseline_is_trained_and_evaluated_once_and_judges_the_sweep(make_cfg,
+                                                                                tmp_path):
+    args = [*TINY, *SMALL_EVAL, "eval.gsm8k.enabled=false", "eval.judge.baseline=full_data"]
+    small = run(make_cfg(*args, "selection.ratio=0.25"))
+    assert not small["stages"]["baseline"]["reused"]
+    assert small["metrics"]["eval/vicuna/n"] == 3  # judged against the full-data model's answers
+    baseline_eval = Path(small["artifacts"]["baseline_eval"])
+    baseline_generations = json.loads((baseline_eval / "generations.json").read_text())
+    records = [json.loads(x) for x in
+               (Path(small["artifacts"]["eval"]) / "judge" / "vicuna.jsonl").read_text()
+               .splitlines()]
+    full_answers = {r["id"]: r["output"] for r in map(
+        json.loads, Path(baseline_generations["vicuna"]).read_text().splitlines())}
+    assert all(r["baseline"] == full_answers[r["id"]] for r in records)
+    trained = [p for p in (tmp_path / "artifacts" / "train").iterdir() if p.is_dir()]
+    assert len(trained) == 2  # the 25% selection and the full pool
+
+    # The full-data point of the sweep *is* the baseline: no judge, and its evaluation is the
+    # very artifact the other points were judged against.
+    full = run(make_cfg(*args, "selection.ratio=1.0"))
+    assert full["stages"]["train"]["reused"] and full["stages"]["eval"]["reused"]
+    assert full["artifacts"]["eval"] == str(baseline_eval)
+    assert "eval/vicuna/win_rate" not in full["metrics"]
+    assert len([p for p in (tmp_path / "artifacts" / "train").iterdir() if p.is_dir()]) == 2
