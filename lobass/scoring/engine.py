@@ -14,6 +14,7 @@ numbers beyond float rounding (tests hold it to 1e-4 of that slow path):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from lobass.formatting import IGNORE_INDEX, Features
 log = logging.getLogger(__name__)
 
 LOSSES = ("init", "ref", "uncond")  # initial model, reference adapter on, response alone (L(y))
-HEAD_CHUNK = 512  # response positions per LM-head call: bounds the (N, V) float32 logits in memory
+HEAD_CHUNK = 256  # response positions per LM-head call: bounds the (n, V) float32 logits
 
 
 def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
@@ -93,7 +94,26 @@ class PrefixCache:
         cache = DynamicCache()
         for index, (keys, values) in enumerate(self.layers):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+            cache.layers[index].__class__ = _prefix_layer_class()
         return cache
+
+
+@functools.cache
+def _prefix_layer_class() -> type:
+    """A cache layer that lends its prefix to attention but keeps none of the batch's own keys.
+
+    A plain ``DynamicLayer`` would store the key/value states of every scored token, which no one
+    reads again: 190 MB per 4096-token batch on SmolLM2, a third of the model's own size.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.cat([self.keys, key_states], dim=-2),
+                    torch.cat([self.values, value_states], dim=-2))
+
+    return PrefixLayer
 
 
 def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCache | None:
@@ -138,7 +158,7 @@ def batch_response_losses(
         positions = torch.arange(start, width, device=input_ids.device).expand(len(input_ids), -1)
         hidden = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                          position_ids=positions, cache=prefix.for_batch(len(input_ids)),
-                         use_cache=True)[0]  # (B, T-P, H)
+                         use_cache=False)[0]  # (B, T-P, H)
     # Position t predicts token t+1: shift so targets line up with the states that predict them.
     targets = labels[:, start + 1:]  # (B, T-P-1)
     keep = targets != IGNORE_INDEX  # (B, T-P-1)
