@@ -29,7 +29,7 @@ from lobass.formatting import IGNORE_INDEX, Features
 log = logging.getLogger(__name__)
 
 LOSSES = ("init", "ref", "uncond")  # initial model, reference adapter on, response alone (L(y))
-HEAD_CHUNK = 256  # response positions per LM-head call: bounds the (n, V) float32 logits
+HEAD_CHUNK = 64  # response positions per LM-head call: bounds the (n, V) float32 logits
 
 
 def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
