@@ -110,6 +110,7 @@ def _prefix_layer_class() -> type:
     class PrefixLayer(DynamicLayer):
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            assert self.keys is not None and self.values is not None  # set by for_batch
             return (torch.cat([self.keys, key_states], dim=-2),
                     torch.cat([self.values, value_states], dim=-2))
 
