@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from lobass.evaluation.judge import combine_orders
 from lobass.pipeline import run
 

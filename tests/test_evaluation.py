@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import CONF
 from lobass.config import package_data
 from lobass.data import DataError
 from lobass.evaluation.generation import generate_batch, generate_responses, read_generations

@@ -14,11 +14,11 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from conftest import CONF, ROOT
 from lobass.data import read_examples
 from lobass.formatting import tokenize_example
 from lobass.memory import (

@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from conftest import ROOT, TINY
 from lobass.pipeline import run
 
 

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from conftest import CONF, TINY
 from lobass.artifacts import artifact_problem, atomic_write_text, ensure_artifact, is_complete
 from lobass.config import ConfigError
 from lobass.data import DataError

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
+
+from conftest import ROOT
 
 # Small but long enough to be killed in the middle: checkpoints every 2 steps.
 RUN = [

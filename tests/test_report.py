@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, TINY
 from scipy.stats import spearmanr
 
+from conftest import ROOT, TINY
 from lobass.report import bootstrap_ci, collect_runs, spearman, write_report
 
 # A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and

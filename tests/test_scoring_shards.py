@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT
 
 POOL = ["model=tiny_random", "logger=none", "stages=[score]", "data.max_rows=64",

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
 from safetensors.torch import load_file
+
+from conftest import ROOT, TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
