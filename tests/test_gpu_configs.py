@@ -187,12 +187,12 @@ def test_memory_check_fails_before_loading_and_warn_lets_it_run(make_cfg, caplog
     with pytest.raises(InsufficientMemoryError, match=r"model=llama_13b needs about .* GiB"
                        r".*train\.batch_size"):
         run(make_cfg(*huge))  # the hub weights are never requested: this would fail offline
-    cfg = make_cfg(*huge, "+memory_check=warn")
+    cfg = make_cfg(*huge, "memory_check=warn")
     with caplog.at_level("WARNING"):
         estimate = check_memory(cfg)
     assert estimate is not None and estimate.activations > 1000 * GIB
     assert "memory_check=warn runs anyway" in caplog.text
-    assert check_memory(make_cfg(*huge, "+memory_check=off")) is None
+    assert check_memory(make_cfg(*huge, "memory_check=off")) is None
 
 
 def test_memory_estimate_reads_a_local_checkpoint_without_arch(make_cfg, tiny, models_dir,

@@ -85,8 +85,9 @@ def test_cli_help_cfg_job_and_unknown_key():
 def test_default_pipeline_on_embedded_model(make_cfg, tmp_path):
     summary = run(make_cfg(
         "logger=wandb", "data.max_rows=12", "data.mix.gsm8k.max_rows=4", "data.max_length=128",
-        "selection.count=4", "train.epochs=2", "eval.gsm8k.limit=2", "eval.gsm8k.max_gen_toks=32",
-        "eval.heldout.max_rows=8",
+        "selection=count", "selection.count=4", "train.epochs=2", "eval.gsm8k.limit=2",
+        "eval.gsm8k.max_gen_toks=32", "eval.heldout.max_rows=8",
+        "eval.generation.sets.vicuna.max_rows=2", "eval.generation.max_new_tokens=16",
     ))
     m = summary["metrics"]
     assert m["data/pool_rows"] == 16 and m["select/count"] == 4
