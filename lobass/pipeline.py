@@ -32,7 +32,7 @@ from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
 from lobass.scoring import Scorer, compute_response_losses, get_scorer, needed_losses
 from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
-from lobass.scoring.store import ensure_losses, read_losses
+from lobass.scoring.store import ensure_losses
 from lobass.selection import (
     export_rows,
     read_selected_ids,
@@ -334,10 +334,6 @@ def _pad_id(model: Any) -> int:
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     return int(pad[0] if isinstance(pad, list) else pad)
-
-
-def _read_losses(directory: Path) -> np.ndarray:
-    return read_losses(directory)
 
 
 def _read_scores(directory: Path) -> np.ndarray:
