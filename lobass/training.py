@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json
+from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.modeling import lora_config
 
@@ -42,11 +43,6 @@ class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
         f = self.features[index]
         return {"input_ids": f.input_ids, "labels": f.labels,
                 "attention_mask": [1] * len(f.input_ids)}
-
-
-def world_size() -> int:
-    """Processes in this run: ``WORLD_SIZE`` as torchrun (or a SLURM launcher) sets it, else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
