@@ -90,10 +90,21 @@ def prompt_token_ids(prompt: str, tokenizer: Any) -> list[int]:
     """
     ids: list[int] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    wants_bos = bool(getattr(tokenizer, "add_bos_token", False))
-    if wants_bos and bos is not None and (not ids or ids[0] != bos):
+    if wants_bos(tokenizer) and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
+
+
+def wants_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts a sequence with BOS when asked to add special tokens.
+
+    Asked of the tokenizer itself rather than read from an ``add_bos_token`` attribute, which
+    not every tokenizer class exposes (transformers' Gemma tokenizer adds BOS without it).
+    """
+    if tokenizer.bos_token_id is None:
+        return False
+    probe: list[int] = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
 def tokenize_example(
@@ -114,7 +125,10 @@ def tokenize_example(
     if truncated:
         keep_response = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
         response_ids = response_ids[:keep_response]
-        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):]
+        room = max_length - len(response_ids)
+        if len(prompt_ids) > room:  # cut the prompt's start, but keep a leading BOS first
+            head = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []
+            prompt_ids = head + prompt_ids[len(prompt_ids) - (room - len(head)):]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return Features(input_ids, labels, len(prompt_ids), truncated)
