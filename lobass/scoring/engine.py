@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("init", "ref", "uncond")  # initial model, reference adapter on, response alone (L(y))
 HEAD_CHUNK = 64  # response positions per LM-head call: bounds the (n, V) float32 logits
+# On CPU a forward over many more padded tokens than this is memory-bound: an idle 2-core run
+# measured 16384-token batches at 0.90x the per-row loop against 1.40x at 4096 and 1.64x at 1024
+# (benchmarks/README.md). Larger budgets are split on CPU; GPUs keep the configured budget.
+CPU_MAX_TOKENS_PER_BATCH = 4096
 
 
 def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[list[int]]:
@@ -210,6 +214,8 @@ def compute_response_losses(
         return out
     if prefix_length is None:
         prefix_length = shared_prefix_length(features)
+    if device.type == "cpu":
+        max_tokens_per_batch = min(max_tokens_per_batch, CPU_MAX_TOKENS_PER_BATCH)
     batches = length_batches([len(f.input_ids) for f in features], max_tokens_per_batch)
     with torch.inference_mode():
         prefix = encode_prefix(model, features[0].input_ids[:prefix_length])
