@@ -28,12 +28,25 @@ from lobass.artifacts import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# Metrics shown in the table and plotted, in this order, when present: (key, higher is better).
-HEADLINE = (
-    ("eval/heldout/loss", False),
-    ("eval/gsm8k/flexible_acc", True),
-    ("eval/gsm8k/strict_acc", True),
-)
+# Metric families shown in the table and plotted when present, in this order: response losses on
+# held-out data and reference answers, pairwise judge win rates, benchmark accuracies. Intervals
+# (``_ci_low``/``_ci_high``) and counts ride along with their metric and are not columns.
+HEADLINE_SUFFIXES = ("/loss", "/win_rate", "_acc")
+
+
+def headline_metrics(present: set[str]) -> list[str]:
+    """The ``eval/`` metrics of a sweep worth a column and a plot, held-out loss first."""
+    chosen = [m for m in present if m.startswith("eval/") and m.endswith(HEADLINE_SUFFIXES)]
+
+    def order(metric: str) -> tuple[int, int, str]:
+        family = next(i for i, s in enumerate(HEADLINE_SUFFIXES) if metric.endswith(s))
+        return family, metric != "eval/heldout/loss", metric
+    return sorted(chosen, key=order)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Losses fall as a model improves; win rates and accuracies rise."""
+    return not metric.endswith("/loss")
 
 
 @dataclass
@@ -163,16 +176,27 @@ def render_markdown(rows: Sequence[RunRow], table: Sequence[dict[str, Any]],
     out = io.StringIO()
     out.write("# lobass report\n\n")
     out.write(f"{len(rows)} runs, {sum(r.status == 'failed' for r in rows)} failed.\n\n")
-    out.write("## By scorer and ratio (mean over seeds, bootstrap 95% interval)\n\n")
+    out.write("## By scorer and ratio (mean over seeds, bootstrap 95% interval)\n\n"
+              "With several seeds the interval is a bootstrap over the seeds' values (training "
+              "randomness); with one run it is that run's own interval over the evaluation items "
+              "(normal for losses, bootstrap for win rates, Wilson for accuracies).\n\n")
     header = ["scorer", "ratio", "rows", "seeds"]
     for metric in metrics:
-        header += [metric, "95% CI"]
+        header += [f"{metric} {'↑' if higher_is_better(metric) else '↓'}", "95% CI"]
     out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
     for entry in table:
         cells = [entry["scorer"], _fmt(entry["ratio"]), _fmt(entry["count"]), str(entry["seeds"])]
         for metric in metrics:
             cells += [_fmt(entry.get(metric)), _fmt(entry.get(f"{metric}_ci"))]
         out.write("| " + " | ".join(cells) + " |\n")
+    comparisons = compare_to_baselines(table, metrics)
+    if comparisons:
+        out.write("\n## Each scorer against random at the same ratio and against full data\n\n"
+                  "`better`/`worse` compares means in the metric's good direction; `separated` "
+                  "means the two 95% intervals do not overlap, `overlap` that they do (no "
+                  "claim either way).\n\n| scorer | ratio | metric | value [95% CI] | baseline | "
+                  "baseline value [95% CI] | verdict |\n|---|---|---|---|---|---|---|\n")
+        out.writelines(comparisons)
     out.write("\n## Runs\n\n| run | scorer | ratio | seed | status |\n|---|---|---|---|---|\n")
     for row in rows:
         status = row.status if not row.error else f"failed: {row.error[:120]}"
@@ -182,6 +206,49 @@ def render_markdown(rows: Sequence[RunRow], table: Sequence[dict[str, Any]],
         out.write("\n## Plots\n\n")
         out.writelines(f"![{p}]({p})\n\n" for p in plots)
     return out.getvalue()
+
+
+def compare_to_baselines(table: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """Markdown rows: each selecting scorer at each ratio below 1 against the baselines.
+
+    The baselines are random at the same ratio and the full-data run (ratio 1.0 trains on every
+    row whichever scorer ranked them, so the first such entry stands for all of them).
+    """
+    random_at = {e["ratio"]: e for e in table if e["scorer"] == "random"}
+    full = [e for e in table if e["ratio"] == 1.0][:1]
+    lines = []
+    for entry in table:
+        if entry["scorer"] == "random" or entry["ratio"] in (None, 1.0):
+            continue
+        baselines = []
+        if entry["ratio"] in random_at:
+            seeds = random_at[entry["ratio"]]["seeds"]
+            baselines.append((f"random ({seeds} seed{'s' * (seeds != 1)})",
+                              random_at[entry["ratio"]]))
+        baselines += [("full data", e) for e in full]
+        for metric in metrics:
+            for name, base in baselines:
+                if metric not in entry or metric not in base:
+                    continue
+                lines.append(f"| {entry['scorer']} | {_fmt(entry['ratio'])} | {metric} | "
+                             f"{_fmt(entry[metric])} {_fmt(entry.get(f'{metric}_ci'))} | {name} | "
+                             f"{_fmt(base[metric])} {_fmt(base.get(f'{metric}_ci'))} | "
+                             f"{_verdict(entry, base, metric)} |\n")
+    return lines
+
+
+def _verdict(ours: dict[str, Any], base: dict[str, Any], metric: str) -> str:
+    a, b = ours[metric], base[metric]
+    if a == b:
+        return "equal"
+    better = (a > b) == higher_is_better(metric)
+    lo_a, hi_a = ours.get(f"{metric}_ci", (math.nan, math.nan))
+    lo_b, hi_b = base.get(f"{metric}_ci", (math.nan, math.nan))
+    if any(math.isnan(v) for v in (lo_a, hi_a, lo_b, hi_b)):
+        spread = "no interval"
+    else:
+        spread = "separated" if hi_a < lo_b or hi_b < lo_a else "overlap"
+    return f"{'better' if better else 'worse'}, {spread}"
 
 
 def render_csv(rows: Sequence[RunRow], metrics: Sequence[str]) -> str:
@@ -277,7 +344,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     if not rows:
         raise FileNotFoundError(f"no summary.json under {root}")
     present = {k for r in rows for k in r.metrics}
-    metrics = [m for m, _ in HEADLINE if m in present]
+    metrics = headline_metrics(present)
     table = aggregate(rows, metrics)
     plots = plot_metrics(table, metrics, out)
     score_plots, correlations = plot_scores(rows, out)

@@ -31,7 +31,8 @@ def _write_runs(root: Path, scores_file: Path) -> None:
         summary = {"stages": {}, "artifacts": {"scores": str(scores_file)},
                    "metrics": {"eval/heldout/loss": loss, "select/count": ratio * 100,
                                "eval/heldout/loss_ci_low": loss - 0.1,
-                               "eval/heldout/loss_ci_high": loss + 0.1}}
+                               "eval/heldout/loss_ci_high": loss + 0.1,
+                               "eval/heldout/n": 100.0, "eval/vicuna/win_rate": 2.0 - loss}}
         (run / "summary.json").write_text(json.dumps(summary))
     failed = root / "7"
     failed.mkdir()
@@ -60,6 +61,19 @@ def test_report_on_fixed_summaries(tmp_path):
     assert 1.7 <= low < 1.8 < high <= 1.9
     for png in ("eval_heldout_loss.png", "scores.png"):
         assert (tmp_path / "sweep" / png).stat().st_size > 1000
+    # columns: the eval metrics (losses first, then win rates), never their counts or intervals
+    header = next(x for x in text.splitlines() if x.startswith("| scorer | ratio | rows |"))
+    assert "eval/heldout/loss ↓" in header and "eval/vicuna/win_rate ↑" in header
+    assert header.index("heldout/loss") < header.index("win_rate") and "heldout/n" not in header
+    # verdicts against random at the same ratio and against full data (lobass at 1.0: 1.42)
+    compared = [[c.strip() for c in x.strip("|").split("|")] for x in text.splitlines()
+                if x.startswith("| lobass | 0.")]
+    verdicts = {(c[0], c[1], c[2], c[4]): c[6] for c in compared}
+    assert verdicts[("lobass", "0.06", "eval/heldout/loss", "random (3 seeds)")] == \
+        "better, separated"  # 1.50 [1.4, 1.6] against 1.8 within [1.7, 1.9]
+    assert verdicts[("lobass", "0.06", "eval/heldout/loss", "full data")] == "worse, overlap"
+    assert verdicts[("lobass", "0.5", "eval/vicuna/win_rate", "random (1 seed)")] == \
+        "better, no interval"  # 0.60 against 0.55, one run each without an interval
     records = [json.loads(x) for x in scores.read_text().splitlines()]
     expected = spearmanr([r["score"] for r in records], [r["n_response_tokens"] for r in records])
     assert f"Spearman correlation of score with response length: lobass {expected[0]:.2f}" in text
