@@ -91,8 +91,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         The summary (also written to ``<run dir>/summary.json``).
 
     """
-    validate(cfg)
     run_dir = _run_dir(cfg)
+    (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
+    try:
+        # The resolved config beside summary.json: what the report reads scorer, ratio, seed from.
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        validate(cfg)
+    except Exception:
+        # A sweep point with a bad value fails alone: its reason is kept where the report looks.
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        raise
     artifacts_dir = Path(cfg.artifacts_dir).resolve()
     wanted = set(cfg.stages)
     need_train = bool(wanted & {"train", "eval"})
@@ -101,9 +109,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     need_reference = "reference" in wanted or (
         need_score and "ref" in needed_losses(_scorers(cfg)))
     summary = Summary()
-    # The resolved config beside summary.json: what the report reads scorer, ratio and seed from.
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
     tracker = (make_logger(cfg.logger, _loggable_config(cfg), run_dir) if distributed.is_main()
                else NullLogger())

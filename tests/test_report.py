@@ -116,3 +116,25 @@ def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pas
     assert sum(s["score"]["reused"] for s in reused) == 2  # the second point of each scorer
     write_report(sweep)
     assert (sweep / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_point_is_recorded_and_the_other_points_still_run(tmp_path, models_dir):
+    # scorer=length needs no model forward: the first point fails (ratio 1.5 is out of range),
+    # the second must still run, and the report must show one failure and one finished point
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", *TINY, f"models_dir={models_dir}",
+           f"artifacts_dir={tmp_path / 'artifacts'}", "scorer=length", "stages=[select]",
+           "selection.ratio=1.5,0.5", f"hydra.sweep.dir={sweep}",
+           "hydra.sweep.subdir=r${selection.ratio}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0  # Hydra reports the failure once every point has run
+    error = (sweep / "r1.5" / "error.txt").read_text()
+    assert "selection.ratio must be in (0, 1], got 1.5" in error
+    finished = json.loads((sweep / "r0.5" / "summary.json").read_text())
+    assert finished["metrics"]["select/count"] == 16  # half of the 24 + 8 pool rows
+    assert not (sweep / "r0.5" / "error.txt").exists()
+    write_report(sweep)
+    rows = {r["run"]: (r["ratio"], r["status"])
+            for r in csv.DictReader((sweep / "report.csv").open())}
+    assert rows == {"r1.5": ("1.5", "failed"), "r0.5": ("0.5", "ok")}
