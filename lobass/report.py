@@ -273,12 +273,17 @@ def plot_metrics(table: Sequence[dict[str, Any]], metrics: Sequence[str], out: P
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6, 4))
         full = [e for e in table if e["ratio"] == 1.0 and metric in e]
-        for scorer in sorted({e["scorer"] for e in table}):
+        scorers = sorted({e["scorer"] for e in table})
+        ratios: set[float] = set()
+        for i, scorer in enumerate(scorers):
             points = sorted((e for e in table if e["scorer"] == scorer and metric in e
                              and e["ratio"] not in (None, 1.0)), key=lambda e: e["ratio"])
             if not points:
                 continue
-            x = [e["ratio"] for e in points]
+            ratios |= {e["ratio"] for e in points}
+            # a small horizontal offset per scorer so that error bars at one ratio stay apart
+            dodge = 1.06 ** (i - (len(scorers) - 1) / 2)
+            x = [e["ratio"] * dodge for e in points]
             y = [e[metric] for e in points]
             ci = [e.get(f"{metric}_ci", (math.nan, math.nan)) for e in points]
             err = np.array([[yi - lo for yi, (lo, _) in zip(y, ci, strict=True)],
@@ -288,7 +293,9 @@ def plot_metrics(table: Sequence[dict[str, Any]], metrics: Sequence[str], out: P
             ax.axhline(float(np.mean([e[metric] for e in full])), color="k", ls="--",
                        label="full data")
         ax.set_xscale("log")
-        ax.set_xlabel("selected fraction of the pool")
+        ax.set_xticks(sorted(ratios), [f"{r * 100:g}%" for r in sorted(ratios)])
+        ax.minorticks_off()
+        ax.set_xlabel("selected share of the pool (log scale)")
         ax.set_ylabel(metric)
         ax.legend()
         fig.tight_layout()
