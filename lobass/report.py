@@ -362,13 +362,14 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.csv", render_csv(rows, metrics))
     if wandb_project:
-        _log_to_wandb(wandb_project, root, rows, metrics, out, plots + score_plots)
+        _log_to_wandb(wandb_project, root, rows, table, metrics, out, plots + score_plots)
     log.info("report written to %s", out / "report.md")
     return out / "report.md"
 
 
-def _log_to_wandb(project: str, root: Path, rows: Sequence[RunRow], metrics: Sequence[str],
-                  out: Path, plots: Sequence[str]) -> None:
+def _log_to_wandb(project: str, root: Path, rows: Sequence[RunRow],
+                  table: Sequence[dict[str, Any]], metrics: Sequence[str], out: Path,
+                  plots: Sequence[str]) -> None:
     import wandb
 
     run = wandb.init(project=project, group=root.name, job_type="report", dir=str(out),
@@ -377,6 +378,17 @@ def _log_to_wandb(project: str, root: Path, rows: Sequence[RunRow], metrics: Seq
     data = [[r.path.name, r.scorer, r.ratio, r.seed, r.status,
              *[r.metrics.get(m) for m in metrics]] for r in rows]
     run.log({"report/runs": wandb.Table(columns=columns, data=data)})
+    pooled_columns: list[str | int] = ["scorer", "ratio", "rows", "seeds"]
+    pooled = []
+    for entry in table:  # the markdown's pooled table: mean and interval bounds per metric
+        cells = [entry["scorer"], entry["ratio"], entry["count"], entry["seeds"]]
+        for metric in metrics:
+            low, high = entry.get(f"{metric}_ci", (math.nan, math.nan))
+            cells += [entry.get(metric), low, high]
+        pooled.append(cells)
+    for metric in metrics:
+        pooled_columns += [metric, f"{metric} ci_low", f"{metric} ci_high"]
+    run.log({"report/by_scorer_ratio": wandb.Table(columns=pooled_columns, data=pooled)})
     run.log({f"report/{p}": wandb.Image(str(out / p)) for p in plots})
     run.finish()
 

@@ -79,6 +79,29 @@ def test_report_on_fixed_summaries(tmp_path):
     assert f"Spearman correlation of score with response length: lobass {expected[0]:.2f}" in text
 
 
+
+def test_report_goes_to_wandb_offline_with_the_pooled_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"id": str(i), "n_tokens": 10 + i,
+                                          "n_response_tokens": i, "score": float(i % 7)}) + "\n"
+                              for i in range(20)))
+    _write_runs(tmp_path / "sweep", scores)
+    write_report(tmp_path / "sweep", out=tmp_path / "out", wandb_project="lobass-test")
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    (pooled_file,) = (media / "table" / "report").glob("by_scorer_ratio_*.table.json")
+    pooled = json.loads(pooled_file.read_text())
+    column = pooled["columns"].index("eval/heldout/loss")
+    by_key = {(r[0], r[1]): r for r in pooled["data"]}
+    assert by_key[("random", 0.06)][3] == 3  # seeds
+    assert by_key[("random", 0.06)][column] == pytest.approx(1.8)
+    (runs_file,) = (media / "table" / "report").glob("runs_*.table.json")
+    assert len(json.loads(runs_file.read_text())["data"]) == 8  # seven runs and the failed one
+    assert len(list((media / "images" / "report").glob("eval_heldout_loss.png*"))) == 1
+
+
 def test_spearman_and_bootstrap_against_hand_values():
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1)
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1)
