@@ -27,6 +27,7 @@ from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifa
 from lobass.config import check_lora_targets, validate, validate_pool_size
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
 from lobass.evaluation import heldout_loss_metrics, suite
+from lobass.evaluation.heldout import write_row_losses
 from lobass.formatting import Features, tokenize_example
 from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
@@ -434,8 +435,9 @@ def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, t
               artifacts_dir: Path) -> tuple[Path, bool]:
     ev = cfg.eval
     judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
+    # format 2: the artifact also keeps per-row losses (losses/<set>.jsonl) for paired reports
     key = fingerprint({"adapter": adapter_dir.name, "eval": _train_config(ev), "seed": cfg.seed,
-                       "judged": judged})
+                       "judged": judged, "format": 2})
 
     def build(work: Path) -> dict[str, Any]:
         # Merge the adapter into a fresh copy of the initial weights: lm-eval and generation then
@@ -451,6 +453,7 @@ def _evaluate(cfg: DictConfig, pool: Pool, adapter_dir: Path, model_path: str, t
                 model, features, max_tokens_per_batch=cfg.score.max_tokens_per_batch,
                 pad_token_id=_pad_id(model))
             metrics.update(heldout_loss_metrics(losses, name))
+            write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
         # b) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
         bench, skipped = suite.run_benchmarks(
             model, tokenizer, ev, chat=cfg.model.template == "chat", seed=cfg.seed,

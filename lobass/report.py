@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from lobass.artifacts import atomic_write_text
+from lobass.evaluation.heldout import read_row_losses
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class RunRow:
     metrics: dict[str, float]
     scores_path: Path | None
     error: str = ""
+    eval_dir: Path | None = None  # holds losses/<set>.jsonl: per-row losses for paired comparisons
 
 
 def collect_runs(root: Path) -> list[RunRow]:
@@ -75,6 +77,7 @@ def collect_runs(root: Path) -> list[RunRow]:
         error_file = run_dir / "error.txt"
         metrics = {k: float(v) for k, v in summary.get("metrics", {}).items()}
         scores = summary.get("artifacts", {}).get("scores")
+        eval_dir = summary.get("artifacts", {}).get("eval")
         rows.append(RunRow(
             path=run_dir,
             scorer=str(config.get("scorer", {}).get("name", "?")),
@@ -85,6 +88,7 @@ def collect_runs(root: Path) -> list[RunRow]:
             metrics=metrics,
             scores_path=Path(scores) if scores else None,
             error=error_file.read_text().strip().splitlines()[-1] if error_file.exists() else "",
+            eval_dir=Path(eval_dir) if eval_dir else None,
         ))
     return rows
 
@@ -147,7 +151,7 @@ def aggregate(rows: Sequence[RunRow], metrics: Sequence[str]) -> list[dict[str, 
     for (scorer, ratio), members in sorted(groups.items(),
                                            key=lambda kv: (kv[0][1] or 0, kv[0][0])):
         entry: dict[str, Any] = {"scorer": scorer, "ratio": ratio, "seeds": len(members),
-                                 "count": members[0].count}
+                                 "count": members[0].count, "runs": members}
         for metric in metrics:
             values = [m.metrics[metric] for m in members if metric in m.metrics]
             if not values:
@@ -194,8 +198,12 @@ def render_markdown(rows: Sequence[RunRow], table: Sequence[dict[str, Any]],
         out.write("\n## Each scorer against random at the same ratio and against full data\n\n"
                   "`better`/`worse` compares means in the metric's good direction; `separated` "
                   "means the two 95% intervals do not overlap, `overlap` that they do (no "
-                  "claim either way).\n\n| scorer | ratio | metric | value [95% CI] | baseline | "
-                  "baseline value [95% CI] | verdict |\n|---|---|---|---|---|---|---|\n")
+                  "claim either way). Where both sides kept per-row losses, the paired column "
+                  "is the mean per-row difference (ours - baseline; below 0 is better for a "
+                  "loss) over the same rows with a bootstrap 95% interval, and `(paired)` "
+                  "verdicts ask whether that interval excludes 0.\n\n| scorer | ratio | metric "
+                  "| value [95% CI] | baseline | baseline value [95% CI] | paired difference "
+                  "[95% CI] | verdict |\n|---|---|---|---|---|---|---|---|\n")
         out.writelines(comparisons)
     out.write("\n## Runs\n\n| run | scorer | ratio | seed | status |\n|---|---|---|---|---|\n")
     for row in rows:
@@ -230,14 +238,57 @@ def compare_to_baselines(table: Sequence[dict[str, Any]], metrics: Sequence[str]
             for name, base in baselines:
                 if metric not in entry or metric not in base:
                     continue
+                paired = paired_difference(entry["runs"], base["runs"], metric)
+                shown = "" if paired is None else f"{paired[0]:+.4g} [{paired[1]:.4g}, " \
+                    f"{paired[2]:.4g}] (n {paired[3]})"
                 lines.append(f"| {entry['scorer']} | {_fmt(entry['ratio'])} | {metric} | "
                              f"{_fmt(entry[metric])} {_fmt(entry.get(f'{metric}_ci'))} | {name} | "
-                             f"{_fmt(base[metric])} {_fmt(base.get(f'{metric}_ci'))} | "
-                             f"{_verdict(entry, base, metric)} |\n")
+                             f"{_fmt(base[metric])} {_fmt(base.get(f'{metric}_ci'))} | {shown} | "
+                             f"{_verdict(entry, base, metric, paired)} |\n")
     return lines
 
 
-def _verdict(ours: dict[str, Any], base: dict[str, Any], metric: str) -> str:
+def paired_difference(ours: Sequence[RunRow], base: Sequence[RunRow], metric: str,
+                      ) -> tuple[float, float, float, int] | None:
+    """Mean per-row loss difference (ours - baseline) with a bootstrap 95% interval over rows.
+
+    Rows are those both sides scored; each side's row value is the mean over its runs (seeds).
+    Only for ``eval/<set>/loss`` metrics whose runs kept per-row losses (``losses/<set>.jsonl``
+    in the eval artifact); None otherwise. Pairing removes the between-row variance that makes
+    the two independent intervals overlap even when one model is better on nearly every row.
+    """
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[2] != "loss":
+        return None
+
+    def per_row(runs: Sequence[RunRow]) -> dict[str, float] | None:
+        files = [r.eval_dir / "losses" / f"{parts[1]}.jsonl" for r in runs if r.eval_dir]
+        if not runs or len(files) != len(runs) or not all(f.is_file() for f in files):
+            return None
+        tables = [read_row_losses(f) for f in files]
+        shared = set.intersection(*(set(t) for t in tables))
+        return {i: float(np.mean([t[i] for t in tables])) for i in shared}
+
+    a, b = per_row(ours), per_row(base)
+    if a is None or b is None:
+        return None
+    ids = sorted(set(a) & set(b))
+    if len(ids) < 2:
+        return None
+    diff = np.array([a[i] - b[i] for i in ids])
+    low, high = bootstrap_ci(diff.tolist())
+    return float(diff.mean()), low, high, len(ids)
+
+
+def _verdict(ours: dict[str, Any], base: dict[str, Any], metric: str,
+             paired: tuple[float, float, float, int] | None = None) -> str:
+    if paired is not None:  # on the shared rows: the sign of the mean difference, and does
+        mean, low, high, _ = paired  # its interval exclude zero?
+        if mean == 0:
+            return "equal (paired)"
+        spread = "separated" if low > 0 or high < 0 else "overlap"
+        better = (mean > 0) == higher_is_better(metric)
+        return f"{'better' if better else 'worse'}, {spread} (paired)"
     a, b = ours[metric], base[metric]
     if a == b:
         return "equal"

@@ -25,6 +25,13 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
     assert m["eval/gsm8k/n"] == 2 and m["eval/gsm8k/strict_acc_ci_high"] > 0
     assert "eval/vicuna/win_rate" not in m  # no baseline: answers saved, nothing judged
     eval_dir = Path(base["artifacts"]["eval"])
+    # per-row losses kept for paired comparisons: their mean is the reported loss
+    for name, n in (("heldout", m["eval/heldout/n"]), ("mt_bench_ref", 4), ("vicuna_ref", 10)):
+        per_row = [json.loads(x) for x in (eval_dir / "losses" / f"{name}.jsonl").read_text()
+                   .splitlines()]
+        finite = [r["loss"] for r in per_row if r["loss"] is not None]
+        assert len(finite) == n and len({r["id"] for r in per_row}) == len(per_row)
+        assert sum(finite) / n == pytest.approx(m[f"eval/{name}/loss"], rel=1e-6)
     skipped = json.loads((eval_dir / "skipped.json").read_text())
     assert ("eval/ifeval/n" in m) != ("ifeval" in skipped)  # run, or skipped with a reason
     generations = json.loads((eval_dir / "generations.json").read_text())

@@ -11,7 +11,13 @@ import yaml
 from scipy.stats import spearmanr
 
 from conftest import ROOT, TINY
-from lobass.report import bootstrap_ci, collect_runs, spearman, write_report
+from lobass.report import (
+    bootstrap_ci,
+    collect_runs,
+    paired_difference,
+    spearman,
+    write_report,
+)
 
 # A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and
 # one failed point. Held-out losses chosen so the pooled means are easy to check by hand.
@@ -66,9 +72,11 @@ def test_report_on_fixed_summaries(tmp_path):
     assert "eval/heldout/loss ↓" in header and "eval/vicuna/win_rate ↑" in header
     assert header.index("heldout/loss") < header.index("win_rate") and "heldout/n" not in header
     # verdicts against random at the same ratio and against full data (lobass at 1.0: 1.42)
-    compared = [[c.strip() for c in x.strip("|").split("|")] for x in text.splitlines()
-                if x.startswith("| lobass | 0.")]
-    verdicts = {(c[0], c[1], c[2], c[4]): c[6] for c in compared}
+    compared = [c for c in ([c.strip() for c in x.strip("|").split("|")]
+                            for x in text.splitlines() if x.startswith("| lobass | 0."))
+                if c[2].startswith("eval/")]
+    verdicts = {(c[0], c[1], c[2], c[4]): c[7] for c in compared}
+    assert len(compared) == 8 and all(c[6] == "" for c in compared)  # no per-row losses kept
     assert verdicts[("lobass", "0.06", "eval/heldout/loss", "random (3 seeds)")] == \
         "better, separated"  # 1.50 [1.4, 1.6] against 1.8 within [1.7, 1.9]
     assert verdicts[("lobass", "0.06", "eval/heldout/loss", "full data")] == "worse, overlap"
@@ -78,6 +86,47 @@ def test_report_on_fixed_summaries(tmp_path):
     expected = spearmanr([r["score"] for r in records], [r["n_response_tokens"] for r in records])
     assert f"Spearman correlation of score with response length: lobass {expected[0]:.2f}" in text
 
+
+
+
+def _eval_dir_with_row_losses(root: Path, name: str, losses: dict[str, float]) -> Path:
+    eval_dir = root / "artifacts" / name
+    (eval_dir / "losses").mkdir(parents=True)
+    (eval_dir / "losses" / "heldout.jsonl").write_text("".join(
+        json.dumps({"id": i, "loss": v}) + "\n" for i, v in losses.items()))
+    return eval_dir
+
+
+def test_paired_difference_over_rows_against_a_hand_computation(tmp_path):
+    # Three rows scored by every run (a fourth only by ours); ours is lower on every row by a
+    # little, while the rows themselves differ a lot: independent intervals overlap, paired not.
+    rows = [("lobass", 0.06, 0, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 9.0}),
+            ("random", 0.06, 0, {"a": 1.1, "b": 2.1, "c": 3.2}),
+            ("random", 0.06, 1, {"a": 1.1, "b": 2.3, "c": 3.2})]
+    sweep = tmp_path / "sweep"
+    for i, (scorer, ratio, seed, losses) in enumerate(rows):
+        run = sweep / str(i)
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump(
+            {"scorer": {"name": scorer}, "selection": {"ratio": ratio}, "seed": seed}))
+        eval_dir = _eval_dir_with_row_losses(tmp_path, str(i), losses)
+        shared = [losses[k] for k in "abc"]
+        mean = float(np.mean(list(losses.values())))
+        (run / "summary.json").write_text(json.dumps({
+            "stages": {}, "artifacts": {"eval": str(eval_dir)},
+            "metrics": {"eval/heldout/loss": mean, "eval/heldout/loss_ci_low": min(shared),
+                        "eval/heldout/loss_ci_high": max(shared) + 5}}))
+    runs = collect_runs(sweep)
+    ours = [r for r in runs if r.scorer == "lobass"]
+    base = [r for r in runs if r.scorer == "random"]
+    mean, low, high, n = paired_difference(ours, base, "eval/heldout/loss")
+    # random per row: a 1.1, b 2.2, c 3.2 (mean over seeds); differences -0.1, -0.2, -0.2
+    assert n == 3 and mean == pytest.approx(-0.5 / 3)
+    assert -0.2 - 1e-9 <= low <= mean <= high <= -0.1 + 1e-9
+    assert paired_difference(ours, base, "eval/gsm8k/strict_acc") is None  # not a loss
+    text = write_report(sweep).read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| lobass | 0.06 | eval/heldout"))
+    assert "(n 3)" in line and line.rstrip().endswith("| better, separated (paired) |")
 
 
 def test_report_goes_to_wandb_offline_with_the_pooled_table_and_plots(tmp_path, monkeypatch):
