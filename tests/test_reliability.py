@@ -53,7 +53,10 @@ def test_bad_config_fails_before_any_model_is_loaded(tmp_path, override, message
     with pytest.raises(ConfigError) as err:
         run(cfg)
     assert message in str(err.value)
-    assert not (tmp_path / "models").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "models").exists() and not (tmp_path / "artifacts").exists()
+    # the run dir records the failure for the sweep report, and holds nothing else
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "error.txt"]
+    assert message in (tmp_path / "run" / "error.txt").read_text()
 
 
 def test_selection_count_larger_than_the_pool_fails_after_reading_before_models(tmp_path):
