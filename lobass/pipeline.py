@@ -27,13 +27,12 @@ from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifa
 from lobass.config import check_lora_targets, validate, validate_pool_size
 from lobass.data import Example, ReadStats, pool_fingerprint, read_examples
 from lobass.evaluation import heldout_loss_metrics, suite
-from lobass.evaluation.heldout import write_row_losses
 from lobass.formatting import Features, tokenize_example
 from lobass.memory import check_memory
 from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key, resolve_model_path
 from lobass.scoring import Scorer, compute_response_losses, get_scorer, needed_losses
 from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
-from lobass.scoring.store import ensure_losses
+from lobass.scoring.store import ensure_losses, write_row_losses
 from lobass.selection import (
     export_rows,
     read_selected_ids,

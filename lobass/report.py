@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from lobass.artifacts import atomic_write_text
-from lobass.evaluation.heldout import read_row_losses
+from lobass.scoring.store import read_row_losses
 
 log = logging.getLogger(__name__)
 

@@ -81,6 +81,24 @@ def _write_shard(path: Path, ids: Sequence[str], values: np.ndarray) -> None:
     atomic_write_text(path, json.dumps({"ids": list(ids), "loss": losses}) + "\n")
 
 
+def write_row_losses(path: Path, ids: Sequence[str], losses: np.ndarray) -> None:
+    """One ``{"id", "loss"}`` line per row (``null`` where the loss is not finite).
+
+    The format of a loss artifact, and of the per-row losses an evaluation keeps so that two
+    runs can be compared row by row on the same answers (a paired difference has a far tighter
+    interval than two independent means).
+    """
+    atomic_write_text(path, "".join(
+        json.dumps({"id": i, "loss": float(v) if math.isfinite(v) else None}) + "\n"
+        for i, v in zip(ids, losses.tolist(), strict=True)))
+
+
+def read_row_losses(path: Path) -> dict[str, float]:
+    """The finite losses of a file written by :func:`write_row_losses`, by row id."""
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
+    return {r["id"]: float(r["loss"]) for r in rows if r["loss"] is not None}
+
+
 def read_losses(directory: Path) -> np.ndarray:
     """The ``(N,)`` losses of a complete loss artifact, in pool order (NaN where non-finite)."""
     rows = [json.loads(line) for line in (directory / LOSSES_FILE).read_text().splitlines()]
@@ -175,8 +193,6 @@ def _assemble(work: Path, ranges: list[tuple[int, int]], ids: Sequence[str]) -> 
                                "rank finished; was the work directory removed during the run?")
         parts.append(part)
     values = np.concatenate(parts) if parts else np.zeros(0)
-    atomic_write_text(work / LOSSES_FILE, "".join(
-        json.dumps({"id": i, "loss": float(v) if np.isfinite(v) else None}) + "\n"
-        for i, v in zip(ids, values, strict=True)))
+    write_row_losses(work / LOSSES_FILE, ids, values)
     shutil.rmtree(work / SHARDS)  # the artifact is the one ordered file; shards were the means
     return values
