@@ -97,9 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # The resolved config beside summary.json: what the report reads scorer, ratio, seed from.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         validate(cfg)
-    except Exception:
-        # A sweep point with a bad value fails alone: its reason is kept where the report looks.
-        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+    except Exception:  # a sweep point with a bad value fails alone, and says why
+        _record_failure(run_dir)
         raise
     artifacts_dir = Path(cfg.artifacts_dir).resolve()
     wanted = set(cfg.stages)
@@ -189,8 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
                           [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
     except BaseException:
-        # A failed sweep point leaves its reason beside its partial summary; the report shows it.
-        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        _record_failure(run_dir)  # beside the partial summary
         raise
     finally:
         if distributed.is_main():
@@ -198,6 +196,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish()
     log.info("summary written to %s\n%s", run_dir / "summary.json", format_summary(summary))
     return summary.as_dict()
+
+
+def _record_failure(run_dir: Path) -> None:
+    """Keep the traceback being handled in ``error.txt``, where the sweep report looks."""
+    atomic_write_text(run_dir / "error.txt", traceback.format_exc())
 
 
 def _run_dir(cfg: DictConfig) -> Path:
