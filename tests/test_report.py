@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,113 @@ def test_a_failed_sweep_point_is_recorded_and_the_other_points_still_run(tmp_pat
     rows = {r["run"]: (r["ratio"], r["status"])
             for r in csv.DictReader((sweep / "report.csv").open())}
     assert rows == {"r1.5": ("1.5", "failed"), "r0.5": ("0.5", "ok")}
+
+
+# A fixed sweep shaped like a real one (summary.json + config.yaml + eval per-row losses +
+# error.txt), written by code so the golden report can be rebuilt from it. report.md and report.csv
+# under tests/data/report_golden/ were rendered from these inputs by the single-file report.py
+# (before the split into lobass/report/): the same inputs must keep giving the same report.
+GOLDEN = Path(__file__).parent / "data" / "report_golden"
+HELDOUT_IDS = [f"h{i:02d}" for i in range(24)]
+MT_IDS = [f"m{i}" for i in range(10)]
+# (run dir, scorer, selection, seed, loss offset, win rate, gsm8k correct of 20, per-row losses?)
+SWEEP = [
+    ("lobass_r0.06_s0", "lobass", {"ratio": 0.06}, 0, -0.05, 0.55, 2, True),
+    ("random_r0.06_s0", "random", {"ratio": 0.06}, 0, 0.00, 0.50, 1, True),
+    ("random_r0.06_s1", "random", {"ratio": 0.06}, 1, 0.02, 0.4375, 0, True),
+    ("random_r0.06_s2", "random", {"ratio": 0.06}, 2, -0.01, 0.5, 1, True),
+    ("rho_r0.06_s0", "rho", {"ratio": 0.06}, 0, -0.02, 0.625, 0, False),
+    ("lobass_r0.5_s0", "lobass", {"ratio": 0.5}, 0, -0.20, 0.5625, 3, True),
+    ("random_r0.5_s0", "random", {"ratio": 0.5}, 0, -0.18, 0.5, 2, True),
+    ("random_r0.5_s1", "random", {"ratio": 0.5}, 1, -0.17, 0.375, 2, False),
+    ("lobass_r1.0_s0", "lobass", {"ratio": 1.0}, 0, -0.30, None, 4, True),
+    ("rho_r1.0_s0", "rho", {"ratio": 1.0}, 0, -0.30, None, 4, True),
+    ("lobass_c800_s0", "lobass", {"ratio": None, "count": 800}, 0, -0.25, 0.6, 3, False),
+]
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_fixed_sweep(root: Path) -> Path:
+    """Write the fixed sweep under ``root / "sweep"`` (eval artifacts beside it); return it."""
+    sweep = root / "sweep"
+    rng = np.random.default_rng(12)
+    base_heldout = rng.uniform(1.5, 3.0, len(HELDOUT_IDS))
+    base_mt = rng.uniform(0.6, 1.4, len(MT_IDS))
+    for i, (name, scorer, selection, seed, offset, win, correct, keep_rows) in enumerate(SWEEP):
+        run = sweep / name
+        run.mkdir(parents=True)
+        config = {"scorer": {"name": scorer}, "selection": selection, "seed": seed}
+        if name == "random_r0.5_s1":  # Hydra's own copy is read when config.yaml is absent
+            (run / ".hydra").mkdir()
+            (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        else:
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+        run_rng = np.random.default_rng(100 + i)
+        heldout = base_heldout + offset + run_rng.normal(0, 0.03, len(HELDOUT_IDS))
+        mt = base_mt + offset / 2 + run_rng.normal(0, 0.02, len(MT_IDS))
+        mt_ids = MT_IDS if scorer != "rho" else MT_IDS[:8]  # the full-data twin scored fewer
+        mt = mt[: len(mt_ids)]
+        metrics: dict[str, float] = {
+            "select/count": 800.0 if selection["ratio"] is None else 1000 * selection["ratio"],
+            "train/loss": 1.2 + offset}
+        for set_name, values in (("heldout", heldout), ("mt_bench_ref", mt)):
+            half = 1.959963984540054 * values.std(ddof=1) / math.sqrt(len(values))
+            metrics |= {f"eval/{set_name}/loss": float(values.mean()),
+                        f"eval/{set_name}/loss_ci_low": float(values.mean() - half),
+                        f"eval/{set_name}/loss_ci_high": float(values.mean() + half),
+                        f"eval/{set_name}/n": float(len(values))}
+        if win is not None:
+            metrics |= {"eval/vicuna/win_rate": win, "eval/vicuna/win_rate_ci_low": win - 0.3,
+                        "eval/vicuna/win_rate_ci_high": min(1.0, win + 0.3)}
+        low, high = _wilson(correct, 20)
+        metrics |= {"eval/gsm8k/strict_acc": correct / 20, "eval/gsm8k/strict_acc_ci_low": low,
+                    "eval/gsm8k/strict_acc_ci_high": high}
+        artifacts = {"scores": str(root / f"scores_{scorer}.jsonl")}
+        if keep_rows:
+            eval_dir = root / "artifacts" / "eval" / name
+            (eval_dir / "losses").mkdir(parents=True)
+            for set_name, ids, values in (("heldout", HELDOUT_IDS, heldout),
+                                          ("mt_bench_ref", mt_ids, mt)):
+                (eval_dir / "losses" / f"{set_name}.jsonl").write_text("".join(
+                    json.dumps({"id": k, "loss": float(v)}) + "\n"
+                    for k, v in zip(ids, values, strict=True)))
+            artifacts["eval"] = str(eval_dir)
+        (run / "summary.json").write_text(json.dumps(
+            {"stages": {}, "artifacts": artifacts, "metrics": metrics}))
+    failed = sweep / "rho_r0.5_s0"
+    failed.mkdir()
+    (failed / "config.yaml").write_text(yaml.safe_dump(
+        {"scorer": {"name": "rho"}, "selection": {"ratio": 0.5}, "seed": 0}))
+    (failed / "error.txt").write_text("Traceback (most recent call last):\n  ...\n"
+                                      "RuntimeError: CUDA out of memory while training\n")
+    for scorer in ("lobass", "rho", "random"):  # ties in length; a few rows without a score
+        score_rng = np.random.default_rng(len(scorer))
+        (root / f"scores_{scorer}.jsonl").write_text("".join(json.dumps({
+            "id": str(k), "n_tokens": 20 + k % 13, "n_response_tokens": k % 13,
+            "score": None if k % 17 == 5 else float(-0.1 * (k % 13) + score_rng.normal())})
+            + "\n" for k in range(60)))
+    return sweep
+
+
+def test_report_of_a_fixed_sweep_matches_the_golden_files(tmp_path):
+    # Through the command line, as a user runs it: `python -m lobass.report DIR --out OUT`.
+    sweep = write_fixed_sweep(tmp_path)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lobass.report", str(sweep), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if os.environ.get("LOBASS_WRITE_GOLDEN") == "1":  # only to record an intended change
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for name in ("report.md", "report.csv"):
+            (GOLDEN / name).write_text((out / name).read_text())
+    for name in ("report.md", "report.csv"):
+        assert (out / name).read_text() == (GOLDEN / name).read_text(), name
+    for png in ("eval_heldout_loss.png", "eval_vicuna_win_rate.png", "scores.png"):
+        assert (out / png).stat().st_size > 1000
+    assert not (sweep / "report.md").exists()  # --out is honoured
