@@ -28,9 +28,9 @@ from lobass.evaluation.judge import (
     render_prompt,
 )
 from lobass.evaluation.prompts import read_prompts, read_reference_examples
-from lobass.evaluation.stats import bootstrap_interval, wilson_interval
 from lobass.evaluation.suite import enabled_prompt_sets, judge_prompt
 from lobass.formatting import format_prompt, prompt_token_ids
+from lobass.stats import bootstrap_interval, wilson_interval
 
 # --------------------------------------------------------------------------------------------
 # intervals

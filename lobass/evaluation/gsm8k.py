@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from lobass.evaluation.harness import TASKS_DIR, build_lm, build_task_manager, evaluate_tasks
-from lobass.evaluation.stats import wilson_interval
+from lobass.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 

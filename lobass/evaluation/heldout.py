@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lobass.evaluation.stats import mean_interval
+from lobass.stats import mean_interval
 
 
 def heldout_loss_metrics(losses: np.ndarray, name: str) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lobass.evaluation.harness import build_lm, evaluate_tasks
-from lobass.evaluation.stats import wilson_interval
+from lobass.stats import wilson_interval
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ import torch
 from torch.nn import functional as F
 
 from lobass.evaluation.generation import read_generations
-from lobass.evaluation.stats import bootstrap_interval
 from lobass.formatting import format_prompt, prompt_token_ids
+from lobass.stats import bootstrap_interval
 
 log = logging.getLogger(__name__)
 
