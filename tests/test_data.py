@@ -259,3 +259,66 @@ def test_missing_file_directory_and_all_rows_bad(tmp_path):
         read_examples(path, "alpaca", on_bad_row="skip")
     with pytest.raises(DataError, match="data.on_bad_row must be 'error' or 'skip'"):
         read_examples(path, "alpaca", on_bad_row="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: nothing after a complete JSON array is dropped silently, and a row nested too deeply
+# for Python's JSON parser is a bad row like any other (file, line, skippable).
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    return [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(start, n)]
+
+
+@pytest.mark.parametrize(("name", "blob", "line"), [
+    # two arrays, one after the other (line 5 is where the second one starts)
+    ("two_arrays", json.dumps(_rows(3), indent=None).replace("}, ", "},\n") + "\n\n"
+     + json.dumps(_rows(6, 3)) + "\n", 5),
+    # an array, then JSON Lines
+    ("array_then_jsonl", json.dumps(_rows(2)) + "\n"
+     + "\n".join(json.dumps(r) for r in _rows(5, 2)) + "\n", 2),
+    # JSON Lines whose lines are arrays
+    ("jsonl_of_arrays", "\n".join(json.dumps(_rows(i + 2, i)) for i in range(0, 6, 2)) + "\n", 2),
+    # stray text after the closing bracket, on the same line
+    ("trailing_text", json.dumps(_rows(2)) + " ]\n", 1),
+])
+def test_content_after_a_json_array_is_an_error_naming_its_line(tmp_path, name, blob, line):
+    path = tmp_path / "pool.json"
+    path.write_text(blob)
+    for mode in ("error", "skip"):  # not a bad row: the file's structure is wrong
+        with pytest.raises(DataError) as err:
+            read_examples(path, "alpaca", on_bad_row=mode)
+        assert str(err.value).startswith(f"{path}:{line}: unexpected content after the JSON "
+                                         "array"), str(err.value)
+    # whitespace (and a final newline) after the array is fine
+    path.write_text(json.dumps(_rows(3)) + "\n \n\t\n")
+    rows, _ = read_examples(path, "alpaca")
+    assert len(rows) == 3
+
+
+def _deep(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [1_500, 101])
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_deeply_nested_field_is_a_bad_row_with_file_and_line(tmp_path, suffix, depth):
+    rows = _rows(3)
+    text = json.dumps(rows[1])[:-1] + ', "meta": ' + "[" * depth + '"x"' + "]" * depth + "}"
+    lines = [json.dumps(rows[0]), text, json.dumps(rows[2])]
+    path = tmp_path / f"pool.{suffix}"
+    path.write_text("\n".join(lines) + "\n" if suffix == "jsonl"
+                    else "[\n" + ",\n".join(lines) + "\n]\n")
+    line = 2 if suffix == "jsonl" else 3
+    with pytest.raises(DataError) as err:
+        read_examples(path, "alpaca")
+    assert str(err.value).startswith(f"{path}:{line}: nested more than 100 levels deep"), \
+        str(err.value)
+    got, stats = read_examples(path, "alpaca", on_bad_row="skip")
+    assert [e.raw for e in got] == [rows[0], rows[2]] and dict(stats.skipped) == {"bad_row": 1}
+    # 100 levels is allowed, and the row is kept whole (its raw row is exported as it was)
+    path.write_text(json.dumps({**rows[1], "meta": _deep(99)}) + "\n")
+    (row,), _ = read_examples(path, "alpaca")
+    assert row.raw["meta"] == _deep(99)
