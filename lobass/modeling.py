@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,22 +137,143 @@ def load_tokenizer(model_cfg: DictConfig, path: str) -> Any:
     return tokenizer
 
 
-def load_model(model_cfg: DictConfig, path: str) -> Any:
-    """Initial model in ``model.dtype`` in evaluation mode, on GPU when one is visible."""
+DEVICES = ("auto", "cuda", "cpu")
+SHARDINGS = ("fsdp", "zero3")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """``model.device=cuda`` on a machine where torch sees no CUDA device."""
+
+
+def check_device(model_cfg: DictConfig) -> str:
+    """The device the run's models use: ``model.device`` resolved, or a loud error.
+
+    ``auto`` takes CUDA when torch sees it, else the CPU; ``cuda`` never falls back, because a
+    7B recipe that quietly ran on the CPU would take weeks and compare its memory against host RAM.
+
+    Args:
+        model_cfg: the ``model`` config group (``device``: auto, cuda or cpu; absent = auto).
+
+    Returns:
+        ``"cuda"`` or ``"cpu"``.
+
+    Raises:
+        ValueError: an unknown ``model.device``, listing the valid ones.
+        DeviceUnavailableError: ``cuda`` asked for and unavailable, naming both fixes.
+
+    """
+    return resolve_device(str(model_cfg.get("device", "auto")), f"model={model_cfg.name}")
+
+
+def resolve_device(device: str, who: str) -> str:
+    """``auto``/``cuda``/``cpu`` resolved to ``cuda`` or ``cpu`` (see :func:`check_device`).
+
+    Raises:
+        ValueError: an unknown device, listing the valid ones.
+        DeviceUnavailableError: ``cuda`` asked for and unavailable, naming both fixes.
+
+    """
+    if device not in DEVICES:
+        raise ValueError(f"model.device must be one of {', '.join(DEVICES)}; got {device!r}")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise DeviceUnavailableError(
+            f"{who} asks for model.device=cuda, but torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda}) sees no CUDA device. On a GPU machine, install "
+            "the CUDA build its driver runs (bash scripts/setup.sh picks it from nvidia-smi); to "
+            "run on this machine's CPU anyway (slow for GPU-sized models), add model.device=cpu.")
+    if device == "auto":
+        return "cuda" if available else "cpu"
+    return device
+
+
+def weight_sharding(train_cfg: DictConfig | None) -> str | None:
+    """``fsdp`` or ``zero3`` when a ``train``/``reference`` group shards the weights, else None.
+
+    ZeRO stages 1 and 2 shard only optimiser state and gradients, which for LoRA are small: the
+    frozen weights stay whole on every rank, so only stage 3 counts. A DeepSpeed JSON path is not
+    read here and counts as unsharded (the memory estimate's safe side).
+    """
+    if train_cfg is None:
+        return None
+    if bool(train_cfg.get("fsdp", False)):
+        return "fsdp"
+    deepspeed = train_cfg.get("deepspeed")
+    if isinstance(deepspeed, DictConfig):
+        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
+        if stage is not None and int(stage) == 3:
+            return "zero3"
+    return None
+
+
+def _device_map(device: str) -> dict[str, Any] | None:
+    """Where ``from_pretrained`` puts every weight: this rank's own GPU, or None (the CPU)."""
+    if device != "cuda":
+        return None  # the CPU path loads as it always has (tests pin its numbers)
+    return {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
+
+
+def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None) -> Any:
+    """Initial model in ``model.dtype`` and evaluation mode, loaded straight onto its device.
+
+    The weights go from the checkpoint to ``model.device`` (this rank's GPU under ``torchrun``,
+    ``LOCAL_RANK``) in their dtype: no float copy in host RAM, no second move. Under sharded
+    training no rank may hold the whole model on its GPU before the ``Trainer`` shards it:
+
+    * ``fsdp``: the weights stay on the CPU (with transformers' low-memory loading, rank 0 reads
+      them and the other ranks build empty ones when the process group is up); FSDP2 moves each
+      rank's shard to its GPU, broadcasting rank 0's values (``cpu_ram_efficient_loading``, set
+      by :func:`lobass.training.training_arguments`).
+    * ``zero3``: ``deepspeed.zero.Init`` partitions each weight as it is read. That happens only
+      while a ZeRO-3 ``TrainingArguments`` is alive, so build it first
+      (:func:`lobass.training.training_arguments`) and keep it while this runs.
+
+    Args:
+        model_cfg: the ``model`` config group.
+        path: local directory or hub id (``resolve_model_path``).
+        sharding: ``weight_sharding`` of the training group the model is loaded for.
+
+    Raises:
+        ValueError: unknown ``model.dtype`` or ``sharding``.
+        DeviceUnavailableError: ``model.device=cuda`` without CUDA.
+        RuntimeError: ``zero3`` without a live ZeRO-3 ``TrainingArguments``.
+
+    """
     from transformers import AutoModelForCausalLM
 
     if model_cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
+    if sharding not in (None, *SHARDINGS):
+        raise ValueError(f"sharding must be None or one of {SHARDINGS}, got {sharding!r}")
+    device = check_device(model_cfg)
+    device_map = _device_map(device)
+    if sharding == "fsdp":
+        # transformers loads real weights on local rank 0 only (empty ones elsewhere) when
+        # accelerate's FSDP and its RAM-efficient loading are announced in the environment.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+        device_map = None
+    elif sharding == "zero3":
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            raise RuntimeError(
+                "ZeRO-3 loading needs its TrainingArguments first: build them with "
+                "lobass.training.training_arguments and keep them alive while load_model runs, "
+                "so deepspeed.zero.Init partitions the weights as they load")
+        device_map = None
     model: Any = AutoModelForCausalLM.from_pretrained(
         path,
         revision=model_cfg.get("revision"),
         dtype=DTYPES[model_cfg.dtype],
+        device_map=device_map,
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,  # never unpickle weights from a path we do not control
     )
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, model_cfg.dtype,
+             next(model.parameters()).device, model_cfg.get("device", "auto"),
+             f", sharding {sharding}" if sharding else "")
     return model.eval()
 
 
@@ -177,3 +299,4 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
         # peft would fall back to a pickled adapter_model.bin; we only load safetensors.
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lobass.artifacts import atomic_write_json
 from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
-from lobass.modeling import lora_config
+from lobass.modeling import lora_config, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,30 @@ def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
 
 
 def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
-                       report_to: str, dtype: str) -> Any:
-    """``TrainingArguments`` from a ``train``/``reference`` config group."""
+                       report_to: str, dtype: str, device: str | None = None) -> Any:
+    """``TrainingArguments`` from a ``train``/``reference`` config group.
+
+    Args:
+        train_cfg: the ``train`` or ``reference`` group.
+        output_dir: where checkpoints go.
+        seed: seeds the data order.
+        report_to: ``wandb`` or ``none``.
+        dtype: model dtype name: bf16 mixed precision on CUDA when ``bfloat16``.
+        device: the model's device (``model.device``: auto, cuda or cpu); None = auto. The
+            Trainer runs where the model is: ``cuda`` never becomes ``use_cpu`` silently.
+
+    Raises:
+        DeviceUnavailableError: ``device`` is ``cuda`` and torch sees no CUDA device.
+
+    """
     from transformers import TrainingArguments
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device(device or "auto", "training") == "cuda"
+    parallel = parallel_arguments(train_cfg)
+    if parallel.get("fsdp"):
+        # load_model(sharding="fsdp") leaves the weights on the CPU, real on rank 0 only: FSDP2
+        # broadcasts them while it shards, so no rank ever holds the whole model on its GPU.
+        parallel["fsdp_config"].setdefault("cpu_ram_efficient_loading", True)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=train_cfg.epochs,
@@ -135,7 +154,7 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        **parallel_arguments(train_cfg),
+        **parallel,
     )
 
 

@@ -274,3 +274,54 @@ def test_memory_estimate_against_cuda_peak(tmp_path, tiny):
     train_part = estimate.weights + estimate.lora_state + estimate.activations
     assert train_part == pytest.approx(peak, rel=0.3), json.dumps(
         {"peak_gib": peak / GIB, "estimate_gib": train_part / GIB})
+
+
+MODEL_CONFIGS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_every_model_says_its_device_and_gpu_models_ask_for_cuda(name):
+    device = _compose(f"model={name}").model.device
+    assert device == ("cuda" if name in GPU_MODELS else "auto")
+
+
+def test_cuda_without_cuda_fails_naming_both_fixes(make_cfg, models_dir):
+    from lobass.modeling import (
+        DeviceUnavailableError,
+        check_device,
+        load_model,
+        resolve_model_path,
+    )
+
+    assert not torch.cuda.is_available()  # this test describes a machine without CUDA
+    assert check_device(_compose("model=tiny_random").model) == "cpu"  # auto
+    assert check_device(_compose("model=llama_7b", "model.device=cpu").model) == "cpu"
+    with pytest.raises(DeviceUnavailableError, match=r"model=llama_7b asks for model\.device="
+                       r"cuda.*scripts/setup\.sh.*add model\.device=cpu"):
+        check_device(_compose("model=llama_7b").model)
+    with pytest.raises(ValueError, match="model.device must be one of auto, cuda, cpu; got 'gpu'"):
+        check_device(_compose("model=tiny_random", "model.device=gpu").model)
+    cfg = make_cfg("model=tiny_random", "model.device=cuda")
+    path, _ = resolve_model_path(cfg.model, models_dir)
+    with pytest.raises(DeviceUnavailableError):  # before from_pretrained reads a weight
+        load_model(cfg.model, path)
+
+
+def test_gpu_recipe_without_cuda_fails_before_any_stage(make_cfg, tmp_path):
+    from lobass.modeling import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="model.device=cuda"):
+        run(make_cfg("model=tiny_random", "model.device=cuda", "logger=none", "data.max_rows=8",
+                     "data.mix={}"))
+    assert not (tmp_path / "artifacts" / "reference").exists()  # no stage started
+
+
+def test_training_runs_where_the_model_is(tmp_path):
+    from lobass.modeling import DeviceUnavailableError
+    from lobass.training import training_arguments
+
+    train = _compose(*GPU_GROUPS).train
+    on_cpu = training_arguments(train, tmp_path, 0, "none", "bfloat16", device="cpu")
+    assert on_cpu.use_cpu and not on_cpu.bf16
+    with pytest.raises(DeviceUnavailableError):  # never a quiet use_cpu=True
+        training_arguments(train, tmp_path, 0, "none", "bfloat16", device="cuda")
