@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,42 @@ class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
         f = self.features[index]
         return {"input_ids": f.input_ids, "labels": f.labels,
                 "attention_mask": [1] * len(f.input_ids)}
+
+
+class EpochSeededLengthSampler(torch.utils.data.Sampler[int]):
+    """Transformers' length-grouped order; after the first epoch, seeded by ``seed + epoch``.
+
+    transformers' ``LengthGroupedSampler`` draws each epoch's permutation from the global torch
+    RNG when the epoch starts. A resume inside epoch ``e > 0`` starts from a freshly seeded RNG
+    (the checkpoint's RNG state is restored only after the seen batches are skipped), so it
+    replays epoch ``e`` in another order than the uninterrupted run did: different batches from
+    the resumed step on. From the second epoch on, the order here depends only on
+    ``(seed, epoch)``, which the ``Trainer`` sets through :meth:`set_epoch` before every epoch,
+    resumed or not, and the sampler leaves the global RNG (dropout) alone, so the checkpoint's
+    RNG state is all a resume needs. The first epoch still draws from the global RNG as before:
+    there a resume starts from the same freshly seeded state as the uninterrupted run (exact),
+    and every result of a one-epoch run stays bit-identical to what transformers' sampler gave.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields (called by the ``Trainer``)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.epoch else None
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size,
+                                               generator=generator))
 
 
 def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
@@ -198,6 +234,12 @@ def train_lora(
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
                       data_collator=collator)
+    # Length-grouped batches (less padding) in an order that a resume in any epoch replays
+    # exactly; see EpochSeededLengthSampler for why transformers' own sampler does not.
+    sampler = EpochSeededLengthSampler([len(f.input_ids) for f in features],
+                                       args.train_batch_size * args.gradient_accumulation_steps,
+                                       args.data_seed)
+    trainer._get_train_sampler = lambda *_: sampler  # type: ignore[method-assign]
     resume = last_complete_checkpoint(checkpoints)
     resumed_step = 0
     if resume is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,9 +52,10 @@ def _run(command: list[str], log: Path) -> str:
     return text
 
 
-def _kill_at_checkpoint(command: list[str], artifacts: Path, stage: str, log: Path) -> str:
-    """Start ``command`` and SIGKILL it as soon as ``stage`` has a complete checkpoint."""
-    pattern = f"{stage}/*.partial/checkpoints/checkpoint-*/trainer_state.json"
+def _kill_at_checkpoint(command: list[str], artifacts: Path, stage: str, log: Path,
+                        step: int | None = None) -> str:
+    """Start ``command`` and SIGKILL it once ``stage`` has a complete checkpoint (of ``step``)."""
+    pattern = f"{stage}/*.partial/checkpoints/checkpoint-{step or '*'}/trainer_state.json"
     with open(log, "w") as handle:
         proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=handle,
                                 stderr=subprocess.STDOUT)
@@ -122,3 +124,48 @@ def test_kill_9_in_reference_and_final_training_then_rerun_matches_uninterrupted
     for stage, name in (("scores", "scores.jsonl"), ("selection", "selected.jsonl")):
         a, b = _artifact(killed, stage), _artifact(clean, stage)
         assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+# Issue 15: a resume inside the second epoch. 20 rows in batches of 8 are 3 steps per epoch, two
+# epochs, a checkpoint after every step; killed in epoch 1, at the epoch boundary and in epoch 2.
+EPOCHS = [
+    "model=tiny_random", "logger=none", "data.max_rows=16", "data.mix.gsm8k.max_rows=4",
+    "data.max_length=96", "stages=[score]", "reference.epochs=2", "reference.max_steps=-1",
+    "reference.save_steps=1", "reference.logging_steps=1",
+]
+
+
+def _epochs_command(tmp: Path, name: str, models_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), *EPOCHS, f"artifacts_dir={tmp / name}",
+            f"models_dir={models_dir}", f"output_dir={tmp / name / 'run'}",
+            f"hydra.run.dir={tmp / name / 'hydra'}"]
+
+
+def _resumed_step(log: str) -> int:
+    (step,) = re.findall(r"resuming training from \S+ \(step (\d+)\)", log)
+    return int(step)
+
+
+@pytest.mark.slow
+def test_kill_9_in_either_epoch_of_the_reference_then_rerun_matches_uninterrupted(
+        tmp_path, models_dir):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = _epochs_command(tmp_path, "killed", models_dir)
+    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log", step=2)  # epoch 1
+    second = _kill_at_checkpoint(command, killed, "reference", tmp_path / "2.log", step=3)
+    assert _resumed_step(second) in (2, 3)  # the kill may land a step late
+    third = _kill_at_checkpoint(command, killed, "reference", tmp_path / "3.log", step=5)
+    assert _resumed_step(third) in (3, 4)  # the epoch boundary, or one step into epoch 2
+    fourth = _run(command, tmp_path / "4.log")
+    assert _resumed_step(fourth) in (5, 6)  # inside epoch 2
+    _run(_epochs_command(tmp_path, "clean", models_dir), tmp_path / "5.log")
+
+    a, b = _artifact(killed, "reference"), _artifact(clean, "reference")
+    history_a = json.loads((a / "log_history.json").read_text())
+    history_b = json.loads((b / "log_history.json").read_text())
+    assert [h["step"] for h in history_b] == list(range(1, 7))
+    assert [h["epoch"] for h in history_b][2:4] == [1.0, pytest.approx(4 / 3)]
+    assert history_a == history_b  # bit-identical per-step losses, grad norms, lr
+    _assert_same_adapter(a, b)
+    a, b = _artifact(killed, "scores"), _artifact(clean, "scores")
+    assert (a / "scores.jsonl").read_bytes() == (b / "scores.jsonl").read_bytes()
