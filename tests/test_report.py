@@ -12,13 +12,8 @@ import yaml
 from scipy.stats import spearmanr
 
 from conftest import ROOT, TINY
-from lobass.report import (
-    bootstrap_ci,
-    collect_runs,
-    paired_difference,
-    spearman,
-    write_report,
-)
+from lobass.report import collect_runs, paired_difference, pool_over_seeds, write_report
+from lobass.stats import bootstrap_interval, rank_correlation
 
 # A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and
 # one failed point. Held-out losses chosen so the pooled means are easy to check by hand.
@@ -118,8 +113,8 @@ def test_paired_difference_over_rows_against_a_hand_computation(tmp_path):
             "metrics": {"eval/heldout/loss": mean, "eval/heldout/loss_ci_low": min(shared),
                         "eval/heldout/loss_ci_high": max(shared) + 5}}))
     runs = collect_runs(sweep)
-    ours = [r for r in runs if r.scorer == "lobass"]
-    base = [r for r in runs if r.scorer == "random"]
+    ours = runs[runs["scorer"] == "lobass"]
+    base = runs[runs["scorer"] == "random"]
     mean, low, high, n = paired_difference(ours, base, "eval/heldout/loss")
     # random per row: a 1.1, b 2.2, c 3.2 (mean over seeds); differences -0.1, -0.2, -0.2
     assert n == 3 and mean == pytest.approx(-0.5 / 3)
@@ -152,15 +147,43 @@ def test_report_goes_to_wandb_offline_with_the_pooled_table_and_plots(tmp_path, 
     assert len(list((media / "images" / "report").glob("eval_heldout_loss.png*"))) == 1
 
 
-def test_spearman_and_bootstrap_against_hand_values():
-    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1)
-    assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1)
+def test_rank_correlation_and_bootstrap_against_hand_values():
+    assert rank_correlation(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == \
+        pytest.approx(1)
+    assert rank_correlation(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == \
+        pytest.approx(-1)
     # ties get average ranks: x ranks [0.5, 0.5, 2, 3] against y ranks [0, 1, 2, 3]
-    assert spearman(np.array([1, 1, 2, 3.0]), np.array([1, 2, 3, 4.0])) == pytest.approx(
+    assert rank_correlation(np.array([1, 1, 2, 3.0]), np.array([1, 2, 3, 4.0])) == pytest.approx(
         np.corrcoef([0.5, 0.5, 2, 3], [0, 1, 2, 3])[0, 1])
-    low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    # pairs with a NaN on either side are left out; under three pairs there is no rho
+    assert rank_correlation(np.array([1, np.nan, 2, 3, 4.0]),
+                            np.array([1, 5, 2, 3, np.nan])) == pytest.approx(1)
+    assert math.isnan(rank_correlation(np.array([1, 2, np.nan]), np.array([1, 2, 3.0])))
+    low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= low < 2.5 < high <= 4.0
-    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+    assert (low, high) == bootstrap_interval([1.0, 2.0, 3.0, 4.0])  # seeded: reproducible
+
+
+def test_pooling_uses_a_bootstrap_over_seeds_and_one_runs_own_interval(tmp_path):
+    _write_runs(tmp_path / "sweep", tmp_path / "no_scores.jsonl")
+    runs = collect_runs(tmp_path / "sweep")
+    assert list(runs["run"]) == [str(i) for i in range(8)]
+    assert list(runs["status"]) == ["ok"] * 7 + ["failed"]
+    assert math.isnan(runs.loc[7, "eval/heldout/loss"])  # the failed point has no metrics
+    table = pool_over_seeds(runs, ["eval/heldout/loss", "eval/vicuna/win_rate"])
+    assert list(zip(table["scorer"], table["ratio"], table["seeds"], strict=True)) == [
+        ("lobass", 0.06, 1), ("random", 0.06, 3), ("lobass", 0.5, 1), ("random", 0.5, 1),
+        ("lobass", 1.0, 1)]  # the failed rho point is not pooled
+    by_point = table.set_index(["scorer", "ratio"])
+    random = by_point.loc[("random", 0.06)]
+    assert random["eval/heldout/loss"] == pytest.approx(1.8)
+    assert (random["eval/heldout/loss_ci_low"], random["eval/heldout/loss_ci_high"]) == \
+        bootstrap_interval([1.7, 1.8, 1.9])
+    lobass = by_point.loc[("lobass", 0.06)]  # one run: its own interval from summary.json
+    assert (lobass["eval/heldout/loss_ci_low"], lobass["eval/heldout/loss_ci_high"]) == \
+        pytest.approx((1.4, 1.6))
+    assert math.isnan(lobass["eval/vicuna/win_rate_ci_low"])  # the run kept no interval
+    assert lobass["rows"] == pytest.approx(6)
 
 
 @pytest.mark.slow
@@ -182,9 +205,9 @@ def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pas
     assert len(built("scores")) == 2  # one per scorer
     assert len(built("selection")) == 4
     runs = collect_runs(sweep)
-    assert sorted((r.scorer, r.ratio) for r in runs) == [
+    assert sorted(zip(runs["scorer"], runs["ratio"], strict=True)) == [
         ("lobass", 0.25), ("lobass", 0.5), ("rho", 0.25), ("rho", 0.5)]
-    reused = [json.loads((r.path / "summary.json").read_text())["stages"] for r in runs]
+    reused = [json.loads((path / "summary.json").read_text())["stages"] for path in runs["path"]]
     assert sum(not s["reference"]["reused"] for s in reused) == 1
     assert sum(s["score"]["reused"] for s in reused) == 2  # the second point of each scorer
     write_report(sweep)
@@ -318,6 +341,8 @@ def test_report_of_a_fixed_sweep_matches_the_golden_files(tmp_path):
             (GOLDEN / name).write_text((out / name).read_text())
     for name in ("report.md", "report.csv"):
         assert (out / name).read_text() == (GOLDEN / name).read_text(), name
+    csv_lines = (out / "report.csv").read_bytes().splitlines(keepends=True)
+    assert len(csv_lines) == 13 and all(x.endswith(b"\r\n") for x in csv_lines)  # csv module's
     for png in ("eval_heldout_loss.png", "eval_vicuna_win_rate.png", "scores.png"):
         assert (out / png).stat().st_size > 1000
     assert not (sweep / "report.md").exists()  # --out is honoured
