@@ -1,16 +1,37 @@
-"""Config helpers: the ``pkg_data`` resolver and checks that fail before any model is loaded."""
+"""Config checks that run before anything is read or loaded, and the ``pkg_data`` resolver.
+
+:func:`validate` checks every value of the composed config against :mod:`lobass.schema` (one
+dataclass per group), then what spans fields (exactly one of ``selection.ratio`` and ``count``,
+an epoch or step budget, the judge's baseline and prompt files, the eval input files), then that
+no value looks like a secret: keys come from environment variables only. :class:`RefuseSecrets`
+is the same secret check as a Hydra callback, so that a key given on the command line stops the
+run before Hydra saves its config under ``.hydra/``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from lobass.schema import (
+    JUDGE_SPECS,
+    LOGGER_SPECS,
+    ConfigError,
+    RootSpec,
+    check_group,
+    refuse_secrets,
+)
+
+__all__ = ["ConfigError", "RefuseSecrets", "check_lora_targets", "check_secrets", "package_data",
+           "validate", "validate_pool_size"]
 
 RESOURCES = Path(__file__).parent / "resources"
 STAGES = ("reference", "score", "select", "train", "eval")
 MIN_MAX_LENGTH = 8  # tokens: the shortest data.max_length that leaves every row a response
+JUDGE_PROMPTS = Path(__file__).resolve().parents[1] / "conf" / "judge" / "prompts"
 
 
 def package_data(relative: str) -> str:
@@ -22,64 +43,160 @@ def package_data(relative: str) -> str:
 OmegaConf.register_new_resolver("pkg_data", package_data, replace=True)
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the allowed values."""
+class RefuseSecrets(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``) running :func:`refuse_secrets`.
+
+    Hydra writes ``.hydra/config.yaml`` and ``overrides.yaml`` before the task function runs,
+    so the check has to happen here, at the start of the run or multirun, to keep a key given on
+    the command line off the disk.
+    """
+
+    def _check(self, config: DictConfig) -> None:
+        values = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items()  # type: ignore[union-attr]
+                  if k != "hydra"}
+        overrides = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
+        refuse_secrets(values, tuple(str(o) for o in overrides))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        self._check(config)
 
 
-def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not supported; choose one of {list(allowed)}")
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def check_secrets(cfg: DictConfig) -> None:
+    """Refuse a config holding a key-like value (see :func:`lobass.schema.find_secret`).
+
+    Cheap and file-free: call it before writing the config anywhere. :func:`validate` runs it
+    too.
+
+    Raises:
+        ConfigError: naming the key, never the value.
+
+    """
+    try:  # resolved: ${oc.env:...} would put an environment variable's value into config.yaml
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # validate() names the interpolation that fails; scan what is written
+        values = OmegaConf.to_container(cfg, resolve=False)
+    refuse_secrets(values)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the run-level choices that would otherwise fail late, after minutes of work.
+    """Check every config value before any file is read, model loaded or artifact written.
 
-    Runs first in ``run(cfg)``, before any file is read or model loaded. Checks that need the
-    pool size or the model's architecture are :func:`validate_pool_size` and
-    :func:`check_lora_targets`.
+    Runs first in ``run(cfg)``. Secrets first (later messages echo values), then each group
+    against :mod:`lobass.schema`, then what spans fields. Checks that need the pool size or the
+    model's architecture are :func:`validate_pool_size` and :func:`check_lora_targets`.
 
     Raises:
-        ConfigError: naming the key, with the allowed values.
+        ConfigError: naming the key, with the allowed values or range.
 
     """
-    from lobass.data import CONVERTERS
-    from lobass.modeling import DTYPES
-    from lobass.scoring import SCORERS
-
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    try:
+        values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    except Exception as err:  # an interpolation that cannot resolve: name it
+        raise ConfigError(f"the config does not resolve: {err}") from err
+    refuse_secrets(values)
+    unknown = [s for s in values.get("stages") or [] if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
-    _choice("scorer.name", cfg.scorer.name, sorted(SCORERS))
-    _choice("model.source", cfg.model.source, ["gguf", "hub", "random"])
-    _choice("model.dtype", cfg.model.dtype, sorted(DTYPES))
-    _choice("model.template", cfg.model.template, ["chat", "alpaca"])
-    if not isinstance(cfg.model.trust_remote_code, bool):
-        raise ConfigError("model.trust_remote_code must be true or false, got "
-                          f"{cfg.model.trust_remote_code!r}")
-    targets = cfg.model.lora_targets
-    if not targets or not all(isinstance(t, str) and t for t in targets):
+    targets = values.get("model", {}).get("lora_targets")
+    if not targets or not isinstance(targets, list) or not all(
+            isinstance(t, str) and t for t in targets):
         raise ConfigError(f"model.lora_targets must be a non-empty list of module names such as "
                           f"[q_proj, v_proj], got {targets!r}")
-    _choice("data.reader", cfg.data.reader, sorted(CONVERTERS))
-    for name, source in (cfg.data.mix or {}).items():
-        _choice(f"data.mix.{name}.reader", source.reader, sorted(CONVERTERS))
-    _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
-    if not isinstance(cfg.data.max_length, int) or cfg.data.max_length < MIN_MAX_LENGTH:
-        # Truncation keeps max_length // 4 response tokens; below this no row could be scored.
-        raise ConfigError(f"data.max_length must be an integer >= {MIN_MAX_LENGTH} tokens, got "
-                          f"{cfg.data.max_length!r}")
-    _choice("logger.kind", cfg.logger.kind, ["wandb", "none"])
-    ratio, count = cfg.selection.ratio, cfg.selection.count
+    check_group("", values, RootSpec)
+    judge, logger = values["eval"]["judge"], values["logger"]
+    _check_variant("eval.judge", judge, "name", JUDGE_SPECS)
+    _check_variant("logger", logger, "kind", LOGGER_SPECS)
+    _check_model(values["model"])
+    _check_selection(values["selection"])
+    for group in ("reference", "train"):
+        _check_recipe(group, values[group])
+    if "eval" in values["stages"]:
+        _check_eval_files(values["eval"])
+
+
+def _check_variant(key: str, values: dict[str, Any], tag: str, specs: dict[str, type]) -> None:
+    """Check a group whose fields depend on one of its values (the judge's name, logger kind)."""
+    if values.get(tag) not in specs:
+        raise ConfigError(f"{key}.{tag}={values.get(tag)!r} is not supported; choose one of "
+                          f"{sorted(specs)}")
+    check_group(key, values, specs[values[tag]])
+    from hydra.utils import get_class
+
+    try:
+        get_class(values["_target_"])
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={values['_target_']!r} cannot be imported: {err}"
+                          ) from err
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    needs = {"hub": ["hub_id"], "gguf": ["gguf_package", "gguf_file"], "random": ["random_init"]}
+    missing = [k for k in needs[model["source"]] if not model.get(k)]
+    if missing:
+        raise ConfigError(f"model.source={model['source']} needs "
+                          + " and ".join(f"model.{k}" for k in missing) + "; set it")
+
+
+def _check_selection(selection: dict[str, Any]) -> None:
+    ratio, count = selection["ratio"], selection["count"]
     if (ratio is None) == (count is None):
         raise ConfigError("set exactly one of selection.ratio and selection.count (got "
                           f"ratio={ratio}, count={count})")
-    if ratio is not None and not (isinstance(ratio, int | float) and 0 < ratio <= 1):
-        raise ConfigError(f"selection.ratio must be in (0, 1], got {ratio}")
-    if count is not None and not (isinstance(count, int) and count >= 1):
-        raise ConfigError(f"selection.count must be an integer >= 1, got {count!r}")
-    if not 0 < cfg.reference.fraction <= 1:
-        raise ConfigError(f"reference.fraction must be in (0, 1], got {cfg.reference.fraction}")
-    _choice("score.on_nonfinite", cfg.score.on_nonfinite, ["error", "drop"])
+
+
+def _check_recipe(group: str, recipe: dict[str, Any]) -> None:
+    if recipe["max_steps"] <= 0 and recipe["epochs"] <= 0:
+        raise ConfigError(f"{group}.epochs={recipe['epochs']} with {group}.max_steps="
+                          f"{recipe['max_steps']} trains nothing; set {group}.epochs > 0 or "
+                          f"{group}.max_steps > 0")
+    if recipe.get("fsdp") and recipe.get("deepspeed"):
+        raise ConfigError(f"set at most one of {group}.fsdp and {group}.deepspeed")
+
+
+def _check_eval_files(ev: dict[str, Any]) -> None:
+    """The files the eval stage reads exist (it runs last, after hours of training on a GPU)."""
+    files = []
+    if ev["gsm8k"]["enabled"]:
+        files += [("eval.gsm8k.test_path", ev["gsm8k"]["test_path"]),
+                  ("eval.gsm8k.fewshot_path", ev["gsm8k"]["fewshot_path"])]
+    if ev["ifeval"]["enabled"]:
+        files.append(("eval.ifeval.path", ev["ifeval"]["path"]))
+    if ev["heldout"]["enabled"]:
+        files.append(("eval.heldout.path", ev["heldout"]["path"]))
+    for name, ref in (ev.get("reference_loss") or {}).items():
+        if ref["enabled"]:
+            files += [(f"eval.reference_loss.{name}.questions", ref["questions"]),
+                      (f"eval.reference_loss.{name}.answers", ref["answers"])]
+    generation = ev["generation"]
+    sets = [n for n, s in generation["sets"].items() if s["enabled"]] if generation["enabled"] \
+        else []
+    for name in sets:
+        files.append((f"eval.generation.sets.{name}.path", generation["sets"][name]["path"]))
+    clash = set(sets) & ({"heldout", "gsm8k", "ifeval"} | set(ev.get("reference_loss") or {}))
+    if clash:
+        raise ConfigError(f"eval.generation.sets {sorted(clash)} share a name with another eval "
+                          "metric group; rename them")
+    judge = ev["judge"]
+    if judge["baseline"] is not None and sets:
+        prompt = Path(judge["prompt"])
+        files.append(("eval.judge.prompt", str(prompt if prompt.is_absolute()
+                                               else JUDGE_PROMPTS / prompt)))
+        if judge["baseline"] != "full_data" and not Path(judge["baseline"]).exists():
+            raise ConfigError(f"eval.judge.baseline={judge['baseline']}: no such file or "
+                              "directory; give full_data, a run dir, an eval artifact dir or a "
+                              "generations JSONL (null: no judging)")
+    for key, path in files:
+        if not Path(path).is_file():
+            hint = (f"; shipped prompts: {sorted(p.name for p in JUDGE_PROMPTS.glob('*.txt'))}"
+                    if key == "eval.judge.prompt" else "")
+            raise ConfigError(f"{key}={path}: no such file{hint}")
 
 
 def validate_pool_size(cfg: DictConfig, n_pool: int) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class NullLogger:
     """``logger=none``: tracking off."""
 
     report_to = "none"
+
+    def __init__(self, config: dict[str, Any] | None = None, run_dir: Path | None = None) -> None:
+        """Take what :func:`make_logger` gives every logger, and keep none of it."""
 
     def log_metrics(self, metrics: dict[str, float]) -> None:  # noqa: D102
         pass
@@ -96,11 +101,23 @@ class WandbLogger:
 
 
 def make_logger(logger_cfg: Any, config: dict[str, Any], run_dir: Path) -> RunLogger:
-    """The logger named by ``logger.kind`` (``wandb`` or ``none``)."""
-    if logger_cfg.kind == "none":
-        return NullLogger()
-    if logger_cfg.kind == "wandb":
-        return WandbLogger(config, project=logger_cfg.project, mode=logger_cfg.mode,
-                           run_dir=run_dir, name=logger_cfg.get("name"),
-                           group=logger_cfg.get("group"), tags=logger_cfg.get("tags") or [])
-    raise ValueError(f"logger.kind must be 'wandb' or 'none', got {logger_cfg.kind!r}")
+    """The logger the ``logger`` group names, built from its ``_target_`` by Hydra.
+
+    Args:
+        logger_cfg: the ``logger`` config (``_target_``, ``kind`` and the target's arguments).
+        config: the resolved run config, recorded by loggers that keep one.
+        run_dir: the run directory (W&B writes its offline files under it).
+
+    Returns:
+        The logger; ``kind`` only names the option and is not passed on.
+
+    """
+    spec = OmegaConf.to_container(logger_cfg, resolve=True) if OmegaConf.is_config(logger_cfg) \
+        else dict(logger_cfg)
+    assert isinstance(spec, dict)
+    spec.pop("kind", None)
+    # _partial_: the run's config and directory are objects, passed as they are, not merged
+    # into a DictConfig first.
+    build = instantiate(spec, _partial_=True, _convert_="all")
+    logger: RunLogger = build(config=config, run_dir=run_dir)
+    return logger

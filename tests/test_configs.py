@@ -1,16 +1,24 @@
-"""Every shipped config option and experiment composes (and resolves) with Hydra."""
+"""Every shipped config option and experiment composes, resolves and validates; every group's bad
+values fail in seconds, before any model or artifact, naming the key and the valid values."""
 
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF
+from conftest import CONF, TINY
+from lobass.config import ConfigError, validate
+from lobass.pipeline import run
+from lobass.schema import find_secret
 
-GROUPS = ["model", "data", "scorer", "selection", "score", "reference", "train", "eval", "logger"]
+GROUPS = ["model", "data", "scorer", "selection", "score", "reference", "train", "eval", "judge",
+          "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+POOL = "data.path=${pkg_data:alpaca/alpaca_pool_1k.json}"  # for data options whose path is ???
 
 
 def _compose(*overrides: str):
@@ -19,19 +27,33 @@ def _compose(*overrides: str):
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
-def test_every_group_option_composes(group, option):
-    cfg = _compose(f"{group}={option}", "data.path=/x.jsonl")
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = _compose(f"{group}={option}", POOL)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert cfg[group] is not None
+    validate(cfg)
+    assert (cfg.eval.judge if group == "judge" else cfg[group]) is not None
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "judge").glob("*.yaml")))
+def test_every_judge_validates_when_it_judges(option, tmp_path):
+    # With a baseline, the judge's prompt file and baseline path are checked too.
+    baseline = tmp_path / "vicuna.jsonl"
+    baseline.write_text("")
+    validate(_compose(f"judge={option}", f"eval.judge.baseline={baseline}"))
+    validate(_compose(f"judge={option}", "eval.judge.baseline=full_data"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_resolves(experiment):
-    cfg = _compose(f"experiment={experiment}", "data.path=/x.json")
+def test_every_experiment_composes_validates_and_names_itself(experiment):
+    cfg = _compose(f"experiment={experiment}", POOL)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict) and resolved["model"]["name"]
+    validate(cfg)
     header = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()
     assert header[0] == "# @package _global_" and header[1].startswith("# run: python run.py")
+    usage = [line for line in header if "experiment=" in line and line.startswith("#")]
+    assert usage and all(f"experiment={experiment} " in line or line.endswith(
+        f"experiment={experiment}") for line in usage if "run.py" in line), usage
 
 
 def test_required_groups_exist():
@@ -45,3 +67,180 @@ def test_shipped_data_paths_exist():
     cfg = _compose()
     for path in (cfg.data.path, cfg.data.mix.gsm8k.path, cfg.eval.heldout.path):
         assert Path(path).is_file(), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs as deltas
+
+# The reference recipes as they were composed before the reference group derived from train/
+# (python run.py reference=NAME --cfg job --package reference, on the parent commit).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+REFERENCE_CPU = {
+    "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
+    "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
+    "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,
+    "lora": LORA}
+REFERENCE_GPU = {
+    "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
+    "global_batch_size": 128, "grad_accum": 16, "learning_rate": 2.0e-4, "lr_scheduler": "cosine",
+    "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
+    "gradient_checkpointing": True, "logging_steps": 10, "save_steps": 100, "fsdp": False,
+    "fsdp_config": {}, "deepspeed": None, "lora": LORA}
+
+
+@pytest.mark.parametrize("train", ["lora_cpu", "lora_gpu"])
+def test_reference_recipes_derive_from_train_and_compose_as_before(train):
+    def reference(option):
+        return OmegaConf.to_container(_compose(f"reference={option}", f"train={train}").reference)
+
+    assert reference("lora_cpu") == REFERENCE_CPU  # whichever train option is chosen
+    assert reference("lora_gpu") == REFERENCE_GPU
+    for sharded in ("lora_gpu_fsdp", "lora_gpu_deepspeed"):
+        trained = OmegaConf.to_container(_compose(f"train={sharded}").train)
+        assert reference(sharded) == {**trained, "fraction": 1.0, "seed": 0}
+        assert reference(sharded)["fsdp"] or reference(sharded)["deepspeed"]
+    for path in sorted((CONF / "reference").glob("*.yaml")):
+        defaults = yaml.safe_load(path.read_text())["defaults"]
+        assert defaults == [f"/train/{path.stem}@_here_", "_self_"], path.name
+
+
+def test_13b_experiment_is_the_7b_one_with_another_model():
+    seven = OmegaConf.to_container(_compose("experiment=paper_alpaca_llama7b", POOL), resolve=True)
+    thirteen = OmegaConf.to_container(_compose("experiment=paper_alpaca_llama13b", POOL),
+                                      resolve=True)
+    assert thirteen["model"]["name"] == "llama_13b" and seven["model"]["name"] == "llama_7b"
+    assert {k: v for k, v in seven.items() if k != "model"} == \
+        {k: v for k, v in thirteen.items() if k != "model"}
+    defaults = yaml.safe_load((CONF / "experiment" / "paper_alpaca_llama13b.yaml").read_text())
+    assert defaults == {"defaults": ["paper_alpaca_llama7b", {"override /model": "llama_13b"}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad values fail fast: run(cfg) on the tiny model raises before any artifact or model exists.
+
+TEN_HEX = "0123456789abcdef0123456789abcdef01234567"  # 40 hex digits, the shape of a W&B key
+BAD = [  # (overrides, message); one or more per group
+    (["stages=[score,finetune]"], "unknown stage(s) ['finetune'] in stages=; choose from"),
+    (["seed=abc"], "seed must be an integer, got 'abc'"),
+    (["memory_check=maybe"], "memory_check='maybe' is not supported; choose one of ['error', "
+                             "'off', 'warn']"),
+    (["model.name=../../escaped"], "model.name='../../escaped' must be a plain name"),
+    (["model.device=gpu"], "model.device='gpu' is not supported; choose one of ['auto', 'cpu', "
+                           "'cuda']"),
+    (["model.template=llama"], "model.template='llama' is not supported; choose one of "
+                               "['alpaca', 'chat']"),
+    (["model.attn_implementation=fast"], "model.attn_implementation='fast' is not supported"),
+    (["data.source=../pool"], "data.source='../pool' must be a plain name"),
+    (["data.mix.gsm8k.reader=csv"], "data.mix.gsm8k.reader='csv' is not supported; choose one of "
+                                    "['alpaca', 'dolly', 'gsm8k', 'jsonl']"),
+    (["scorer.name=perplexity"], "scorer.name='perplexity' is not supported; choose one of"),
+    (["selection.ratio=true"], "selection.ratio must be a number in (0, 1], got True"),
+    (["selection.count=3"], "set exactly one of selection.ratio and selection.count"),
+    (["score.max_tokens_per_batch=0"], "score.max_tokens_per_batch must be an integer >= 1, "
+                                       "got 0"),
+    (["score.max_tokens_per_batch=-5"], "score.max_tokens_per_batch must be an integer >= 1"),
+    (["score.extra_scorers=[rho,ppl]"], "unknown value(s) ['ppl'] in score.extra_scorers=; "
+                                        "choose from"),
+    (["reference.lora.r=0"], "reference.lora.r must be an integer >= 1, got 0"),
+    (["reference.epochs=0", "reference.max_steps=-1"],
+     "reference.epochs=0 with reference.max_steps=-1 trains nothing"),
+    (["train.lora.r=0"], "train.lora.r must be an integer >= 1, got 0"),
+    (["train.batch_size=0"], "train.batch_size must be an integer >= 1, got 0"),
+    (["train.learning_rate=-1"], "train.learning_rate must be > 0, got -1"),
+    (["train.epochs=0", "train.max_steps=-1"], "train.epochs=0 with train.max_steps=-1 trains "
+                                               "nothing; set train.epochs > 0 or"),
+    (["train.lr_scheduler=cosine_annealing"], "train.lr_scheduler='cosine_annealing' is not "
+                                              "supported; choose one of"),
+    (["train.lora.dropout=1"], "train.lora.dropout must be in [0, 1), got 1"),
+    (["eval.backend=vlm"], "eval.backend='vlm' is not supported; choose one of ['hf', 'vllm']"),
+    (["eval.backend=hff"], "eval.backend='hff' is not supported; choose one of ['hf', 'vllm']"),
+    (["eval.gsm8k.batch_size=0"], "eval.gsm8k.batch_size must be an integer >= 1 or auto"),
+    (["eval.ifeval.batch_size=big"], "eval.ifeval.batch_size must be an integer >= 1 or auto"),
+    (["eval.heldout.path=/nonexistent/heldout.json"],
+     "eval.heldout.path=/nonexistent/heldout.json: no such file"),
+    (["eval.generation.sets.vicuna.reader=csv"], "eval.generation.sets.vicuna.reader='csv' is "
+                                                 "not supported; choose one of ['alpaca', "
+                                                 "'dolly', 'fastchat', 'gsm8k', 'jsonl']"),
+    (["eval.judge.name=gpt"], "eval.judge.name='gpt' is not supported; choose one of "
+                              "['local_hf', 'openai_compatible']"),
+    (["eval.judge.baseline=/nonexistent/run"], "eval.judge.baseline=/nonexistent/run: no such "
+                                               "file or directory"),
+    (["eval.judge.baseline=full_data", "eval.judge.prompt=pairwise_v9.txt"],
+     "pairwise_v9.txt: no such file; shipped prompts: ['pairwise_v1.txt']"),
+    (["judge=openai_compatible", "eval.judge.retries=0"],
+     "eval.judge.retries must be an integer >= 1, got 0"),
+    (["logger=wandb", "logger.mode=cloud"], "logger.mode='cloud' is not supported; choose one "
+                                            "of ['disabled', 'offline', 'online']"),
+    (["logger.kind=tensorboard"], "logger.kind='tensorboard' is not supported; choose one of "
+                                  "['none', 'wandb']"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_value_in_each_group_fails_in_seconds_before_any_artifact(make_cfg, tmp_path,
+                                                                      overrides, message):
+    cfg = make_cfg(*TINY, *overrides)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert time.perf_counter() - start < 10  # the reference alone takes minutes
+    assert message in str(err.value)
+    assert not (tmp_path / "artifacts").exists()  # no stage started, nothing cached
+    assert message in (tmp_path / "run" / "error.txt").read_text()
+
+
+def test_accepted_values_of_new_keys(make_cfg):
+    # lm-eval's automatic batch, the device choice, an unknown key another group adds
+    validate(make_cfg(*TINY, "eval.gsm8k.batch_size=auto", "eval.ifeval.batch_size=auto:4",
+                      "model.device=cpu", "+score.some_new_option=1"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets: refused wherever they are typed, and never echoed
+
+GITHUB = "ghp_" + "0123456789abcdefABCDEF0123456789abcd"
+SECRETS = [  # (override, the secret it carries)
+    ("judge=openai_compatible eval.judge.api_key_env=sk-proj-Abc123Def456Ghi789",
+     "sk-proj-Abc123Def456Ghi789"),
+    ("+eval.judge.api_key=not-a-key-shape-at-all", "not-a-key-shape-at-all"),
+    ("data.name=hf_AbCdEfGhIjKlMnOpQrStUvWx", "hf_AbCdEfGhIjKlMnOpQrStUvWx"),
+    (f"eval.judge.model={GITHUB}", GITHUB),
+    ("tags=[sweep1,xoxb-1234-5678-abcdefgh]", "xoxb-1234-5678-abcdefgh"),
+    ("model.hub_id=AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
+    ("eval.judge.prompt=Zq8sLx2Pw9Rt4Vb7Nm3Kd6Hj1Fg5Ys0Q", "Zq8sLx2Pw9Rt4Vb7Nm3Kd6Hj1Fg5Ys0Q"),
+    (f"data.source={TEN_HEX}", TEN_HEX),
+]
+
+
+@pytest.mark.parametrize(("override", "secret"), SECRETS, ids=[s[:4] for _, s in SECRETS])
+def test_secret_like_values_are_refused_without_echo(make_cfg, tmp_path, override, secret):
+    cfg = make_cfg(*TINY, *override.split())
+    with pytest.raises(ConfigError, match="looks like a secret") as err:
+        run(cfg)
+    assert secret not in str(err.value) and "environment variables only" in str(err.value)
+    assert secret not in (tmp_path / "run" / "error.txt").read_text()
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_ordinary_values_are_not_taken_for_secrets():
+    cfg = OmegaConf.to_container(_compose("experiment=paper_alpaca_llama7b", POOL), resolve=True)
+    assert cfg["model"]["revision"] and find_secret("model.revision", cfg["model"]["revision"]) \
+        is None  # a pinned 40-hex commit
+    for key, value in [("eval.judge.baseline", f"artifacts/eval/{TEN_HEX}{TEN_HEX[:24]}"),
+                       ("model.hub_id", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                       ("data.name", "paper_alpaca_llama7b_lobass_ratio0.06_seed0"),
+                       ("model.gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                       ("data.path", "/data/task-sk-ready/alpaca_data.json"),
+                       ("eval.judge.api_key_env", "OPENAI_API_KEY")]:
+        assert find_secret(key, value) is None, (key, value)
+
+
+@pytest.mark.xfail(strict=True, reason="lobass.pipeline.run writes config.yaml before validate(); "
+                   "the lead moves lobass.config.check_secrets(cfg) before that write")
+def test_a_refused_secret_reaches_no_file_of_the_run(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY, "judge=openai_compatible",
+                   "eval.judge.api_key_env=sk-proj-Abc123Def456Ghi789")
+    with pytest.raises(ConfigError):
+        run(cfg)
+    for path in (tmp_path / "run").rglob("*"):
+        assert b"sk-proj-Abc123Def456Ghi789" not in path.read_bytes(), path

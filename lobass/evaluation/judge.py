@@ -98,6 +98,7 @@ class OpenAICompatibleJudge:
     timeout_s: float = 120.0
     retries: int = 3
     max_workers: int = 4
+    probe_timeout_s: float | None = None  # preflight(): seconds for GET {base_url}/models
     name: str = "openai_compatible"
 
     def _headers(self) -> dict[str, str]:
@@ -110,6 +111,40 @@ class OpenAICompatibleJudge:
                                    "eval.judge.api_key_env=null for a server without keys")
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def preflight(self) -> None:
+        """Check, before the first stage, that the key is set and ``base_url`` answers.
+
+        The key's environment variable must be set and non-empty; then, unless
+        ``probe_timeout_s`` is ``None``, one ``GET {base_url}/models`` must get an HTTP answer
+        within that many seconds. Any answer but 401/403 counts (some servers have no
+        ``/models``); 401/403 means the server refused the key.
+
+        Raises:
+            RuntimeError: the key's variable is unset or empty, the key was refused, or the
+                server did not answer; the message says which setting to change.
+
+        """
+        headers = self._headers()
+        if self.probe_timeout_s is None:
+            return
+        url = self.base_url.rstrip("/") + "/models"
+        request = urllib.request.Request(url, headers=headers, method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=self.probe_timeout_s):
+                pass
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                raise RuntimeError(f"eval.judge.base_url={self.base_url}: HTTP {err.code} from "
+                                   f"{url}: the server refused the key in ${self.api_key_env}"
+                                   ) from err
+            log.info("eval.judge.base_url=%s answers (HTTP %d from %s)", self.base_url,
+                     err.code, url)
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            reason = getattr(err, "reason", err)
+            raise RuntimeError(f"eval.judge.base_url={self.base_url}: no answer from {url} within "
+                               f"{self.probe_timeout_s} s ({reason}); start the server or fix the "
+                               "URL (eval.judge.probe_timeout_s=null skips this check)") from err
 
     def complete(self, prompt: str) -> str:
         """The judge model's answer to one user message (greedy), retrying transient errors."""

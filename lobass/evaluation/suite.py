@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_text, ensure_artifact, file_sha256, fingerprint
 from lobass.data import Example, read_examples
@@ -22,19 +23,15 @@ from lobass.evaluation.generation import generate_responses, generation_metrics
 from lobass.evaluation.gsm8k import evaluate_gsm8k
 from lobass.evaluation.harness import build_task_manager
 from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_task_dir
-from lobass.evaluation.judge import (
-    Judge,
-    LocalHFJudge,
-    OpenAICompatibleJudge,
-    find_baseline_generations,
-    judge_pairwise,
-)
+from lobass.evaluation.judge import Judge, find_baseline_generations, judge_pairwise
 from lobass.evaluation.prompts import read_prompts, read_reference_examples
 
 log = logging.getLogger(__name__)
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "conf" / "judge" / "prompts"
-JUDGES = ("local_hf", "openai_compatible")
+# eval.judge keys the pairwise protocol reads (judge_inputs, judge_sets); the rest of the group
+# are the arguments of its _target_ class.
+PROTOCOL_KEYS = ("baseline", "prompt", "bootstrap_iters", "tie_margin")
 
 
 def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
@@ -176,27 +173,60 @@ def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
         log.warning("eval.judge.baseline is set but no eval.generation set is enabled: "
                     "nothing to judge")
         return None
-    if judge_cfg.name not in JUDGES:
-        raise ValueError(f"eval.judge.name must be one of {JUDGES}, got {judge_cfg.name!r}")
     baseline = {name: fingerprint(find_baseline_generations(judge_cfg.baseline, name))
                 for name in enabled_prompt_sets(eval_cfg)}
     return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1]}
 
 
+def _judge_arguments(judge_cfg: DictConfig) -> dict[str, Any]:
+    """``eval.judge`` without the keys the pairwise protocol reads (see ``PROTOCOL_KEYS``)."""
+    spec = OmegaConf.to_container(judge_cfg, resolve=True)
+    assert isinstance(spec, dict)
+    return {str(k): v for k, v in spec.items() if k not in PROTOCOL_KEYS}
+
+
 def make_judge(judge_cfg: DictConfig, load_local: Callable[[str | None], tuple[Any, Any]],
                template: str) -> Judge:
-    """The judge named by ``eval.judge.name``; ``load_local(model)`` gives (model, tokenizer)."""
-    if judge_cfg.name == "openai_compatible":
-        return OpenAICompatibleJudge(
-            base_url=judge_cfg.base_url, model=judge_cfg.model, api_key_env=judge_cfg.api_key_env,
-            max_tokens=int(judge_cfg.max_tokens), temperature=float(judge_cfg.temperature),
-            timeout_s=float(judge_cfg.timeout_s), retries=int(judge_cfg.retries),
-            max_workers=int(judge_cfg.max_workers))
+    """The judge ``eval.judge`` describes, built from its ``_target_`` by Hydra.
+
+    Args:
+        judge_cfg: the ``eval.judge`` config.
+        load_local: ``load_local(model)`` gives (model, tokenizer) for ``local_hf``, whose
+            ``eval.judge.model`` is a checkpoint to load (``None``: the run's initial model).
+        template: ``model.template``, the chat format a local judge's prompt is rendered in.
+
+    Returns:
+        The judge.
+
+    """
+    build = instantiate(_judge_arguments(judge_cfg), _partial_=True, _convert_="all")
     if judge_cfg.name == "local_hf":
         model, tokenizer = load_local(judge_cfg.model)
-        return LocalHFJudge(model, tokenizer, template=template,
-                            max_length=int(judge_cfg.max_length))
-    raise ValueError(f"eval.judge.name must be one of {JUDGES}, got {judge_cfg.name!r}")
+        judge: Judge = build(model=model, tokenizer=tokenizer, template=template)
+        return judge
+    judge = build()
+    return judge
+
+
+def preflight_judge(eval_cfg: DictConfig, stages: Sequence[str]) -> None:
+    """Before the first stage: the judge's prompt, and a remote judge's key and server.
+
+    Does nothing unless the eval stage will judge (``eval`` in ``stages``, a baseline set and a
+    prompt set enabled). A judge class with a ``preflight()`` method (``openai_compatible``) is
+    built and asked: its key must be in the environment and its ``base_url`` must answer.
+
+    Raises:
+        FileNotFoundError: the judge prompt file is missing.
+        ValueError: the prompt lacks a placeholder.
+        RuntimeError: from the judge's own check, naming the setting to change.
+
+    """
+    judge_cfg = eval_cfg.judge
+    if "eval" not in stages or judge_cfg.baseline is None or not enabled_prompt_sets(eval_cfg):
+        return
+    judge_prompt(judge_cfg)
+    if hasattr(get_class(judge_cfg._target_), "preflight"):
+        instantiate(_judge_arguments(judge_cfg), _partial_=True, _convert_="all")().preflight()
 
 
 def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path], work: Path, *,

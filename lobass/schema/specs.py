@@ -1,0 +1,301 @@
+"""The schema of every config group, one dataclass each (see :mod:`lobass.schema`)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lobass.schema.walk import BatchSize, knob
+
+
+def _registry(module: str, attr: str, extra: tuple[str, ...] = ()) -> Callable[[], list[str]]:
+    """The names of a registry (read when checking: the stage modules import torch)."""
+
+    def names() -> list[str]:
+        found = getattr(importlib.import_module(module), attr)
+        return sorted({*extra, *(getattr(n, "value", n) for n in found)})
+
+    return names
+
+
+_scorers = _registry("lobass.scoring", "SCORERS")
+_readers = _registry("lobass.data", "CONVERTERS")
+_prompt_readers = _registry("lobass.evaluation.prompts", "PROMPT_READERS")
+_dtypes = _registry("lobass.modeling", "DTYPES")
+_schedulers = _registry("transformers", "SchedulerType")  # an Enum: its values
+_attention = _registry("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS", ("eager",))
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """``model``: the initial model, its source, precision and LoRA targets."""
+
+    name: str = knob(plain=True)  # a directory name under models_dir
+    source: Literal["gguf", "hub", "random"] = knob()
+    dtype: str = knob(choices=_dtypes)
+    template: Literal["alpaca", "chat"] = knob()
+    trust_remote_code: bool = knob()
+    lora_targets: list[str] = knob()
+    attn_implementation: str = knob("sdpa", choices=_attention)
+    device: Literal["auto", "cpu", "cuda"] = knob("auto")
+    hub_id: str | None = knob(None)
+    revision: str | None = knob(None)
+    gguf_package: str | None = knob(None, plain=True)
+    gguf_file: str | None = knob(None, plain=True)
+    arch: dict[str, Any] | None = knob(None)
+    random_init: dict[str, Any] | None = knob(None)
+
+
+@dataclass(kw_only=True)
+class MixSpec:
+    """``data.mix.<name>``: one more file mixed into the pool."""
+
+    path: str = knob()
+    reader: str = knob(choices=_readers)
+    max_rows: int | None = knob(None, ge=1)
+    source: str | None = knob(None, plain=True)
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    """``data``: the pool's file, reader and token budget per row."""
+
+    name: str = knob(plain=True)
+    path: str = knob()
+    reader: str = knob(choices=_readers)
+    source: str = knob(plain=True)
+    max_rows: int | None = knob(None, ge=1)
+    mix: dict[str, MixSpec] = knob({})
+    # Truncation keeps max_length // 4 response tokens; below 8 no row could be scored.
+    max_length: int = knob(ge=8, unit=" tokens")
+    on_bad_row: Literal["error", "skip"] = knob()
+
+
+@dataclass(kw_only=True)
+class ScorerSpec:
+    """``scorer``: which score ranks the pool."""
+
+    name: str = knob(choices=_scorers)
+
+
+@dataclass(kw_only=True)
+class SelectionSpec:
+    """``selection``: a ratio of the pool or a count of rows (exactly one)."""
+
+    ratio: float | None = knob(gt=0, le=1)
+    count: int | None = knob(ge=1)
+
+
+@dataclass(kw_only=True)
+class ScoreSpec:
+    """``score``: the scoring engine's batching, sharding and non-finite policy."""
+
+    max_tokens_per_batch: int = knob(ge=1)
+    shard_rows: int = knob(ge=1)
+    share_prefix: bool = knob()
+    extra_scorers: list[str] = knob([], choices=_scorers)
+    on_nonfinite: Literal["drop", "error"] = knob()
+
+
+@dataclass(kw_only=True)
+class LoraSpec:
+    """``train.lora`` / ``reference.lora``: the adapter's shape."""
+
+    r: int = knob(ge=1)
+    alpha: float = knob(gt=0)
+    dropout: float = knob(ge=0, lt=1)
+
+
+@dataclass(kw_only=True)
+class TrainSpec:
+    """``train``: the LoRA fine-tuning recipe (the reference uses the same fields)."""
+
+    epochs: float = knob(ge=0)  # 0 only with max_steps > 0 (checked across fields)
+    max_steps: int = knob()  # > 0 overrides epochs; -1 = off
+    batch_size: int = knob(ge=1)
+    grad_accum: int = knob(ge=1)
+    learning_rate: float = knob(gt=0)
+    lr_scheduler: str = knob(choices=_schedulers)
+    warmup_ratio: float = knob(ge=0, le=1)
+    weight_decay: float = knob(ge=0)
+    max_grad_norm: float = knob(ge=0)
+    gradient_checkpointing: bool = knob()
+    logging_steps: int = knob(ge=1)
+    save_steps: int = knob(ge=1)
+    lora: LoraSpec = knob()
+    global_batch_size: int | None = knob(None, ge=1)
+    fsdp: bool = knob(False)
+    fsdp_config: dict[str, Any] = knob({})
+    deepspeed: str | dict[str, Any] | None = knob(None)
+
+
+@dataclass(kw_only=True)
+class ReferenceSpec(TrainSpec):
+    """``reference``: the train recipe plus the pool share and its own seed."""
+
+    fraction: float = knob(1.0, gt=0, le=1)
+    seed: int = knob(0)
+
+
+@dataclass(kw_only=True)
+class BenchmarkSpec:
+    """An lm-eval benchmark's limits and batch."""
+
+    enabled: bool = knob()
+    limit: int | None = knob(None, ge=1)
+    max_gen_toks: int = knob(ge=1)
+    batch_size: BatchSize = knob(ge=1)
+    max_length: int = knob(ge=1)
+
+
+@dataclass(kw_only=True)
+class Gsm8kSpec(BenchmarkSpec):
+    """``eval.gsm8k``."""
+
+    test_path: str = knob("")
+    fewshot_path: str = knob("")
+    num_fewshot: int = knob(0, ge=0)
+
+
+@dataclass(kw_only=True)
+class IfevalSpec(BenchmarkSpec):
+    """``eval.ifeval``."""
+
+    path: str = knob("")
+
+
+@dataclass(kw_only=True)
+class HeldoutSpec:
+    """``eval.heldout``: response loss on a held-out slice."""
+
+    enabled: bool = knob()
+    path: str = knob()
+    reader: str = knob(choices=_readers)
+    max_rows: int | None = knob(None, ge=1)
+
+
+@dataclass(kw_only=True)
+class ReferenceLossSpec:
+    """``eval.reference_loss.<name>``: loss on other reference answers."""
+
+    enabled: bool = knob()
+    questions: str = knob()
+    answers: str = knob()
+    max_rows: int | None = knob(None, ge=1)
+
+
+@dataclass(kw_only=True)
+class PromptSetSpec:
+    """``eval.generation.sets.<name>``: a prompt file answered for the judge."""
+
+    enabled: bool = knob()
+    path: str = knob()
+    reader: str = knob(choices=_prompt_readers)
+    max_rows: int | None = knob(None, ge=1)
+
+
+@dataclass(kw_only=True)
+class GenerationSpec:
+    """``eval.generation``: greedy answers per prompt set."""
+
+    enabled: bool = knob()
+    max_new_tokens: int = knob(ge=1)
+    batch_size: int = knob(ge=1)
+    sets: dict[str, PromptSetSpec] = knob({})
+
+
+@dataclass(kw_only=True)
+class JudgeSpec:
+    """``eval.judge`` fields every judge has (the pairwise protocol's)."""
+
+    _target_: str = knob()  # the class hydra.utils.instantiate builds
+    name: Literal["local_hf", "openai_compatible"] = knob()
+    baseline: str | None = knob(None)  # full_data, a run dir, an eval artifact dir or a JSONL
+    prompt: str = knob("pairwise_v1.txt")
+    bootstrap_iters: int = knob(2000, ge=1)
+
+
+@dataclass(kw_only=True)
+class LocalJudgeSpec(JudgeSpec):
+    """``judge=local_hf``."""
+
+    model: str | None = knob(None)
+    tie_margin: float = knob(0.0, ge=0)
+    max_length: int = knob(2048, ge=1)
+
+
+@dataclass(kw_only=True)
+class OpenAIJudgeSpec(JudgeSpec):
+    """``judge=openai_compatible``."""
+
+    base_url: str = knob()
+    model: str = knob()
+    api_key_env: str | None = knob(None)
+    max_tokens: int = knob(512, ge=1)
+    temperature: float = knob(0.0, ge=0, le=2)
+    timeout_s: float = knob(120.0, gt=0)
+    retries: int = knob(3, ge=1)
+    max_workers: int = knob(4, ge=1)
+    probe_timeout_s: float | None = knob(None, gt=0)
+
+
+JUDGE_SPECS: dict[str, type] = {"local_hf": LocalJudgeSpec, "openai_compatible": OpenAIJudgeSpec}
+
+
+@dataclass(kw_only=True)
+class EvalSpec:
+    """``eval``: benchmarks, losses, generation and the judge."""
+
+    backend: Literal["hf", "vllm"] = knob()
+    gsm8k: Gsm8kSpec = knob()
+    ifeval: IfevalSpec = knob()
+    heldout: HeldoutSpec = knob()
+    generation: GenerationSpec = knob()
+    judge: dict[str, Any] = knob()  # checked against JUDGE_SPECS[name]
+    reference_loss: dict[str, ReferenceLossSpec] = knob({})
+
+
+@dataclass(kw_only=True)
+class LoggerSpec:
+    """``logger`` fields every logger has."""
+
+    _target_: str = knob()
+    kind: Literal["none", "wandb"] = knob()
+
+
+@dataclass(kw_only=True)
+class WandbSpec(LoggerSpec):
+    """``logger=wandb``."""
+
+    project: str = knob()
+    mode: Literal["disabled", "offline", "online"] = knob("offline")
+    name: str | None = knob(None)
+    group: str | None = knob(None)
+    tags: list[str] = knob([])
+
+
+LOGGER_SPECS: dict[str, type] = {"none": LoggerSpec, "wandb": WandbSpec}
+
+
+@dataclass(kw_only=True)
+class RootSpec:
+    """The whole composed config: run-level keys and every group."""
+
+    seed: int = knob()
+    stages: list[str] = knob()  # names checked in lobass.config.validate (its own message)
+    artifacts_dir: str = knob()
+    models_dir: str = knob()
+    output_dir: str | None = knob(None)
+    tags: list[str] = knob([])
+    memory_check: Literal["error", "off", "warn"] = knob("error")
+    model: ModelSpec = knob()
+    data: DataSpec = knob()
+    scorer: ScorerSpec = knob()
+    selection: SelectionSpec = knob()
+    score: ScoreSpec = knob()
+    reference: ReferenceSpec = knob()
+    train: TrainSpec = knob()
+    eval: EvalSpec = knob()
+    logger: dict[str, Any] = knob()  # checked against LOGGER_SPECS[kind]
