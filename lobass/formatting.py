@@ -8,6 +8,8 @@ start, and prompt labels are ``-100`` so that every loss in lobass is over respo
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,13 +69,14 @@ def format_prompt(messages: tuple[Message, ...], tokenizer: Any, template: str) 
     raise ValueError(f"unknown model.template {template!r}; choose 'chat' or 'alpaca'")
 
 
-def _response_text(example: Example, tokenizer: Any, template: str, prompt: str) -> str:
+def _response_text(messages: tuple[Message, ...], tokenizer: Any, template: str,
+                   prompt: str) -> str:
     """The response through its end-of-turn token, as the template writes it."""
-    content = example.messages[-1]["content"]
+    content = messages[-1]["content"]
     eos = tokenizer.eos_token or ""
     if template != "chat":
         return content + eos
-    full: str = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+    full: str = tokenizer.apply_chat_template(list(messages), tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently inside the full "
                          "conversation; lobass cannot find the response boundary (use alpaca)")
@@ -107,6 +110,43 @@ def wants_bos(tokenizer: Any) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
+# Tokenizers are asked once for their longest token (in characters), by object identity.
+_LONGEST_TOKEN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest vocabulary entry (an upper bound per token).
+
+    Byte-level vocabularies spell each byte as one character and SentencePiece ones a space as
+    one, so no token covers more characters of text than its vocabulary entry has.
+    """
+    try:
+        return _LONGEST_TOKEN[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    with contextlib.suppress(TypeError):  # a tokenizer without weak references: not cached
+        _LONGEST_TOKEN[tokenizer] = longest
+    return longest
+
+
+def _cut_messages(messages: tuple[Message, ...], bound: int) -> tuple[tuple[Message, ...], bool]:
+    """Messages with every turn cut to ``bound`` characters, and whether any was cut.
+
+    The response keeps its start and prompt turns their end, as truncation keeps them.
+    """
+    out: list[Message] = []
+    cut = False
+    for i, message in enumerate(messages):
+        content = message["content"]
+        if len(content) > bound:
+            last = i == len(messages) - 1 and message["role"] == "assistant"
+            content = content[:bound] if last else content[-bound:]
+            cut = True
+        out.append({**message, "content": content})
+    return tuple(out), cut
+
+
 def tokenize_example(
     example: Example, tokenizer: Any, template: str, max_length: int
 ) -> Features:
@@ -115,13 +155,39 @@ def tokenize_example(
     Over-long rows keep their prompt and lose the end of the response; when the prompt alone
     leaves no room, its beginning is cut so that at least a quarter of ``max_length`` (or the
     whole response, if shorter) stays scoreable.
+
+    Memory is bounded by ``max_length``, not by the row: a turn longer than ``2 x max_length x``
+    the longest token's characters (far more text than ``max_length`` tokens can cover) is cut to
+    that many characters before tokenising (tokenisers take ~150 bytes of memory per character).
+    The cut text still yields more than ``max_length`` tokens (checked; the bound grows
+    otherwise), so the kept tokens are those of the whole text; shorter rows are not cut at all.
     """
-    prompt = format_prompt(example.messages, tokenizer, template)
+    messages = example.messages
+    if max(len(m["content"]) for m in messages) <= 2 * max_length:
+        return _tokenize(messages, tokenizer, template, max_length)[0]
+    bound = 2 * max_length * longest_token_chars(tokenizer)
+    while True:
+        cut_messages, cut = _cut_messages(messages, bound)
+        features, n_prompt, n_response = _tokenize(cut_messages, tokenizer, template, max_length)
+        # A cut turn must still give more tokens than max_length, or the cut decided the result.
+        prompt_cut = any(len(m["content"]) > bound for m in messages[:-1])
+        response_cut = len(messages[-1]["content"]) > bound
+        if not cut or ((not prompt_cut or n_prompt > max_length)
+                       and (not response_cut or n_response > max_length)):
+            return features
+        bound *= 4
+
+
+def _tokenize(messages: tuple[Message, ...], tokenizer: Any, template: str,
+              max_length: int) -> tuple[Features, int, int]:
+    """Features for ``messages``, and the prompt and response token counts before truncation."""
+    prompt = format_prompt(messages, tokenizer, template)
     prompt_ids = prompt_token_ids(prompt, tokenizer)
     response_ids: list[int] = tokenizer(
-        _response_text(example, tokenizer, template, prompt), add_special_tokens=False
+        _response_text(messages, tokenizer, template, prompt), add_special_tokens=False
     )["input_ids"]
-    truncated = len(prompt_ids) + len(response_ids) > max_length
+    n_prompt, n_response = len(prompt_ids), len(response_ids)
+    truncated = n_prompt + n_response > max_length
     if truncated:
         keep_response = max(max_length - len(prompt_ids), min(len(response_ids), max_length // 4))
         response_ids = response_ids[:keep_response]
@@ -131,7 +197,7 @@ def tokenize_example(
             prompt_ids = head + prompt_ids[len(prompt_ids) - (room - len(head)):]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return Features(input_ids, labels, len(prompt_ids), truncated)
+    return Features(input_ids, labels, len(prompt_ids), truncated), n_prompt, n_response
 
 
 def response_only(features: Features, start_token_id: int) -> Features:

@@ -93,7 +93,7 @@ def test_lora_target_matching_no_module_fails_before_training(tmp_path, models_d
     assert "model.lora_targets ['qkv_proj', 'mlp'] match no linear, embedding or conv module of " \
            "LlamaForCausalLM (model=tiny_random); choose from ['down_proj', 'embed_tokens', " \
            "'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']" in message
-    assert not (tmp_path / "artifacts" / "reference").exists()
+    assert not (tmp_path / "artifacts" / "finetune").exists()
 
 
 def test_models_never_run_remote_code_unless_configured():
@@ -219,3 +219,69 @@ def test_same_config_and_seed_same_selection_and_training_losses(make_cfg, tmp_p
         assert runs[0]["metrics"][key] == runs[1]["metrics"][key]
     scores = [Path(s["artifacts"]["scores"]).read_bytes() for s in runs]
     assert scores[0] == scores[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: a 200 MB row is read and tokenised in bounded memory and truncated, not tokenised
+# whole (about 145 bytes of memory per input byte before: 29 GB for this row).
+
+ROW_MB = 200
+# Peak RSS may grow by at most this while reading and tokenising the file (measured: 322 MB):
+# the row is held about twice at a time (the line's bytes or the canonical JSON hashed for its
+# id, and the parsed string that the example keeps); tokenisation adds a bounded amount
+# (2 x data.max_length x the longest token's characters are tokenised, not 200 MB).
+CEILING_MB = 5 * ROW_MB // 2
+
+_CHILD = r"""
+import json, resource, sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from lobass.data import read_examples
+from lobass.formatting import tokenize_example
+
+model_path, data_path, ceiling_mb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+vm = int(next(l for l in Path("/proc/self/status").read_text().splitlines()
+              if l.startswith("VmSize:")).split()[1]) * 1024
+# A hard stop well above the ceiling, so that a regression fails here instead of taking the
+# shared machine's memory.
+resource.setrlimit(resource.RLIMIT_AS, (vm + 3 * ceiling_mb * 2**20,) * 2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+examples, stats = read_examples(data_path, "alpaca")
+features = [tokenize_example(e, tokenizer, "alpaca", 64) for e in examples]
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"rows": stats.rows, "grown_mb": grown_mb,
+                  "truncated": sum(f.truncated for f in features),
+                  "n_tokens": [len(f.input_ids) for f in features],
+                  "response": features[1].input_ids[features[1].n_prompt:],
+                  "n_chars": len(examples[1].messages[-1]["content"])}))
+"""
+
+
+def test_a_200_mb_row_is_read_and_truncated_in_bounded_memory(tmp_path, tiny, models_dir):
+    import subprocess
+    import sys
+
+    from lobass.data import Example
+    from lobass.formatting import tokenize_example
+
+    _, tokenizer = tiny
+    normal = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+    long_row = {"instruction": "Repeat the word.", "input": "",
+                "output": "word " * ((ROW_MB << 20) // 5)}  # 200 MiB of text
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(normal) + "\n" + json.dumps(long_row) + "\n")
+    (model_path,) = [p for p in models_dir.iterdir() if p.is_dir()
+                     and p.name.startswith("tiny_random")]
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(model_path), str(path),
+                           str(CEILING_MB)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stderr[:1500], done.stderr[-1500:])
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["rows"] == 2 and got["n_chars"] == ROW_MB << 20
+    assert got["truncated"] == 1 and got["n_tokens"][1] == 64
+    assert got["grown_mb"] < CEILING_MB, got["grown_mb"]
+    # The same tokens as a short copy of the row gives: the cut before tokenising is exact.
+    short = Example("x", ({"role": "user", "content": "Repeat the word."},
+                          {"role": "assistant", "content": "word " * 1000}), "alpaca", {})
+    features = tokenize_example(short, tokenizer, "alpaca", 64)
+    assert got["response"] == features.input_ids[features.n_prompt:]
