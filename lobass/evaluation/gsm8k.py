@@ -52,7 +52,8 @@ def gsm8k_metrics(row: dict[str, Any], n: int) -> dict[str, float]:
 
 def evaluate_gsm8k(model: Any, tokenizer: Any, gsm_cfg: DictConfig, *, chat: bool, seed: int,
                    task_manager: Any = None, backend: str = "hf", model_path: str | None = None,
-                   adapter_dir: Path | None = None, max_lora_rank: int = 16) -> dict[str, float]:
+                   adapter_dir: Path | None = None, max_lora_rank: int = 16,
+                   revision: str | None = None) -> dict[str, float]:
     """GSM8K exact-match accuracy (strict ``#### n`` and flexible last-number extraction).
 
     Args:
@@ -67,14 +68,15 @@ def evaluate_gsm8k(model: Any, tokenizer: Any, gsm_cfg: DictConfig, *, chat: boo
         model_path: initial model path (``vllm`` only).
         adapter_dir: LoRA adapter directory (``vllm`` only).
         max_lora_rank: LoRA rank (``vllm`` only).
+        revision: ``model.revision`` vLLM loads (``vllm`` only).
 
     Returns:
         ``eval/gsm8k/{strict,flexible}_acc`` with ``_ci_low``/``_ci_high`` and ``eval/gsm8k/n``.
 
     """
-    lm = build_lm(model, tokenizer, backend, batch_size=int(gsm_cfg.batch_size),
+    lm = build_lm(model, tokenizer, backend, batch_size=gsm_cfg.batch_size,
                   max_length=int(gsm_cfg.max_length), model_path=model_path,
-                  adapter_dir=adapter_dir, max_lora_rank=max_lora_rank)
+                  adapter_dir=adapter_dir, max_lora_rank=max_lora_rank, revision=revision)
     results = evaluate_tasks(lm, [gsm8k_task_config(gsm_cfg)],
                              task_manager or build_task_manager(),
                              limit=gsm_cfg.limit, chat=chat,

@@ -61,17 +61,17 @@ def ifeval_task_config(ifeval_cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate_ifeval(model: Any, tokenizer: Any, ifeval_cfg: DictConfig, *, chat: bool, seed: int,
                     task_manager: Any, backend: str = "hf", model_path: str | None = None,
-                    adapter_dir: Path | None = None, max_lora_rank: int = 16
-                    ) -> dict[str, float]:
+                    adapter_dir: Path | None = None, max_lora_rank: int = 16,
+                    revision: str | None = None) -> dict[str, float]:
     """IFEval prompt- and instruction-level accuracies (strict and loose) with Wilson intervals.
 
     ``task_manager`` must index :func:`ifeval_task_dir`. Instruction-level accuracies are over
     instructions, whose count lm-eval does not report, so their interval uses the prompt count
     (conservative: there are 1-3 instructions per prompt).
     """
-    lm = build_lm(model, tokenizer, backend, batch_size=int(ifeval_cfg.batch_size),
+    lm = build_lm(model, tokenizer, backend, batch_size=ifeval_cfg.batch_size,
                   max_length=int(ifeval_cfg.max_length), model_path=model_path,
-                  adapter_dir=adapter_dir, max_lora_rank=max_lora_rank)
+                  adapter_dir=adapter_dir, max_lora_rank=max_lora_rank, revision=revision)
     results = evaluate_tasks(lm, [ifeval_task_config(ifeval_cfg)], task_manager,
                              limit=ifeval_cfg.limit, chat=chat, num_fewshot=0, seed=seed)
     n = int(results["n-samples"][TASK]["effective"])
