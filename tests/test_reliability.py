@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,95 @@ def test_a_200_mb_row_is_read_and_truncated_in_bounded_memory(tmp_path, tiny, mo
                           {"role": "assistant", "content": "word " * 1000}), "alpaca", {})
     features = tokenize_example(short, tokenizer, "alpaca", 64)
     assert got["response"] == features.input_ids[features.n_prompt:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: a lock held by a stopped process is reported, one held only by what a dead holder
+# left behind is broken. Real processes, real flock.
+
+_HOLDER = r"""
+import os, sys, time
+from pathlib import Path
+from lobass.artifacts import file_lock
+
+path, orphan = Path(sys.argv[1]), sys.argv[2] == "orphan"
+with file_lock(path):
+    child = os.fork() if orphan else -1
+    if child == 0:  # inherits the locked descriptor and outlives its parent
+        time.sleep(300)
+        os._exit(0)
+    print(os.getpid(), child, flush=True)
+    time.sleep(300)
+"""
+
+
+def _start_holder(path: Path, mode: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), mode],
+                            stdout=subprocess.PIPE, text=True)
+    pid, child = (int(x) for x in proc.stdout.readline().split())
+    return proc, pid, child
+
+
+def _lock_in_thread(path: Path):
+    import threading
+
+    from lobass.artifacts import file_lock
+
+    acquired = threading.Event()
+    release = threading.Event()
+
+    def take() -> None:
+        with file_lock(path):
+            acquired.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return acquired, release, thread
+
+
+def test_lock_held_by_a_stopped_process_says_who_holds_it(tmp_path, caplog):
+    import signal
+    import socket
+
+    path = tmp_path / "key.lock"
+    proc, pid, _ = _start_holder(path, "plain")
+    try:
+        holder = json.loads(path.read_text())
+        assert holder["pid"] == pid and holder["host"] == socket.gethostname()
+        proc.send_signal(signal.SIGSTOP)  # alive but stopped: its lock must not be broken
+        acquired, release, thread = _lock_in_thread(path)
+        assert not acquired.wait(7)
+        assert f"waiting for lock {path}: held by pid {pid} on {socket.gethostname()} since " \
+               f"{holder['since']}" in caplog.text
+        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGCONT)
+        proc.wait()
+        assert acquired.wait(5)  # the kernel released the dead holder's lock
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        release.set()
+        thread.join(5)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lock_left_held_by_a_dead_holders_child_is_broken(tmp_path, caplog):
+    import signal
+
+    path = tmp_path / "key.lock"
+    proc, pid, child = _start_holder(path, "orphan")
+    try:
+        proc.send_signal(signal.SIGKILL)  # the holder dies; its forked child keeps the flock
+        proc.wait()
+        acquired, release, thread = _lock_in_thread(path)
+        assert acquired.wait(10), "waited on a lock whose holder is dead"
+        assert f"breaking stale lock {path}: its holder pid {pid}" in caplog.text
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        release.set()
+        thread.join(5)
+    finally:
+        os.kill(child, signal.SIGKILL)
