@@ -15,14 +15,20 @@ It checks that engine and naive agree within 1e-4, then prints tokens/s for each
 the naive loop, the effective FLOP rate ``2 * params * tokens / time`` (every token counted, as if
 all work were done) as a fraction of a large float32 ``torch.matmul`` on the same device, and the
 peak memory of the engine pass relative to holding the model. The last line is exactly
-``speedup_vs_naive=<x> matmul_fraction=<y> cached_speedup=<z>``.
+``speedup_vs_naive=<x> matmul_fraction=<y> cached_speedup=<z>``. Each way is warmed up on a few
+rows before it is timed (CUDA kernels load and the allocator grows on the first call).
+
+On CUDA the model runs in bf16 (``--device cuda``; float32 on the CPU), and the model FLOP
+utilisation (MFU) counts only the FLOPs executed (``benchmarks/flops.py``: the shared prefix once,
+the LM head at response positions only) against the GPU's dense bf16 peak, looked up by name
+(H100 SXM and PCIe told apart, H200, A100, L40S, A10G, RTX 4090...) or ``--peak-tflops``.
+``--json PATH`` also writes the figures as JSON (``scripts/gpu_check.sh`` reads them).
 
 ``--shape llama_7b`` (any model config with an ``arch`` block) scores the same rows' token
 lengths on a random-initialised model of that architecture instead (``model.dtype``, bf16 for
 the GPU configs; ``--layers N`` keeps only N layers for a CPU smoke run). Token ids are the
 embedded tokenizer's, folded into the model's vocabulary: the work per token is real, the losses
-are not. It also prints the model FLOP utilisation against the device's bf16 peak
-(``--peak-tflops``, or a table of known GPUs) on a line ``mfu=<m> tokens_per_s=<t>``.
+are not. It also prints the model FLOP utilisation on a line ``mfu=<m> tokens_per_s=<t>``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import sys
 import tempfile
@@ -40,9 +47,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flops import bf16_peak_tflops, engine_flops, model_dims, naive_flops  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import lobass  # noqa: E402,F401
@@ -105,19 +114,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
-# Dense bf16 peak of known GPUs, TFLOP/s (vendor data sheets, no sparsity).
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
-                    "L4": 121.0, "4090": 165.0}
-
-
 def bf16_peak_flops(device: str, override: float) -> float | None:
     """The device's bf16 peak in FLOP/s: ``--peak-tflops``, else looked up by the GPU's name."""
     if override:
         return override * 1e12
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS.items() if key in name), None)
+    tflops = bf16_peak_tflops(torch.cuda.get_device_name())
+    return tflops * 1e12 if tflops else None
+
+
+def warm_up(model, features, budget: int, pad: int, device: str) -> None:
+    """One untimed engine call and one naive row: kernels load, the allocator reaches its size."""
+    rows = sorted(features, key=lambda f: -len(f.input_ids))[:max(1, budget // 512)]
+    compute_response_losses(model, rows, max_tokens_per_batch=budget, pad_token_id=pad)
+    naive(model, rows[:1], device)
 
 
 def random_shaped_model(model_cfg, layers: int, device: str):
@@ -190,6 +201,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="with --shape: keep N layers")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="bf16 peak of the device for MFU; default: known GPUs by name")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +211,9 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # load_model moves to CUDA when it sees one
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=smollm2_135m"])
+        # bf16 on CUDA: float32 there would time a configuration no GPU recipe uses.
+        on_gpu = ["model.dtype=bfloat16", "model.device=cuda"] if args.device == "cuda" else []
+        cfg = compose(config_name="config", overrides=["model=smollm2_135m", *on_gpu])
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
@@ -236,6 +250,7 @@ def main() -> None:
         sum(float(p.sum()) for p in model.parameters())
     rss_model = rss_kib()
     held_gpu = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    warm_up(model, features, args.max_tokens, pad, args.device)
 
     # 2) engine, as the score stage runs it (first, so its memory peak is measured on its own)
     lazy = LazyModel(lambda: model)
@@ -303,11 +318,27 @@ def main() -> None:
     if args.profile:
         profile_engine(model, features[:args.profile], args.max_tokens, pad)
 
+    dims = model_dims(model)
+    executed = engine_flops(dims, features, shared_prefix_length(features))
+    figures = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "model": args.shape or "smollm2_135m", "dtype": str(next(model.parameters()).dtype),
+               "rows": len(features), "tokens": tokens, "response_tokens": response,
+               "naive_s": t_naive, "engine_s": t_engine, "speedup_vs_naive": t_naive / t_engine,
+               "tokens_per_s": tokens / t_engine, "engine_tflops": executed / t_engine / 1e12,
+               "naive_tflops": naive_flops(dims, features) / t_naive / 1e12,
+               "max_abs_diff": diff, "peak_memory_vs_model": (gpu_peak / held_gpu
+                                                              if held_gpu else None)}
     peak_bf16 = bf16_peak_flops(args.device, args.peak_tflops)
-    if peak_bf16:  # model FLOP utilisation: forward FLOPs of every token over the device's peak
-        print(f"mfu={2 * params * tokens / t_engine / peak_bf16:.3f} "
-              f"tokens_per_s={tokens / t_engine:.1f}")
+    if peak_bf16:  # model FLOP utilisation: FLOPs the engine executed over the device's peak
+        figures["mfu"] = executed / t_engine / peak_bf16
+        figures["naive_mfu"] = naive_flops(dims, features) / t_naive / peak_bf16
+        print(f"mfu={figures['mfu']:.3f} tokens_per_s={tokens / t_engine:.1f} "
+              f"(naive loop: mfu {figures['naive_mfu']:.3f}; executed FLOPs "
+              f"{executed:.3e} over a {peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak)")
     fraction = 2 * params * tokens / t_engine / peak_flops
+    figures["matmul_fraction"] = fraction
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     print(f"speedup_vs_naive={t_naive / t_engine:.3f} matmul_fraction={fraction:.3f} "
           f"cached_speedup={t_naive / t_cached:.1f}")
 
