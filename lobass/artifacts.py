@@ -10,17 +10,23 @@ never used.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
+
+from lobass import distributed
 
 log = logging.getLogger(__name__)
 
@@ -258,35 +264,92 @@ def _unlink_if_same(path: Path, handle: IO[str]) -> None:
 def ensure_artifact(
     directory: Path,
     build: Callable[[Path], dict[str, Any]],
+    *,
+    collective: bool = False,
 ) -> tuple[Path, bool]:
     """Return ``(directory, reused)``, building the artifact first when it is missing or invalid.
+
+    The one lock-and-publish routine of the project, for one process and for ``torchrun``:
+
+    * one process: take the artifact's lock, check again, build in ``<key>.partial/``, write the
+      manifest and rename into place;
+    * several ranks: rank 0 alone checks, holds the lock and publishes (so no rank can wait on a
+      lock that another rank needs to release). With ``collective=True`` every rank runs
+      ``build`` in the same work directory (data-parallel training, sharded scoring; the builder
+      writes shared files from rank 0 only); otherwise rank 0 builds alone while the others wait,
+      and artifacts ensured inside that build are handled by rank 0 as if it were alone.
 
     Args:
         directory: final location ``<artifacts_dir>/<stage>/<key>``.
         build: called with the ``.partial`` work directory; writes its files there and returns
             the metadata to store in the manifest. The work directory survives a crash, so a
             builder may resume from what it finds there.
+        collective: every rank takes part in ``build`` (under ``torchrun``).
 
     Returns:
         The artifact directory and whether an existing complete artifact was reused.
 
     """
+    if _alone.get() or not distributed.init_from_env():
+        return _ensure_alone(directory, build)
+    if not collective:
+        return distributed.on_main(lambda: _ensure_alone(directory, build, nested_alone=True))
+    main = distributed.is_main()
+    if distributed.broadcast(is_complete(directory) if main else None):
+        return directory, True
+    lock = _artifact_lock(directory) if main else contextlib.nullcontext()
+    with lock:
+        # Another run may have finished it while rank 0 waited for the lock.
+        if distributed.broadcast(is_complete(directory) if main else None):
+            return directory, True
+        work = work_dir(directory)
+        if main:
+            _clear_unusable(directory)
+            work.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        meta = build(work)
+        distributed.barrier()
+        if main:
+            _publish(work, directory, meta)
+        distributed.barrier()
+    return directory, False
+
+
+# Set while rank 0 builds a non-collective artifact on behalf of every rank: artifacts ensured
+# inside that build must not meet the other ranks at a barrier (they are waiting elsewhere).
+_alone: contextvars.ContextVar[bool] = contextvars.ContextVar("lobass_artifact_alone",
+                                                              default=False)
+
+
+def _ensure_alone(directory: Path, build: Callable[[Path], dict[str, Any]],
+                  nested_alone: bool = False) -> tuple[Path, bool]:
+    """:func:`ensure_artifact` for one process: lock, check again, build, publish."""
     if is_complete(directory):
         return directory, True
-    with file_lock(directory.with_name(directory.name + ".lock")):
-        if is_complete(directory):  # another process finished it while we waited
-            return directory, True
-        if directory.exists():
-            log.warning("artifact %s is not usable (%s); rebuilding it", directory,
-                        artifact_problem(directory))
-            shutil.rmtree(directory)
-        work = directory.with_name(directory.name + ".partial")
-        work.mkdir(parents=True, exist_ok=True)
-        meta = build(work)
-        _remove_stale_temporaries(work)
-        write_manifest(work, meta)
-        os.replace(work, directory)
+    token = _alone.set(True) if nested_alone else None
+    try:
+        with _artifact_lock(directory):
+            if is_complete(directory):  # another process finished it while we waited
+                return directory, True
+            _clear_unusable(directory)
+            work = work_dir(directory)
+            work.mkdir(parents=True, exist_ok=True)
+            _publish(work, directory, build(work))
+    finally:
+        if token is not None:
+            _alone.reset(token)
     return directory, False
+
+
+def _artifact_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
+    return file_lock(directory.with_name(directory.name + ".lock"))
+
+
+def _clear_unusable(directory: Path) -> None:
+    if directory.exists():
+        log.warning("artifact %s is not usable (%s); rebuilding it", directory,
+                    artifact_problem(directory))
+        shutil.rmtree(directory)
 
 
 def work_dir(directory: Path) -> Path:
@@ -294,12 +357,26 @@ def work_dir(directory: Path) -> Path:
     return directory.with_name(directory.name + ".partial")
 
 
-def publish_artifact(work: Path, directory: Path, meta: dict[str, Any]) -> None:
-    """Finish a build done in ``work``: manifest, then one atomic rename to ``directory``.
-
-    For builders that cannot go through :func:`ensure_artifact` (several ranks writing one
-    artifact); the caller holds the artifact's lock and has removed any unusable ``directory``.
-    """
+def _publish(work: Path, directory: Path, meta: dict[str, Any]) -> None:
+    """Finish a build done in ``work``: manifest, then one atomic rename to ``directory``."""
     _remove_stale_temporaries(work)
     write_manifest(work, meta)
     os.replace(work, directory)
+
+
+def write_row_losses(path: Path, ids: Sequence[str], losses: np.ndarray) -> None:
+    """One ``{"id", "loss"}`` line per row (``null`` where the loss is not finite).
+
+    The format of a loss artifact, and of the per-row losses an evaluation keeps so that two
+    runs can be compared row by row on the same answers (a paired difference has a far tighter
+    interval than two independent means).
+    """
+    atomic_write_text(path, "".join(
+        json.dumps({"id": i, "loss": float(v) if math.isfinite(v) else None}) + "\n"
+        for i, v in zip(ids, losses.tolist(), strict=True)))
+
+
+def read_row_losses(path: Path) -> dict[str, float]:
+    """The finite losses of a file written by :func:`write_row_losses`, by row id."""
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
+    return {r["id"]: float(r["loss"]) for r in rows if r["loss"] is not None}

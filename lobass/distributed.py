@@ -8,25 +8,14 @@ writes; only rank 0 writes summaries and talks to W&B.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-
-from lobass.artifacts import (
-    ensure_artifact,
-    file_lock,
-    is_complete,
-    publish_artifact,
-    work_dir,
-)
 
 log = logging.getLogger(__name__)
 
@@ -100,37 +89,3 @@ def on_main(fn: Callable[[], T]) -> T:
     result: Any = fn() if is_main() else None
     barrier()
     return broadcast(result)
-
-
-def ensure_artifact_all_ranks(directory: Path, build: Callable[[Path], dict[str, Any]],
-                              ) -> tuple[Path, bool]:
-    """:func:`lobass.artifacts.ensure_artifact` for a build that every rank takes part in.
-
-    Data-parallel training needs all ranks inside ``build`` at once, so the artifact lock cannot
-    be taken by each rank (rank 1 would wait on the lock while rank 0 waits for rank 1 to join
-    the first all-reduce). Here rank 0 alone decides and holds the lock; every rank builds in the
-    same ``.partial`` directory (the builder writes shared files from rank 0 only); rank 0
-    publishes once all are done. On one process this is exactly ``ensure_artifact``.
-    """
-    if not init_from_env():
-        return ensure_artifact(directory, build)
-    if broadcast(is_complete(directory) if is_main() else None):
-        return directory, True
-    lock = (file_lock(directory.with_name(directory.name + ".lock")) if is_main()
-            else contextlib.nullcontext())
-    with lock:
-        # Another run may have finished it while rank 0 waited for the lock.
-        if broadcast(is_complete(directory) if is_main() else None):
-            return directory, True
-        work = work_dir(directory)
-        if is_main():
-            if directory.exists():
-                shutil.rmtree(directory)
-            work.mkdir(parents=True, exist_ok=True)
-        barrier()
-        meta = build(work)
-        barrier()
-        if is_main():
-            publish_artifact(work, directory, meta)
-        barrier()
-    return directory, False

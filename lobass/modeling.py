@@ -300,3 +300,17 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
 
+
+def free_memory() -> None:
+    """Give back the memory of models a stage has dropped, before the next stage loads its own.
+
+    A dropped model is not freed by ``del`` alone: accelerate rebinds ``model.forward`` (and
+    ``Trainer`` keeps the model in its state), which leaves reference cycles that only the cycle
+    collector breaks; then CUDA's caching allocator still holds the blocks until they are emptied.
+    Without this, a 13B stage's weights outlive it and the next stage runs out of memory.
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

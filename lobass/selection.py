@@ -1,4 +1,4 @@
-"""Scores -> selected ids (top-k by ratio or count) and an export in the pool's own format."""
+"""The select stage: scores -> top-k ids (by ratio or count), exported in the pool's format."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
+from lobass.context import Context, StageResult
 from lobass.data import Example
 
 
@@ -68,3 +70,38 @@ def selected_rows(examples: Sequence[Example], chosen: Sequence[int],
          "score": float(scores[i])}
         for rank, i in enumerate(chosen)
     ]
+
+
+def select(ctx: Context, scored: StageResult) -> StageResult:
+    """The select stage: the top ``selection`` rows by score, exported in the pool's own format.
+
+    Args:
+        ctx: the run's context.
+        scored: the score stage's result (its artifact names the key; its scores rank the rows).
+
+    Returns:
+        The selection artifact (``selected.jsonl``, ``export.jsonl``, ``meta.json``) with the
+        chosen ids in rank order and ``select/count``.
+
+    """
+    cfg, pool = ctx.cfg, ctx.pool
+    assert scored.scores is not None
+    scores = scored.scores
+    k = selection_size(len(pool.examples), cfg.selection.ratio, cfg.selection.count)
+    # The export carries each row as stored: its key follows the rows' metadata too.
+    key = fingerprint({"scores": scored.directory.name, "k": k, "rows": pool.rows_fingerprint()})
+
+    def build(work: Path) -> dict[str, Any]:
+        chosen = select_top(pool.ids, scores, k)
+        rows = selected_rows(pool.examples, chosen, scores)
+        atomic_write_text(work / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(work / "export.jsonl", export_rows([pool.examples[i] for i in chosen]))
+        atomic_write_json(work / "meta.json", {"count": k, "pool": len(pool.examples),
+                                               "ratio": cfg.selection.ratio})
+        return {"count": k}
+
+    directory, reused = ensure_artifact(ctx.artifacts_dir / "selection" / key, build)
+    ids = read_selected_ids(directory / "selected.jsonl")
+    ctx.tracker.log_file("selected", "selection", directory / "selected.jsonl")
+    return StageResult(directory, reused, {"select/count": float(len(ids))},
+                       {"selected": str(directory / "selected.jsonl")}, ids=ids)

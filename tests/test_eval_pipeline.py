@@ -83,8 +83,8 @@ def test_full_data_baseline_is_trained_and_evaluated_once_and_judges_the_sweep(m
     full_answers = {r["id"]: r["output"] for r in map(
         json.loads, Path(baseline_generations["vicuna"]).read_text().splitlines())}
     assert all(r["baseline"] == full_answers[r["id"]] for r in records)
-    trained = [p for p in (tmp_path / "artifacts" / "train").iterdir() if p.is_dir()]
-    assert len(trained) == 2  # the 25% selection and the full pool
+    trained = [p for p in (tmp_path / "artifacts" / "finetune").iterdir() if p.is_dir()]
+    assert len(trained) == 3  # the reference (its own recipe), the 25% selection, the full pool
 
     # The full-data point of the sweep *is* the baseline: no judge, and its evaluation is the
     # very artifact the other points were judged against.
@@ -92,4 +92,4 @@ def test_full_data_baseline_is_trained_and_evaluated_once_and_judges_the_sweep(m
     assert full["stages"]["train"]["reused"] and full["stages"]["eval"]["reused"]
     assert full["artifacts"]["eval"] == str(baseline_eval)
     assert "eval/vicuna/win_rate" not in full["metrics"]
-    assert len([p for p in (tmp_path / "artifacts" / "train").iterdir() if p.is_dir()]) == 2
+    assert len([p for p in (tmp_path / "artifacts" / "finetune").iterdir() if p.is_dir()]) == 3

@@ -61,7 +61,7 @@ def test_loss_scorer_needs_no_reference(make_cfg, tmp_path):
     assert "reference_adapter" not in summary["artifacts"]
     rows = [json.loads(x) for x in Path(summary["artifacts"]["scores"]).read_text().splitlines()]
     assert all(r["loss_ref"] is None and r["score"] == r["loss_init"] for r in rows)
-    assert not (tmp_path / "artifacts" / "reference").exists()
+    assert not (tmp_path / "artifacts" / "finetune").exists()
     # lobass then trains the reference and reuses the L_init pass already on disk.
     lobass = run(make_cfg(*TINY, "scorer=lobass", "stages=[score]"))
     assert list(lobass["stages"]) == ["reference", "score"]

@@ -200,7 +200,7 @@ def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pas
     def built(stage):
         return [p for p in (artifacts / stage).iterdir() if p.is_dir()]
 
-    assert len(built("reference")) == 1
+    assert len(built("finetune")) == 1  # the reference: stages=[select] trains nothing else
     assert len(built("losses")) == 2  # L_init and L_ref, each once for all four points
     assert len(built("scores")) == 2  # one per scorer
     assert len(built("selection")) == 4

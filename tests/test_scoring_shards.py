@@ -86,7 +86,7 @@ def test_torchrun_two_ranks_writes_the_single_process_result(tmp_path, models_di
     args = ["scorer=lobass", "score.shard_rows=4", "score.extra_scorers=[ifd]"]
     single = _run(_args(tmp_path / "single", models_dir, tmp_path / "run0", *args))
     assert not single["stages"]["score"]["reused"]
-    shutil.copytree(tmp_path / "single" / "reference", tmp_path / "ranks" / "reference")
+    shutil.copytree(tmp_path / "single" / "finetune", tmp_path / "ranks" / "finetune")
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2"]

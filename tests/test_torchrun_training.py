@@ -23,8 +23,9 @@ def test_two_ranks_train_one_adapter_and_rank_zero_publishes_it(tmp_path, models
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    train_dirs = [p for p in (artifacts / "train").iterdir() if p.is_dir()]
-    assert len(train_dirs) == 1 and not list((artifacts / "train").glob("*.partial"))
+    train_dirs = [p for p in (artifacts / "finetune").iterdir() if p.is_dir()
+                  and str(p / "adapter") == summary["artifacts"]["adapter"]]
+    assert len(train_dirs) == 1 and not list((artifacts / "finetune").glob("*.partial"))
     metrics = json.loads((train_dirs[0] / "train_metrics.json").read_text())
     # 8 selected rows, 2 per rank per step over 2 ranks: 2 optimiser steps for the epoch
     # (a single process would take 4), so the ranks really split the data.

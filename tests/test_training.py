@@ -13,7 +13,8 @@ import pytest
 from conftest import TINY
 from lobass.pipeline import run
 
-# reference: 32 rows (24 Alpaca + 8 GSM8K), batch 8, 4 steps; train: the top 8 rows, batch 4, 3 steps
+# reference: 32 rows (24 Alpaca + 8 GSM8K), batch 8, 4 steps; train: the top 8 rows, batch 4,
+# 3 steps
 REFERENCE_LOSSES = [10.819872856140137, 10.814119338989258, 10.788848876953125, 10.809741973876953]
 # Step 3 is the first step of the second epoch (8 rows / 4 = 2 steps per epoch): its batch order
 # comes from EpochSeededLengthSampler (seed + epoch) since issue 15, which made resume exact.

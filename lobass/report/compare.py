@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from lobass.artifacts import read_row_losses
 from lobass.report.runs import higher_is_better
-from lobass.scoring.store import read_row_losses
 from lobass.stats import bootstrap_interval
 
 POINT = ["scorer", "ratio"]  # what makes a point of the sweep; seeds pool within it

@@ -35,6 +35,10 @@ class LazyModel:
             self.loads += 1
         return self._model
 
+    def drop(self) -> None:
+        """Forget the model (the caller then frees its memory); a later ``get`` loads it again."""
+        self._model = None
+
 
 def loss_features(features: Sequence[Features], loss: str, start_token_id: int) -> list[Features]:
     """The inputs of a loss: the pool's rows, or their responses alone for ``uncond``."""

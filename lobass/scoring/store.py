@@ -13,7 +13,6 @@ computed it: resumed, sharded and uninterrupted runs give the same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -28,11 +27,9 @@ import numpy as np
 from lobass import distributed as dist
 from lobass.artifacts import (
     atomic_write_text,
-    file_lock,
-    is_complete,
-    publish_artifact,
+    ensure_artifact,
     read_meta,
-    work_dir,
+    write_row_losses,
 )
 
 log = logging.getLogger(__name__)
@@ -81,24 +78,6 @@ def _write_shard(path: Path, ids: Sequence[str], values: np.ndarray) -> None:
     atomic_write_text(path, json.dumps({"ids": list(ids), "loss": losses}) + "\n")
 
 
-def write_row_losses(path: Path, ids: Sequence[str], losses: np.ndarray) -> None:
-    """One ``{"id", "loss"}`` line per row (``null`` where the loss is not finite).
-
-    The format of a loss artifact, and of the per-row losses an evaluation keeps so that two
-    runs can be compared row by row on the same answers (a paired difference has a far tighter
-    interval than two independent means).
-    """
-    atomic_write_text(path, "".join(
-        json.dumps({"id": i, "loss": float(v) if math.isfinite(v) else None}) + "\n"
-        for i, v in zip(ids, losses.tolist(), strict=True)))
-
-
-def read_row_losses(path: Path) -> dict[str, float]:
-    """The finite losses of a file written by :func:`write_row_losses`, by row id."""
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
-    return {r["id"]: float(r["loss"]) for r in rows if r["loss"] is not None}
-
-
 def read_losses(directory: Path) -> np.ndarray:
     """The ``(N,)`` losses of a complete loss artifact, in pool order (NaN where non-finite)."""
     rows = [json.loads(line) for line in (directory / LOSSES_FILE).read_text().splitlines()]
@@ -118,7 +97,8 @@ def ensure_losses(directory: Path, ids: Sequence[str], compute: ComputeFn, *, sh
     """Load the loss artifact at ``directory``, computing whatever shards are missing first.
 
     Every rank must call this with the same arguments (under ``torchrun``); each computes its own
-    shards, and every rank returns the complete result.
+    shards inside one collective :func:`lobass.artifacts.ensure_artifact`, and every rank returns
+    the complete result.
 
     Args:
         directory: ``<artifacts_dir>/losses/<key>``; the key hashes everything the losses depend on.
@@ -132,55 +112,40 @@ def ensure_losses(directory: Path, ids: Sequence[str], compute: ComputeFn, *, sh
         The losses in pool order, whether they were reused, and shard counts.
 
     """
-    if dist.broadcast(is_complete(directory) if dist.is_main() else None):
-        return LossResult(read_losses(directory), True, read_meta(directory))
     ranges = shard_ranges(len(ids), shard_rows)
-    work = work_dir(directory)
-    # Only rank 0 takes the artifact lock (against other runs); the other ranks work under it.
-    lock = file_lock(directory.with_name(directory.name + ".lock")) if dist.is_main() \
-        else contextlib.nullcontext()
-    with lock:
-        state: dict[str, Any] | None = None
+
+    def build(work: Path) -> dict[str, Any]:
+        (work / SHARDS).mkdir(parents=True, exist_ok=True)
+        # Rank 0 decides which shards a crashed run already left; every rank gets its answer.
+        on_disk: list[int] | None = None
         if dist.is_main():
-            if is_complete(directory):  # another run finished it while we waited for the lock
-                state = {"complete": True}
-            else:
-                if directory.exists():
-                    log.warning("losses %s are not usable; recomputing them", directory)
-                    shutil.rmtree(directory)
-                (work / SHARDS).mkdir(parents=True, exist_ok=True)
-                on_disk = [i for i, (lo, hi) in enumerate(ranges)
-                           if _read_shard(_shard_path(work, lo, hi), ids[lo:hi]) is not None]
-                state = {"complete": False, "done": on_disk}
-        state = dist.broadcast(state)
-        assert state is not None
-        if state["complete"]:
-            return LossResult(read_losses(directory), True, read_meta(directory))
-        done = set(state["done"])
+            on_disk = [i for i, (lo, hi) in enumerate(ranges)
+                       if _read_shard(_shard_path(work, lo, hi), ids[lo:hi]) is not None]
+        shards: list[int] | None = dist.broadcast(on_disk)
+        done = set(shards or [])
         mine = [i for i in range(len(ranges))
                 if i % dist.world_size() == dist.rank() and i not in done]
         if done and dist.is_main():
             log.info("%s: resuming, %d of %d shards already on disk in %s", desc, len(done),
                      len(ranges), work)
-        bar = _progress_bar(sum(ranges[i][1] - ranges[i][0] for i in range(len(ranges))
-                                if i not in done), desc)
-        with bar:
+        with _progress_bar(sum(hi - lo for i, (lo, hi) in enumerate(ranges) if i not in done),
+                           desc) as bar:
             for i in mine:
                 lo, hi = ranges[i]
-                values = compute(list(range(lo, hi)), bar.update)
-                _write_shard(_shard_path(work, lo, hi), ids[lo:hi], values)
+                _write_shard(_shard_path(work, lo, hi), ids[lo:hi],
+                             compute(list(range(lo, hi)), bar.update))
                 if dist.world_size() > 1:  # other ranks' rows: estimate from our own pace
                     bar.update((hi - lo) * (dist.world_size() - 1))
-        dist.barrier()  # every rank's shards are on disk
+        dist.barrier()  # every rank's shards are on disk before rank 0 assembles them
         meta = {"rows": len(ids), "shard_rows": shard_rows, "shards": len(ranges),
                 "shards_resumed": len(done), "shards_computed": len(ranges) - len(done),
                 "world_size": dist.world_size()}
         if dist.is_main():
-            values = _assemble(work, ranges, ids)
-            meta["nonfinite"] = int((~np.isfinite(values)).sum())
-            publish_artifact(work, directory, meta)
-        dist.barrier()  # the artifact is in place for every rank to read
-    return LossResult(read_losses(directory), False, read_meta(directory))
+            meta["nonfinite"] = int((~np.isfinite(_assemble(work, ranges, ids))).sum())
+        return meta
+
+    directory, reused = ensure_artifact(directory, build, collective=True)
+    return LossResult(read_losses(directory), reused, read_meta(directory))
 
 
 def _assemble(work: Path, ranges: list[tuple[int, int]], ids: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""The eval stage: reference-answer losses, lm-eval benchmarks, answers, and the pairwise judge.
+
+The evaluated model is the initial model with a fine-tune's adapter merged in, so lm-eval and
+generation see a plain transformers model. The per-row response losses come from the scoring
+engine, handed in by the pipeline as ``response_losses`` (stage packages never import each other).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint, write_row_losses
+from lobass.context import Context, StageResult
+from lobass.evaluation import suite
+from lobass.evaluation.heldout import heldout_loss_metrics
+from lobass.formatting import Features, tokenize_example
+from lobass.modeling import free_memory, load_adapter, load_model, load_tokenizer, model_key
+
+log = logging.getLogger(__name__)
+
+# (model, features, max_tokens_per_batch, pad_token_id) -> (N,) mean response losses
+ResponseLosses = Callable[..., np.ndarray]
+
+
+def evaluate(ctx: Context, adapter: Path, *, seed: int, judge_baseline: str | None,
+             response_losses: ResponseLosses) -> StageResult:
+    """Evaluate the initial model with ``adapter`` merged in; one artifact per key.
+
+    Args:
+        ctx: the run's context.
+        adapter: a fine-tune's ``adapter/`` directory.
+        seed: lm-eval's seed and the judge's bootstrap seed.
+        judge_baseline: what the answers are judged against (an eval artifact or run directory,
+            or a generations file); ``None``: answers are saved, nothing is judged.
+        response_losses: the scoring engine's ``compute_response_losses``.
+
+    Returns:
+        The eval artifact (``metrics.json``, ``losses/<set>.jsonl``, ``judge/``) and its metrics.
+
+    """
+    cfg = ctx.cfg
+    ev = OmegaConf.merge(cfg.eval, {"judge": {"baseline": judge_baseline}})
+    assert isinstance(ev, DictConfig)
+    judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
+    # format 2: the artifact also keeps per-row losses (losses/<set>.jsonl) for paired reports;
+    # the loss batch budget moves losses by ~1e-7, so it is part of the key too.
+    key = fingerprint({"adapter": adapter.parent.name, "eval": OmegaConf.to_container(ev),
+                       "seed": seed, "judged": judged, "format": 2,
+                       "loss_batch": cfg.score.max_tokens_per_batch})
+
+    def build(work: Path) -> dict[str, Any]:
+        model = load_adapter(load_model(cfg.model, ctx.model_path), adapter)
+        model = model.merge_and_unload().eval()
+        metrics: dict[str, float] = {}
+        # a) reference-free: mean response loss on held-out reference answers
+        for name, examples in suite.reference_sets(ev).items():
+            features = [tokenize_example(e, ctx.tokenizer, cfg.model.template,
+                                         cfg.data.max_length) for e in examples]
+            losses = _losses(response_losses, model, features, cfg.score.max_tokens_per_batch)
+            metrics.update(heldout_loss_metrics(losses, name))
+            write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
+        # b) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
+        bench, skipped = suite.run_benchmarks(
+            model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
+            model_path=ctx.model_path, adapter_dir=adapter,
+            max_lora_rank=int(cfg.train.lora.r))
+        metrics.update(bench)
+        # c) greedy answers per prompt set, each its own resumable artifact
+        generations = suite.generate_sets(
+            model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
+            key={"adapter": adapter.parent.name, "model": model_key(cfg.model)})
+        metrics.update(suite.generation_set_metrics(generations))
+        del model  # the judge may load another model
+        free_memory()
+        # d) pairwise judge against the baseline's answers, both orders
+        if judged is not None:
+            judge = suite.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
+            metrics.update(suite.judge_sets(judge, ev.judge, generations, work, seed=seed))
+            del judge
+            free_memory()
+        elif generations:
+            log.info("eval.judge.baseline is null: answers saved, no pairwise judging")
+        atomic_write_json(work / "generations.json", {k: str(v) for k, v in generations.items()})
+        atomic_write_json(work / "skipped.json", skipped)
+        atomic_write_json(work / "metrics.json", metrics)
+        return {"metrics": sorted(metrics), "skipped": skipped}
+
+    directory, reused = ensure_artifact(ctx.artifacts_dir / "eval" / key, build)
+    metrics = json.loads((directory / "metrics.json").read_text())
+    return StageResult(directory, reused, metrics, {"eval": str(directory)})
+
+
+def _losses(response_losses: ResponseLosses, model: Any, features: Sequence[Features],
+            budget: int) -> np.ndarray:
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    pad_id = int(pad[0] if isinstance(pad, list) else pad)
+    return response_losses(model, features, max_tokens_per_batch=budget, pad_token_id=pad_id)
+
+
+def _judge_loader(ctx: Context) -> Callable[[str | None], tuple[Any, Any]]:
+    """``load(name)``: the judge model and tokenizer (``None``: the run's initial model)."""
+
+    def load(name: str | None) -> tuple[Any, Any]:
+        if name is None:  # the embedded/initial model judges
+            return load_model(ctx.cfg.model, ctx.model_path), ctx.tokenizer
+        judge_cfg = OmegaConf.merge(ctx.cfg.model, {"source": "hub", "hub_id": name,
+                                                    "revision": None})
+        assert isinstance(judge_cfg, DictConfig)
+        return load_model(judge_cfg, name), load_tokenizer(judge_cfg, name)
+
+    return load

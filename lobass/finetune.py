@@ -1,0 +1,89 @@
+"""The fine-tune artifact: one kind for the reference model and for every selection's model.
+
+A fine-tune is keyed on what changes its weights and nothing else: the rows trained on (their
+content ids, in order), how they are tokenised, the recipe without its bookkeeping fields, the
+seed, the LoRA targets and the initial model. So the full-data model *is* the reference whenever
+their recipes and seeds agree, by content addressing alone, and ``train.logging_steps=1`` reuses
+a model that was trained with other logging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lobass import distributed
+from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
+from lobass.context import Context, StageResult
+from lobass.modeling import free_memory, load_model
+from lobass.training import train_lora
+
+log = logging.getLogger(__name__)
+
+# Recipe fields that change how often a run logs or checkpoints, or which rows it is given
+# (``reference.fraction`` and ``reference.seed`` are resolved into the rows and the seed before
+# the key is made), but never the weights it ends with.
+BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "eval_steps", "fraction", "seed")
+
+
+def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
+    """The ``train``/``reference`` group without its bookkeeping fields: the fine-tune's recipe."""
+    container = OmegaConf.to_container(recipe, resolve=True)
+    assert isinstance(container, dict)
+    return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
+
+
+def reference_rows(cfg: DictConfig, n_pool: int) -> list[int]:
+    """Pool rows the reference trains on: all, or a ``reference.fraction`` sampled with its seed."""
+    rows = list(range(n_pool))
+    if cfg.reference.fraction < 1:  # a cheaper reference on a seeded share of the pool
+        k = max(1, round(cfg.reference.fraction * n_pool))
+        rows = sorted(random.Random(cfg.reference.seed).sample(rows, k))
+    return rows
+
+
+def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int,
+             name: str = "train") -> StageResult:
+    """LoRA fine-tune of the initial model on pool ``rows`` (pool order), built once per key.
+
+    Args:
+        ctx: the run's context.
+        rows: indices into the pool.
+        recipe: a ``train`` or ``reference`` config group.
+        seed: LoRA init, data order and dropout.
+        name: metric prefix (``train`` or ``reference``) and summary name of the adapter.
+
+    Returns:
+        The artifact (``adapter/``, ``train_metrics.json``, ``log_history.json``) and its
+        metrics under ``<name>/``.
+
+    """
+    cfg, pool = ctx.cfg, ctx.pool
+    targets = list(cfg.model.lora_targets)
+    key = fingerprint({**pool.tokens_key, "rows": fingerprint([pool.ids[i] for i in rows]),
+                       "recipe": weights_recipe(recipe), "seed": seed, "targets": targets})
+
+    def build(work: Any) -> dict[str, Any]:
+        model = load_model(cfg.model, ctx.model_path)
+        metrics = train_lora(model, ctx.tokenizer, [pool.features[i] for i in rows], recipe,
+                             targets, work, seed=seed, report_to=ctx.tracker.report_to,
+                             dtype=cfg.model.dtype)
+        del model
+        free_memory()  # the next stage loads its own copy
+        if distributed.is_main():
+            atomic_write_json(work / "train_metrics.json", metrics)
+        return {"rows": len(rows)}
+
+    # Every rank trains (data parallel under torchrun); rank 0 alone locks and publishes.
+    directory, reused = ensure_artifact(ctx.artifacts_dir / "finetune" / key, build,
+                                        collective=True)
+    metrics = json.loads((directory / "train_metrics.json").read_text())
+    adapter_name = "reference_adapter" if name == "reference" else "adapter"
+    return StageResult(directory, reused,
+                       {k.replace("train/", f"{name}/", 1): v for k, v in metrics.items()},
+                       {adapter_name: str(directory / "adapter")})

@@ -1,0 +1,57 @@
+"""The pool stage: read every source of ``data``, de-duplicate, tokenise, and say what it holds.
+
+Runs before any model loads (only the tokenizer is needed), so a bad row or an oversized
+``selection.count`` fails in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lobass.context import Pool
+from lobass.data import Example, ReadStats, read_examples
+from lobass.formatting import tokenize_example
+from lobass.modeling import model_key
+
+log = logging.getLogger(__name__)
+
+
+def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
+    """Every source of ``data`` (``data.path`` then ``data.mix``) read and de-duplicated.
+
+    Returns:
+        The examples in source then file order, and ``data/<source>/{rows,skipped_*}`` counts.
+
+    """
+    sources = {data_cfg.source: data_cfg, **(data_cfg.mix or {})}
+    examples: list[Example] = []
+    metrics: dict[str, float] = {}
+    seen: set[str] = set()
+    for name, source in sources.items():
+        rows, stats = read_examples(source.path, source.reader, source=str(name),
+                                    max_rows=source.max_rows, on_bad_row=data_cfg.on_bad_row)
+        unique = [e for e in rows if e.id not in seen]  # a row in two mixed files counts once
+        stats.skipped["duplicate"] += len(rows) - len(unique)
+        seen.update(e.id for e in unique)
+        examples += unique
+        metrics.update(ReadStats(len(unique), stats.skipped).as_metrics(f"data/{name}"))
+    return examples, metrics
+
+
+def tokenize_pool(cfg: DictConfig, examples: list[Example],
+                  tokenizer: Any) -> tuple[Pool, dict[str, float]]:
+    """The pool with response-only labels, and ``data/{pool_rows,truncated,tokens}``."""
+    data = cfg.data
+    features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length)
+                for e in examples]
+    metrics = {"data/pool_rows": float(len(examples)),
+               "data/truncated": float(sum(f.truncated for f in features)),
+               "data/tokens": float(sum(len(f.input_ids) for f in features))}
+    log.info("data=%s: %d rows, %d truncated to data.max_length=%d", data.name, len(examples),
+             metrics["data/truncated"], data.max_length)
+    tokens_key = {"model": model_key(cfg.model), "template": cfg.model.template,
+                  "max_length": data.max_length}
+    return Pool(examples, features, tokens_key), metrics
