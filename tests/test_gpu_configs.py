@@ -188,3 +188,58 @@ def test_training_runs_where_the_model_is(tmp_path):
     assert on_cpu.use_cpu and not on_cpu.bf16
     with pytest.raises(DeviceUnavailableError):  # never a quiet use_cpu=True
         training_arguments(train, tmp_path, 0, "none", "bfloat16", device="cuda")
+
+
+def test_slurm_launcher_composes_without_the_plugin_one_gpu_per_point():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    # a Hydra job is one process on one GPU: asking for more would leave them idle
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
+    assert "scripts/slurm_torchrun.py" in (CONF / "hydra/launcher/submitit_slurm.yaml").read_text()
+
+
+def test_multi_gpu_point_runs_torchrun_inside_the_job_with_a_c10d_rendezvous():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from slurm_torchrun import SlurmJob, main, sbatch_script
+
+    script = sbatch_script(SlurmJob(nodes=2, gpus_per_node=4, partition="gpu", mem_gb=256),
+                           ["experiment=paper_alpaca_llama13b", "data.path=/shared/a b.json",
+                            "train=lora_gpu_fsdp"])
+    lines = script.splitlines()
+    for directive in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
+                      "--cpus-per-task=32", "--mem=256G", "--partition=gpu"):
+        assert f"#SBATCH {directive}" in lines
+    assert "#SBATCH --account" not in script  # unset options are left out
+    command = script.split("head=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+                           )[1].replace("\\\n", "")
+    words = command.split()
+    assert words[words.index("srun"):words.index("srun") + 5] == [
+        "srun", "--ntasks-per-node=1", ".venv/bin/python", "-m", "torch.distributed.run"]
+    assert {'--nnodes="$SLURM_JOB_NUM_NODES"', "--nproc-per-node=4", '--rdzv-id="$SLURM_JOB_ID"',
+            "--rdzv-backend=c10d", '--rdzv-endpoint="$head:29500"'} <= set(words)
+    # overrides are shell-quoted; every rank shares the job's run directory
+    assert "'data.path=/shared/a b.json'" in command
+    assert command.rstrip().endswith('"hydra.run.dir=outputs/slurm-$SLURM_JOB_ID"')
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    with pytest.raises(ValueError, match="--gpus-per-node must be >= 1"):
+        sbatch_script(SlurmJob(gpus_per_node=0), [])
+    assert main(["--nodes", "1", "--gpus-per-node", "8", "experiment=paper_alpaca_llama7b"]) == 0
+
+
+def test_lm_eval_batch_auto_passes_through_and_vllm_gets_the_ranks_gpu():
+    from lobass.evaluation.harness import lm_batch_size, vllm_device_env
+
+    cfg = _compose("eval=gpu")
+    assert lm_batch_size(cfg.eval.gsm8k.batch_size) == "auto"  # lm-eval finds what fits
+    assert lm_batch_size(cfg.eval.ifeval.batch_size) == "auto"
+    assert lm_batch_size("auto:4") == "auto:4" and lm_batch_size(16) == 16
+    with pytest.raises(ValueError, match="positive number, auto or auto:N; got 'big'"):
+        lm_batch_size("big")
+    # vLLM's engine sees only this rank's GPU (it would take GPU 0 on every rank otherwise)
+    assert vllm_device_env(3, None) == "3"
+    assert vllm_device_env(1, "4,5,6,7") == "5"  # a SLURM allocation's own numbering
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 but CUDA_VISIBLE_DEVICES=0,1"):
+        vllm_device_env(2, "0,1")
