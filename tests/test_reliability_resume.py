@@ -71,8 +71,8 @@ def _kill_at_checkpoint(command: list[str], artifacts: Path, stage: str, log: Pa
 
 
 def _artifact(artifacts: Path, stage: str) -> Path:
-    (directory,) = [p for p in (artifacts / stage).iterdir()
-                    if p.is_dir() and not p.name.endswith(".partial")]
+    (directory,) = [p for p in (artifacts / stage).iterdir()  # not <key>.partial[.unusable-*]
+                    if p.is_dir() and ".partial" not in p.name]
     return directory
 
 
@@ -169,3 +169,24 @@ def test_kill_9_in_either_epoch_of_the_reference_then_rerun_matches_uninterrupte
     _assert_same_adapter(a, b)
     a, b = _artifact(killed, "scores"), _artifact(clean, "scores")
     assert (a / "scores.jsonl").read_bytes() == (b / "scores.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_checkpoint_with_a_truncated_adapter_is_set_aside_and_training_restarts(
+        tmp_path, models_dir):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = _epochs_command(tmp_path, "killed", models_dir)
+    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log", step=2)
+    (checkpoint,) = [p.parent for p in killed.glob(
+        "reference/*.partial/checkpoints/checkpoint-*/trainer_state.json")]
+    adapter = checkpoint / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])  # looks complete
+    second = _run(command, tmp_path / "2.log")
+    work = checkpoint.parent.parent
+    aside = [p for p in work.parent.iterdir() if p.name.startswith(f"{work.name}.unusable-")]
+    assert len(aside) == 1 and (aside[0] / "adapter_model.safetensors").is_file()
+    assert f"setting aside {checkpoint}: it cannot be loaded (adapter_model.safetensors: " \
+           in second and f"moved to {aside[0]}" in second
+    assert "resuming training from" not in second  # no older checkpoint: from the start
+    _run(_epochs_command(tmp_path, "clean", models_dir), tmp_path / "3.log")
+    _assert_same_adapter(_artifact(killed, "reference"), _artifact(clean, "reference"))
