@@ -28,7 +28,7 @@ from lobass.context import Context, StageResult
 from lobass.evaluation.stage import evaluate
 from lobass.finetune import finetune, reference_rows
 from lobass.memory import check_memory
-from lobass.modeling import load_tokenizer, resolve_model_path
+from lobass.modeling import check_device, load_tokenizer, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score
@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # The resolved config beside summary.json: what the report reads a point's identity from.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         validate(cfg)  # every value, before any file is read or model loaded
+        check_device(cfg.model)  # model.device=cuda without CUDA fails here, not as a CPU crawl
     except Exception:  # a sweep point with a bad value fails alone, and says why
         _record_failure(run_dir)
         raise
