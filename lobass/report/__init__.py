@@ -94,7 +94,8 @@ def _log_to_wandb(project: str, root: Path, runs: pd.DataFrame, table: pd.DataFr
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m lobass.report DIR [--out OUT] [--wandb-project NAME]``."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lobass.report",
+                                     description=(__doc__ or "").splitlines()[0])
     parser.add_argument("root", type=Path, help="a multirun folder (or any folder of runs)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: root)")
     parser.add_argument("--wandb-project", default=None,
