@@ -4,6 +4,7 @@ The headers are nvidia-smi's own first lines for drivers 535, 550, 570 and 580 (
 changed with R550: wider columns); the choice must be a build that driver can run.
 """
 
+import json
 import subprocess
 import sys
 
@@ -104,3 +105,61 @@ def test_setup_sh_keeps_the_cpu_path_and_checks_cuda_on_gpu_machines():
     assert 'extras="dev,gemma,gpu"' in script
     assert "torch.cuda.is_available()" in script and "TORCH_INDEX_URL" in script
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts/setup.sh")]).returncode == 0
+
+
+def _dry_run():
+    out = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--dry-run"],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+    rows = [line.split(None, 2) for line in out.stdout.splitlines()]
+    return {name: (int(limit.rstrip("s")), command) for name, limit, command in rows}
+
+
+def test_gpu_check_dry_run_lists_every_step_within_nine_minutes():
+    steps = _dry_run()
+    assert list(steps) == ["setup", "bench_embedded", "bench_llama7b", "pipeline", "gpu_tests"]
+    assert sum(limit for limit, _ in steps.values()) <= 9 * 60
+    assert "--device cuda --shape llama_7b" in steps["bench_llama7b"][1]
+    assert "--json /tmp/lobass-gpu-check/out/bench_llama7b.json" in steps["bench_llama7b"][1]
+    assert steps["gpu_tests"][1].endswith("-m pytest -m gpu -q -p no:cacheprovider tests")
+
+
+def test_gpu_check_pipeline_overrides_compose_with_the_gpu_groups():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from lobass.config import validate
+
+    overrides = _dry_run()["pipeline"][1].split()[2:]  # after "$PY run.py"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    assert (cfg.model.device, cfg.model.dtype, cfg.score.max_tokens_per_batch) == (
+        "cuda", "bfloat16", 16384)
+    assert cfg.train.gradient_checkpointing and cfg.eval.gsm8k.batch_size == "auto"
+    validate(cfg)
+
+
+def test_gpu_check_report_reads_steps_benchmarks_and_summary(tmp_path):
+    from gpu_check_report import assemble, main
+
+    (tmp_path / "nvidia_smi.txt").write_text(SMI_580)
+    (tmp_path / "steps.tsv").write_text("setup\t1\t12.5\t150\nbench_embedded\t0\t41.0\t60\n"
+                                        "bench_llama7b\t124\t120.0\t120\n")
+    (tmp_path / "bench_embedded.json").write_text(
+        '{"device": "NVIDIA H200", "speedup_vs_naive": 7.5, "mfu": 0.12, "rows": 512}')
+    (tmp_path / "pipeline_summary.json").write_text(
+        '{"stages": {"score": {"seconds": 3.2, "reused": false}},'
+        ' "metrics": {"train/loss": 1.5, "data/tokens": 9.0}}')
+    report = assemble(tmp_path)
+    assert (report["driver"], report["driver_cuda"]) == ("580.159.03", "13.0")
+    assert report["steps"]["setup"] == {"rc": 1, "seconds": 12.5, "limit_s": 150, "ok": False,
+                                        "timed_out": False}
+    assert report["steps"]["bench_llama7b"]["timed_out"] and not report["all_ok"]
+    assert report["scoring"]["embedded"]["speedup_vs_naive"] == 7.5
+    assert report["scoring"]["llama7b"].startswith("missing")
+    assert report["issue4_goal_5x_naive_met"] is True
+    assert report["pipeline"] == {"stages": {"score": 3.2}, "metrics": {"train/loss": 1.5}}
+    assert main([str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
+    (tmp_path / "steps.tsv").write_text("setup\t0\n")
+    with pytest.raises(ValueError, match=r"steps.tsv:1: expected name, rc, seconds, limit"):
+        assemble(tmp_path)
