@@ -142,10 +142,11 @@ def file_lock(path: Path) -> Iterator[None]:
     The kernel releases a ``flock`` when the last descriptor of the locked file closes, so a
     killed holder frees the lock by itself. It stays held when the holder forked a process
     that inherited the descriptor and outlives it (a worker, a server): then the recorded
-    holder is dead (on this host; its pid gone, a zombie, or reused by a process that started
-    later) while the lock is still taken. Such a lock is stale: its file is unlinked, so the
-    next process locks a fresh file, while the orphan keeps a lock that no one waits for.
-    A holder on another host (a shared file system) cannot be checked and is waited for.
+    holder is dead (on this host and in this PID namespace; its pid gone, a zombie, or reused
+    by a process that started later) while the lock is still taken. Such a lock is stale: its
+    file is unlinked, so the next process locks a fresh file, while the orphan keeps a lock that
+    no one waits for. A holder on another host or in another container (a shared file system)
+    cannot be checked and is waited for.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = _acquire_lock(path)
@@ -205,7 +206,7 @@ def _record_lock_holder(handle: IO[str]) -> None:
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(),
+        "pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
         "start": _process_start(os.getpid()),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }) + "\n")
@@ -230,10 +231,19 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]  # a zombie has exited: no start to match
 
 
+def _pid_namespace() -> str | None:
+    """The PID namespace of this process (Linux): containers may share a host name, not pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _holder_is_dead(holder: dict[str, Any]) -> bool:
     pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False  # another machine's process, or not written yet: wait for it
+    here = (socket.gethostname(), _pid_namespace())
+    if (holder.get("host"), holder.get("pidns")) != here or not isinstance(pid, int):
+        return False  # another machine's (or container's) process, or not written yet: wait
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
