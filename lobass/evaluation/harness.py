@@ -77,8 +77,9 @@ def _build_vllm(model_path: str, *, revision: str | None, dtype: str, max_length
         from lm_eval.models.vllm_causallms import VLLM
     except ImportError as err:
         raise ImportError("eval.backend=vllm needs vLLM, which pins its own torch and "
-                          "transformers: run the eval stage from the separate environment in "
-                          "docs/gpu.md (section 5), or use eval.backend=hf") from err
+                          "transformers: pip install vllm==0.33.0 into a separate environment "
+                          "and run the eval stage from it (docs/gpu.md, section 5), or use "
+                          "eval.backend=hf") from err
     gc.collect()  # frees models whose last references were cycles (accelerate's forward wraps)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
