@@ -10,6 +10,7 @@ run before Hydra saves its config under ``.hydra/``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,12 @@ class RefuseSecrets(Callback):
         values = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items()  # type: ignore[union-attr]
                   if k != "hydra"}
         overrides = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
-        refuse_secrets(values, tuple(str(o) for o in overrides))
+        try:
+            refuse_secrets(values, tuple(str(o) for o in overrides))
+        except ConfigError as err:
+            # Hydra turns a callback's exception into a warning and carries on; only an exit
+            # stops it before it writes .hydra/. The message never holds the value.
+            sys.exit(f"error: {err}")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         self._check(config)
@@ -149,6 +155,18 @@ def _check_selection(selection: dict[str, Any]) -> None:
     if (ratio is None) == (count is None):
         raise ConfigError("set exactly one of selection.ratio and selection.count (got "
                           f"ratio={ratio}, count={count})")
+    band = selection.get("band")
+    if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1] <= 1):
+        raise ConfigError(f"selection.band must be [lo, hi] score quantiles with "
+                          f"0 <= lo < hi <= 1, got {band}")
+    if selection.get("budget") == "tokens":
+        if (selection.get("tokens") is None) == (selection.get("match_tokens") is None):
+            raise ConfigError("selection.budget=tokens needs exactly one of selection.tokens "
+                              "(response tokens) and selection.match_tokens (a run directory "
+                              "whose selection's token count to match)")
+        if band is not None or selection.get("by_source"):
+            raise ConfigError("selection.budget=tokens cannot be combined with selection.band "
+                              "or selection.by_source; choose one size")
 
 
 def _check_recipe(group: str, recipe: dict[str, Any]) -> None:

@@ -244,3 +244,125 @@ def test_a_refused_secret_reaches_no_file_of_the_run(make_cfg, tmp_path):
         run(cfg)
     for path in (tmp_path / "run").rglob("*"):
         assert b"sk-proj-Abc123Def456Ghi789" not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects chosen by config are built from their _target_; the judge is checked before stage 1
+
+def test_judges_and_loggers_are_built_from_their_target(tiny, tmp_path):
+    from lobass.evaluation.judge import LocalHFJudge, OpenAICompatibleJudge
+    from lobass.evaluation.suite import make_judge
+    from lobass.tracking import NullLogger, WandbLogger, make_logger
+
+    cfg = _compose("judge=openai_compatible", "eval.judge.model=judge-7b", "eval.judge.retries=5")
+    judge = make_judge(cfg.eval.judge, load_local=None, template="chat")  # type: ignore[arg-type]
+    assert judge == OpenAICompatibleJudge(
+        base_url="https://api.openai.com/v1", model="judge-7b", api_key_env="OPENAI_API_KEY",
+        max_tokens=512, temperature=0.0, timeout_s=120, retries=5, max_workers=4,
+        probe_timeout_s=10)
+    asked = []
+
+    def load_local(name):
+        asked.append(name)
+        return tiny
+
+    cfg = _compose("judge=local_hf", "eval.judge.max_length=512")
+    local = make_judge(cfg.eval.judge, load_local, template="alpaca")
+    assert isinstance(local, LocalHFJudge) and asked == [None]
+    assert (local.model, local.tokenizer) == tiny
+    assert (local.template, local.max_length, local.name) == ("alpaca", 512, "local_hf")
+
+    cfg = _compose("logger=none")
+    assert isinstance(make_logger(cfg.logger, {"seed": 0}, tmp_path), NullLogger)
+    cfg = _compose("logger=wandb", "logger.project=lobass-test", "tags=[a,b]")
+    logger = make_logger(cfg.logger, {"seed": 7}, tmp_path)
+    try:
+        assert isinstance(logger, WandbLogger)
+        assert (logger.run.project, list(logger.run.tags), logger.run.config["seed"]) == (
+            "lobass-test", ["a", "b"], 7)
+        assert list((tmp_path / "wandb").glob("offline-run-*"))  # offline: files under run_dir
+    finally:
+        logger.finish()
+
+
+@pytest.fixture
+def models_endpoint():
+    """A real OpenAI-style server on 127.0.0.1 answering ``GET /v1/models`` with ``status``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    state = {"requests": [], "status": 200}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's naming)
+            state["requests"].append((self.path, self.headers.get("Authorization")))
+            if state["status"] != 200:
+                self.send_error(state["status"])
+                return
+            payload = json.dumps({"object": "list", "data": [{"id": "judge"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_judge_key_and_server_are_checked_before_the_first_stage(models_endpoint, monkeypatch):
+    from lobass.evaluation.suite import preflight_judge
+
+    def check(*overrides, stages=("eval",)):
+        cfg = _compose("judge=openai_compatible", "eval.judge.baseline=full_data",
+                       f"eval.judge.base_url={models_endpoint['base_url']}",
+                       "eval.judge.api_key_env=LOBASS_TEST_JUDGE_KEY", *overrides)
+        preflight_judge(cfg.eval, list(stages))
+
+    monkeypatch.delenv("LOBASS_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="LOBASS_TEST_JUDGE_KEY: that environment variable is "
+                                           "not set"):
+        check()
+    monkeypatch.setenv("LOBASS_TEST_JUDGE_KEY", "")  # set but empty is no key either
+    with pytest.raises(RuntimeError, match="that environment variable is not set"):
+        check()
+    check(stages=("reference", "score"))  # no eval stage: no judge, nothing to check
+    check("eval.judge.baseline=null")  # no baseline: nothing is judged
+    assert models_endpoint["requests"] == []
+
+    monkeypatch.setenv("LOBASS_TEST_JUDGE_KEY", "test-key")
+    check()
+    assert models_endpoint["requests"] == [("/v1/models", "Bearer test-key")]
+    models_endpoint["status"] = 404  # a server without /models still answers
+    check()
+    models_endpoint["status"] = 401
+    with pytest.raises(RuntimeError, match=r"HTTP 401 from .*/v1/models: the server refused the "
+                                           r"key in \$LOBASS_TEST_JUDGE_KEY"):
+        check()
+    check("eval.judge.probe_timeout_s=null")  # probe off: the key alone is checked
+    assert len(models_endpoint["requests"]) == 3
+
+    closed = f"http://127.0.0.1:{_free_port()}/v1"
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"no answer from .*/v1/models within 2 s .*start the "
+                                           r"server or fix the URL"):
+        check(f"eval.judge.base_url={closed}", "eval.judge.probe_timeout_s=2")
+    assert time.perf_counter() - start < 5

@@ -1,8 +1,10 @@
-"""Secrets (issue 8): API keys planted in the environment never reach any output of a run.
+"""Secrets (issues 8 and 15): API keys never reach any output of a run.
 
-The whole pipeline runs through ``run.py`` (so Hydra saves its config) with W&B on (offline),
-then every byte the run wrote is searched: summary.json, Hydra's saved config and log, W&B's
-offline run files, the artifacts, and the process's own output.
+Keys planted in the environment: the whole pipeline runs through ``run.py`` (so Hydra saves its
+config) with W&B on (offline), then every byte the run wrote is searched: summary.json, Hydra's
+saved config and log, W&B's offline run files, the artifacts, and the process's own output.
+Keys typed into the config: ``run.py`` refuses them before Hydra writes anything, without
+echoing them (the in-process checks are in ``tests/test_configs.py``).
 """
 
 from __future__ import annotations
@@ -43,3 +45,24 @@ def test_planted_keys_appear_in_no_output_of_a_full_run(tmp_path, models_dir):
         assert secret.encode() not in output, f"{name} in the process output"
         leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
         assert not leaked, f"{name} leaked into {leaked}"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["judge=openai_compatible", f"eval.judge.api_key_env={PLANTED['OPENAI_API_KEY']}"],
+    [f"+eval.judge.api_key={PLANTED['ANTHROPIC_API_KEY']}"],
+    ["-m", f"data.name=alpaca,{PLANTED['HF_TOKEN']}"],  # one point of a sweep
+], ids=["key_in_api_key_env", "api_key_option", "sweep_point"])
+def test_a_key_typed_into_the_config_stops_run_py_before_anything_is_written(tmp_path,
+                                                                            overrides):
+    secret = overrides[-1].split("=", 1)[1].split(",")[-1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides, "model=tiny_random", "logger=none",
+         f"artifacts_dir={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'run'}",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 1, output[-3000:]
+    assert "looks like a secret" in output and "environment variables only" in output
+    assert secret not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, no .hydra/, no cache
