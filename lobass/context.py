@@ -68,3 +68,4 @@ class StageResult:
     artifacts: dict[str, str] = field(default_factory=dict)  # summary name -> path
     ids: list[str] = field(default_factory=list)  # rows a selection chose, in rank order
     scores: np.ndarray | None = None  # (N,) the score stage's scores in pool order, NaN if flagged
+    identity: dict[str, Any] | None = None  # a selection's rule as resolved (point identity)

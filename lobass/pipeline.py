@@ -11,6 +11,7 @@ paths, flat metrics) into the run directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import traceback
@@ -45,6 +46,7 @@ class Summary:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    point: dict[str, Any] = field(default_factory=dict)  # what makes the run a point of a study
 
     def stage(self, name: str, call: Callable[[], StageResult]) -> StageResult:
         """Run one stage, timing it and keeping its reuse flag, metrics and artifact paths."""
@@ -69,7 +71,8 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON document."""
-        return {"stages": self.stages, "artifacts": self.artifacts, "metrics": self.metrics}
+        return {"stages": self.stages, "artifacts": self.artifacts, "metrics": self.metrics,
+                "point": self.point}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -93,7 +96,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _record_failure(run_dir)
         raise
     wanted = set(cfg.stages)
-    need_train = bool(wanted & {"train", "eval"})
+    # train=none: the initial model itself is the point (every arm is measured from it)
+    fine_tune = bool(cfg.train.get("enabled", True))
+    if not fine_tune:  # nothing to select or train: only the evaluation is asked for
+        log.info("train=none (train.enabled=false): evaluating the initial model; stages %s "
+                 "skipped", sorted(wanted - {"eval"}))
+        wanted &= {"eval"}
+    need_train = fine_tune and bool(wanted & {"train", "eval"})
     need_select = need_train or "select" in wanted
     need_score = need_select or "score" in wanted
     need_reference = "reference" in wanted or (need_score and needs_reference(cfg))
@@ -144,13 +153,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if "eval" in wanted:
             baseline = cfg.eval.judge.baseline
             if baseline == "full_data":
-                full = summary.stage("baseline", lambda: _full_data_baseline(ctx, trained))
+                full = summary.stage("baseline", lambda: _full_data_baseline(
+                    ctx, trained if need_train else None))
                 baseline = full.artifacts.get("baseline_eval")  # None: this run is full data
-            adapter = Path(trained.artifacts["adapter"])
+            adapter = Path(trained.artifacts["adapter"]) if need_train else None
             summary.stage("eval", lambda: evaluate(
                 ctx, adapter, seed=cfg.seed, judge_baseline=baseline,
                 response_losses=compute_response_losses))
 
+        summary.point = point_identity(cfg, selected if need_select else None)
+        tracker.log_table("summary/point", ["key", "value"],
+                          [[k, json.dumps(v)] for k, v in summary.point.items()])
         summary.metrics.update({f"time/{k}_seconds": v["seconds"]
                                 for k, v in summary.stages.items()})
         tracker.log_metrics(summary.metrics)
@@ -167,7 +180,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary.as_dict()
 
 
-def _full_data_baseline(ctx: Context, trained: StageResult) -> StageResult:
+def point_identity(cfg: DictConfig, selected: StageResult | None) -> dict[str, Any]:
+    """What makes this run a point of a study; the report groups runs by it, pooling only seeds.
+
+    Scorer and selection rule (its mode, size, order or band, per-source settings, as the select
+    stage resolved them), training budget, training seed and reference seed. ``train=none`` (the
+    initial model) has no scorer, selection or budget.
+    """
+    if not cfg.train.get("enabled", True):
+        return {"scorer": None, "selection": None, "train": None, "seed": cfg.seed,
+                "reference_seed": None}
+    return {"scorer": cfg.scorer.name,
+            "selection": selected.identity if selected else None,
+            "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
+            "seed": cfg.seed, "reference_seed": cfg.reference.seed}
+
+
+def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResult:
     """``eval.judge.baseline=full_data``: the full-data model, evaluated unjudged, once a sweep.
 
     The full-data model is the initial model fine-tuned on the whole pool with ``train`` and
@@ -176,8 +205,10 @@ def _full_data_baseline(ctx: Context, trained: StageResult) -> StageResult:
     against). Its metrics are not this run's: only the ``baseline_eval`` path is returned.
     """
     cfg = ctx.cfg
-    full = finetune(ctx, range(len(ctx.pool.examples)), cfg.train, seed=cfg.reference.seed)
-    if full.directory == trained.directory:
+    # train=none has no recipe of its own: the full data is then trained as the reference was.
+    recipe = cfg.train if trained is not None else cfg.reference
+    full = finetune(ctx, range(len(ctx.pool.examples)), recipe, seed=cfg.reference.seed)
+    if trained is not None and full.directory == trained.directory:
         log.info("eval.judge.baseline=full_data: this run is the full-data model; no judge")
         return StageResult(full.directory, full.reused)
     ev = evaluate(ctx, Path(full.artifacts["adapter"]), seed=cfg.reference.seed,

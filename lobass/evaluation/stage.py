@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 ResponseLosses = Callable[..., np.ndarray]
 
 
-def evaluate(ctx: Context, adapter: Path, *, seed: int, judge_baseline: str | None,
+def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: str | None,
              response_losses: ResponseLosses) -> StageResult:
-    """Evaluate the initial model with ``adapter`` merged in; one artifact per key.
+    """Evaluate the initial model with ``adapter`` merged in (or as it is); one artifact per key.
 
     Args:
         ctx: the run's context.
-        adapter: a fine-tune's ``adapter/`` directory.
+        adapter: a fine-tune's ``adapter/`` directory; ``None`` evaluates the initial model itself
+            (``train=none``: the row every arm is measured from).
         seed: lm-eval's seed and the judge's bootstrap seed.
         judge_baseline: what the answers are judged against (an eval artifact or run directory,
             or a generations file); ``None``: answers are saved, nothing is judged.
@@ -51,13 +52,16 @@ def evaluate(ctx: Context, adapter: Path, *, seed: int, judge_baseline: str | No
     judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
     # format 2: the artifact also keeps per-row losses (losses/<set>.jsonl) for paired reports;
     # the loss batch budget moves losses by ~1e-7, so it is part of the key too.
-    key = fingerprint({"adapter": adapter.parent.name, "eval": OmegaConf.to_container(ev),
+    # What is evaluated: a fine-tune (its key names the initial model too) or the initial model.
+    evaluated = adapter.parent.name if adapter else f"initial-{model_key(cfg.model)}"
+    key = fingerprint({"adapter": evaluated, "eval": OmegaConf.to_container(ev),
                        "seed": seed, "judged": judged, "format": 2,
                        "loss_batch": cfg.score.max_tokens_per_batch})
 
     def build(work: Path) -> dict[str, Any]:
-        model = load_adapter(load_model(cfg.model, ctx.model_path), adapter)
-        model = model.merge_and_unload().eval()
+        model = load_model(cfg.model, ctx.model_path)
+        if adapter is not None:
+            model = load_adapter(model, adapter).merge_and_unload().eval()
         metrics: dict[str, float] = {}
         # a) reference-free: mean response loss on held-out reference answers
         for name, examples in suite.reference_sets(ev).items():
@@ -75,7 +79,7 @@ def evaluate(ctx: Context, adapter: Path, *, seed: int, judge_baseline: str | No
         # c) greedy answers per prompt set, each its own resumable artifact
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
-            key={"adapter": adapter.parent.name, "model": model_key(cfg.model)})
+            key={"adapter": evaluated, "model": model_key(cfg.model)})
         metrics.update(suite.generation_set_metrics(generations))
         del model  # the judge may load another model
         free_memory()

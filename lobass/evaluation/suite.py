@@ -48,7 +48,7 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
 
 
 def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bool, seed: int,
-                   model_path: str, adapter_dir: Path, max_lora_rank: int
+                   model_path: str, adapter_dir: Path | None, max_lora_rank: int
                    ) -> tuple[dict[str, float], dict[str, str]]:
     """GSM8K and IFEval through lm-eval with one task manager.
 

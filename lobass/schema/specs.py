@@ -82,10 +82,17 @@ class ScorerSpec:
 
 @dataclass(kw_only=True)
 class SelectionSpec:
-    """``selection``: a ratio of the pool or a count of rows (exactly one)."""
+    """``selection``: how many rows, in which order, per source (cross-field rules: config.py)."""
 
     ratio: float | None = knob(gt=0, le=1)
     count: int | None = knob(ge=1)
+    order: Literal["bottom", "top"] = knob("top")
+    band: list[float] | None = knob(None)  # [lo, hi] score quantiles; replaces ratio/count
+    budget: Literal["rows", "tokens"] = knob("rows")
+    tokens: int | None = knob(None, ge=1, unit=" response tokens")
+    match_tokens: str | None = knob(None)  # a run dir or selection artifact to match in tokens
+    by_source: bool = knob(False)
+    keep_sources: list[str] = knob([])
 
 
 @dataclass(kw_only=True)
@@ -112,6 +119,7 @@ class LoraSpec:
 class TrainSpec:
     """``train``: the LoRA fine-tuning recipe (the reference uses the same fields)."""
 
+    enabled: bool = knob(True)  # false (train=none): evaluate the initial model itself
     epochs: float = knob(ge=0)  # 0 only with max_steps > 0 (checked across fields)
     max_steps: int = knob()  # > 0 overrides epochs; -1 = off
     batch_size: int = knob(ge=1)

@@ -1,0 +1,71 @@
+"""Study arms through the real pipeline on the tiny model: per-source selection, bottom-k, a token
+budget matched to another selection, and the initial model evaluated as a point of its own."""
+
+import json
+from pathlib import Path
+
+from conftest import TINY
+from lobass.pipeline import run
+
+SELECT = [*TINY, "scorer=loss", "stages=[select]"]  # L_init only: no reference needed
+
+
+def _selected(summary: dict) -> list[dict]:
+    return [json.loads(x) for x in Path(summary["artifacts"]["selected"]).read_text().splitlines()]
+
+
+def _scores(summary: dict) -> dict[str, dict]:
+    rows = Path(summary["artifacts"]["scores"]).read_text().splitlines()
+    return {r["id"]: r for r in map(json.loads, rows)}
+
+
+def test_paper_mix_ranks_alpaca_alone_and_keeps_all_gsm8k(make_cfg, tmp_path):
+    summary = run(make_cfg(*SELECT, "selection.ratio=0.25", "selection.by_source=true",
+                           "selection.keep_sources=[gsm8k]"))
+    chosen = _selected(summary)
+    scores = _scores(summary)
+    alpaca = sorted((r for r in scores.values() if r["source"] == "alpaca"),
+                    key=lambda r: (-r["score"], r["id"]))
+    assert [r["id"] for r in chosen if r["source"] == "alpaca"] == [r["id"] for r in alpaca[:6]]
+    assert sum(r["source"] == "gsm8k" for r in chosen) == 8  # every GSM8K row, unranked
+    m = summary["metrics"]
+    assert m["select/count"] == 14 and m["select/alpaca/rows"] == 6 and m["select/gsm8k/rows"] == 8
+    tokens = sum(scores[r["id"]]["n_response_tokens"] for r in chosen)
+    assert m["select/response_tokens"] == tokens
+    assert summary["point"]["selection"] == {
+        "mode": "ratio", "ratio": 0.25, "count": None, "tokens": None, "band": None,
+        "order": "top", "by_source": True, "keep_sources": ["gsm8k"]}
+    meta = json.loads((Path(summary["artifacts"]["selected"]).parent / "meta.json").read_text())
+    assert meta["composition"]["gsm8k"]["rows"] == 8 and meta["rule"]["by_source"] is True
+
+
+def test_bottom_k_and_a_random_arm_matched_in_response_tokens(make_cfg, tmp_path):
+    top = run(make_cfg(*SELECT, "selection.ratio=null", "selection.count=5"))
+    bottom = run(make_cfg(*SELECT, "selection.ratio=null", "selection.count=5",
+                          "selection.order=bottom"))
+    scores = _scores(top)
+    ranked = sorted(scores.values(), key=lambda r: (r["score"], r["id"]))
+    assert [r["id"] for r in _selected(bottom)] == [r["id"] for r in ranked[:5]]
+    assert bottom["point"]["selection"]["order"] == "bottom"
+
+    matched = run(make_cfg(*TINY, "scorer=random", "stages=[select]", "selection.budget=tokens",
+                           f"selection.match_tokens={tmp_path / 'run'}"))
+    budget = bottom["metrics"]["select/response_tokens"]  # the last run in tmp_path/run
+    got = matched["metrics"]["select/response_tokens"]
+    assert got <= budget and matched["point"]["selection"]["tokens"] == budget
+    random_scores = _scores(matched)
+    order = sorted(random_scores.values(), key=lambda r: (-r["score"], r["id"]))
+    taken = len(_selected(matched))
+    # a prefix of the random order, stopped by the first row that would exceed the budget
+    assert [r["id"] for r in _selected(matched)] == [r["id"] for r in order[:taken]]
+    assert got + order[taken]["n_response_tokens"] > budget
+
+
+def test_initial_model_is_a_point(make_cfg, tmp_path):
+    summary = run(make_cfg(*TINY, "train=none", "eval.gsm8k.enabled=false",
+                           "eval.generation.enabled=false"))
+    assert list(summary["stages"]) == ["eval"]
+    assert summary["point"] == {"scorer": None, "selection": None, "train": None, "seed": 0,
+                                "reference_seed": None}
+    assert not (tmp_path / "artifacts" / "finetune").exists()
+    assert 5 < summary["metrics"]["eval/heldout/loss"] < 15  # random init: about ln(49152)
