@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import ensure_artifact, fingerprint
+from lobass.distributed import init_from_env
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,13 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
         raise ValueError(f"sharding must be None or one of {SHARDINGS}, got {sharding!r}")
     device = check_device(model_cfg)
     device_map = _device_map(device)
+    announce: dict[str, str] = {}
     if sharding == "fsdp":
-        # transformers loads real weights on local rank 0 only (empty ones elsewhere) when
-        # accelerate's FSDP and its RAM-efficient loading are announced in the environment.
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+        # transformers loads real weights on local rank 0 only (empty ones elsewhere) when the
+        # process group is up and accelerate's FSDP with RAM-efficient loading is announced in
+        # the environment, for this load only (a later non-FSDP Trainer must not see it).
+        init_from_env()
+        announce = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
         device_map = None
     elif sharding == "zero3":
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -262,15 +265,24 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
                 "lobass.training.training_arguments and keep them alive while load_model runs, "
                 "so deepspeed.zero.Init partitions the weights as they load")
         device_map = None
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        path,
-        revision=model_cfg.get("revision"),
-        dtype=DTYPES[model_cfg.dtype],
-        device_map=device_map,
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=True,  # never unpickle weights from a path we do not control
-    )
+    saved = {k: os.environ.get(k) for k in announce}
+    os.environ.update(announce)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=model_cfg.get("revision"),
+            dtype=DTYPES[model_cfg.dtype],
+            device_map=device_map,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights from a path we do not control
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, model_cfg.dtype,
              next(model.parameters()).device, model_cfg.get("device", "auto"),
              f", sharding {sharding}" if sharding else "")

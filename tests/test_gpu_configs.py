@@ -243,3 +243,28 @@ def test_lm_eval_batch_auto_passes_through_and_vllm_gets_the_ranks_gpu():
     assert vllm_device_env(1, "4,5,6,7") == "5"  # a SLURM allocation's own numbering
     with pytest.raises(ValueError, match="LOCAL_RANK=2 but CUDA_VISIBLE_DEVICES=0,1"):
         vllm_device_env(2, "0,1")
+
+
+def test_sharded_loading_keeps_weights_off_the_gpu_and_zero3_needs_its_arguments(
+        make_cfg, models_dir, tiny, tmp_path, monkeypatch):
+    import os
+
+    from lobass.modeling import load_model, resolve_model_path
+    from lobass.training import training_arguments
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    cfg = make_cfg("model=tiny_random")
+    path, _ = resolve_model_path(cfg.model, models_dir)
+    model = load_model(cfg.model, path, sharding="fsdp")  # one process: rank 0 reads them all
+    assert next(model.parameters()).device.type == "cpu"
+    for name, param in model.state_dict().items():  # the same weights as a plain load
+        assert torch.equal(param, tiny[0].state_dict()[name]), name
+    assert "ACCELERATE_USE_FSDP" not in os.environ  # announced for that load only
+    with pytest.raises(RuntimeError, match="ZeRO-3 loading needs its TrainingArguments first"):
+        load_model(cfg.model, path, sharding="zero3")
+    with pytest.raises(ValueError, match="sharding must be None or one of"):
+        load_model(cfg.model, path, sharding="tp")
+    # FSDP2 then broadcasts rank 0's weights while it shards
+    fsdp = _compose("train=lora_gpu_fsdp").train
+    args = training_arguments(fsdp, tmp_path, 0, "none", "float32", device="cpu")
+    assert args.fsdp_config["cpu_ram_efficient_loading"] is True
