@@ -15,8 +15,8 @@ device (one rank under ``torchrun``), for every stage the run will reach, each w
   adapter, and what the engine allocates for one batch of ``score.max_tokens_per_batch`` padded
   tokens: one layer's transient tensors, the final hidden states and the response rows gathered
   from them, and one 64-row chunk of float32 logits (the LM head runs at response positions only).
-  Without the shared-prefix path (``score.share_prefix=false``) the decoder also keeps every
-  layer's keys and values for the batch.
+  Without the shared-prefix path (``score.share_prefix=false``, and the response-only ``L(y)``
+  pass of ``scorer=ifd``) the decoder also keeps every layer's keys and values for the batch.
 * **eval**: the merged model, then the largest of: held-out losses (as scoring), lm-eval's GSM8K
   and IFEval generation (``batch_size`` rows of up to ``max_length`` tokens of key/value cache;
   ``auto`` lets lm-eval find the batch that fits, counted here as one row), and the answers for

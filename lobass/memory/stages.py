@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from lobass.memory.shape import Shape
 from lobass.modeling import weight_sharding
 from lobass.scoring.engine import HEAD_CHUNK
+from lobass.scoring.scorers import get_scorer, needed_losses
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -191,6 +192,11 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
     budget = int(cfg.score.max_tokens_per_batch)
     scoring = scoring_activation_bytes(shape, dtype, budget,
                                        bool(cfg.score.get("share_prefix", True)))
+    # L(y) (ifd) scores responses alone: no prompt, hence no shared prefix, and the engine's
+    # no-prefix path lets the decoder keep every layer's keys and values for the batch.
+    names = [str(cfg.scorer.name), *(cfg.score.get("extra_scorers") or [])]
+    if "uncond" in needed_losses([get_scorer(n) for n in names]):
+        scoring = max(scoring, scoring_activation_bytes(shape, dtype, budget, False))
     if scores:
         stages["score"] = StageEstimate("score", {
             "weights": full, "adapter": shape.n_lora * ADAPTER_BYTES_PER_PARAM,
