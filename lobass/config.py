@@ -190,8 +190,8 @@ def _check_eval_files(ev: dict[str, Any]) -> None:
         files.append(("eval.heldout.path", ev["heldout"]["path"]))
     for name, ref in (ev.get("reference_loss") or {}).items():
         if ref["enabled"]:
-            files += [(f"eval.reference_loss.{name}.questions", ref["questions"]),
-                      (f"eval.reference_loss.{name}.answers", ref["answers"])]
+            files += [(f"eval.reference_loss.{name}.{part}", ref[part])
+                      for part in ("questions", "answers") if ref.get(part) is not None]
     generation = ev["generation"]
     sets = [n for n, s in generation["sets"].items() if s["enabled"]] if generation["enabled"] \
         else []
