@@ -151,22 +151,26 @@ def _check_model(model: dict[str, Any]) -> None:
 
 
 def _check_selection(selection: dict[str, Any]) -> None:
+    """One size: ``band``, else ``budget=tokens`` (``tokens`` or ``match_tokens``), else rows."""
+    band = selection.get("band")
+    if band is not None:  # quantiles of the score: replaces ratio and count
+        if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
+            raise ConfigError(f"selection.band must be [lo, hi] score quantiles with 0 <= lo < hi "
+                              f"<= 1, got {band}")
+        return
+    if selection.get("budget", "rows") == "tokens":
+        tokens, match = selection.get("tokens"), selection.get("match_tokens")
+        if (tokens is None) == (match is None):
+            raise ConfigError("selection.budget=tokens needs exactly one of selection.tokens and "
+                              f"selection.match_tokens (got tokens={tokens}, match_tokens={match})")
+        if match is not None and not Path(match).exists():
+            raise ConfigError(f"selection.match_tokens={match}: no such run or selection "
+                              "directory")
+        return
     ratio, count = selection["ratio"], selection["count"]
     if (ratio is None) == (count is None):
         raise ConfigError("set exactly one of selection.ratio and selection.count (got "
                           f"ratio={ratio}, count={count})")
-    band = selection.get("band")
-    if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1] <= 1):
-        raise ConfigError(f"selection.band must be [lo, hi] score quantiles with "
-                          f"0 <= lo < hi <= 1, got {band}")
-    if selection.get("budget") == "tokens":
-        if (selection.get("tokens") is None) == (selection.get("match_tokens") is None):
-            raise ConfigError("selection.budget=tokens needs exactly one of selection.tokens "
-                              "(response tokens) and selection.match_tokens (a run directory "
-                              "whose selection's token count to match)")
-        if band is not None or selection.get("by_source"):
-            raise ConfigError("selection.budget=tokens cannot be combined with selection.band "
-                              "or selection.by_source; choose one size")
 
 
 def _check_recipe(group: str, recipe: dict[str, Any]) -> None:

@@ -136,6 +136,10 @@ BAD = [  # (overrides, message); one or more per group
     (["scorer.name=perplexity"], "scorer.name='perplexity' is not supported; choose one of"),
     (["selection.ratio=true"], "selection.ratio must be a number in (0, 1], got True"),
     (["selection.count=3"], "set exactly one of selection.ratio and selection.count"),
+    (["selection.band=[0.3,0.2]"], "selection.band must be [lo, hi] score quantiles with 0 <= lo "
+                                   "< hi <= 1, got [0.3, 0.2]"),
+    (["selection.budget=tokens"], "selection.budget=tokens needs exactly one of selection.tokens "
+                                  "and selection.match_tokens"),
     (["score.max_tokens_per_batch=0"], "score.max_tokens_per_batch must be an integer >= 1, "
                                        "got 0"),
     (["score.max_tokens_per_batch=-5"], "score.max_tokens_per_batch must be an integer >= 1"),
