@@ -53,22 +53,28 @@ def _run(command: list[str], log: Path) -> str:
     return text
 
 
-def _checkpoint_steps(artifacts: Path, stage: str) -> list[int]:
-    pattern = f"{stage}/*.partial/checkpoints/checkpoint-*/trainer_state.json"
-    return [int(p.parent.name.split("-")[1]) for p in artifacts.glob(pattern)]
+def _checkpoints(artifacts: Path) -> list[tuple[int, Path]]:
+    """``(step, work dir)`` of every complete checkpoint of a fine-tune being built."""
+    pattern = "finetune/*.partial/checkpoints/checkpoint-*/trainer_state.json"
+    return [(int(p.parent.name.split("-")[1]), p.parents[2]) for p in artifacts.glob(pattern)]
 
 
-def _kill_at_checkpoint(command: list[str], artifacts: Path, stage: str, log: Path,
-                        step: int = 1) -> str:
-    """Start ``command`` and SIGKILL it once ``stage`` has a complete checkpoint of at least
-    ``step`` that this run wrote (newer than any checkpoint there at its start)."""
-    step = max([step - 1, *_checkpoint_steps(artifacts, stage)]) + 1
+def _kill_at_checkpoint(command: list[str], artifacts: Path, log: Path, step: int = 1, *,
+                        new_build: bool = False) -> str:
+    """Start ``command`` and SIGKILL it once a fine-tune has a complete checkpoint of at least
+    ``step`` that this run wrote (newer than any there at its start; with ``new_build``, of a
+    fine-tune whose build had not started then: the final training after the reference)."""
+    before = _checkpoints(artifacts)
+    old = {work for _, work in before} if new_build else set()
+    if not new_build:
+        step = max([step - 1, *(s for s, _ in before)]) + 1
     with open(log, "w") as handle:
         proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=handle,
                                 stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
-        while max(_checkpoint_steps(artifacts, stage), default=0) < step:
-            assert proc.poll() is None, f"finished before a {stage} checkpoint:\n" + \
+        while max((s for s, work in _checkpoints(artifacts) if work not in old),
+                  default=0) < step:
+            assert proc.poll() is None, "finished before a checkpoint:\n" + \
                 log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 900 s"
             time.sleep(0.02)
@@ -81,6 +87,12 @@ def _artifact(artifacts: Path, stage: str) -> Path:
     (directory,) = [p for p in (artifacts / stage).iterdir()  # not <key>.partial[.unusable-*]
                     if p.is_dir() and ".partial" not in p.name]
     return directory
+
+
+def _adapter_artifact(artifacts: Path, name: str) -> Path:
+    """The fine-tune artifact the run's summary names (``reference_adapter`` or ``adapter``)."""
+    summary = json.loads((artifacts / "run" / "summary.json").read_text())
+    return Path(summary["artifacts"][name]).parent
 
 
 def _assert_same_adapter(a: Path, b: Path) -> None:
@@ -98,25 +110,26 @@ def test_kill_9_in_reference_and_final_training_then_rerun_matches_uninterrupted
     command = _command(tmp_path, "killed", models_dir)
 
     # 1) killed while training the reference model
-    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log")
-    assert not [p for p in (killed / "reference").iterdir() if not p.name.endswith(
+    _kill_at_checkpoint(command, killed, tmp_path / "1.log")
+    assert not [p for p in (killed / "finetune").iterdir() if not p.name.endswith(
         (".partial", ".lock"))], "a killed build must not leave a usable-looking artifact"
     # 2) the same command resumes the reference, scores, selects, and is killed in training
-    second = _kill_at_checkpoint(command, killed, "train", tmp_path / "2.log")
-    assert "resuming training from" in second and "/reference/" in second
+    second = _kill_at_checkpoint(command, killed, tmp_path / "2.log", new_build=True)
     # 3) the same command again resumes the final training and finishes
     third = _run(command, tmp_path / "3.log")
-    assert "resuming training from" in third and "/train/" in third
     summary = json.loads((killed / "run" / "summary.json").read_text())
     assert summary["stages"]["reference"]["reused"] and summary["stages"]["score"]["reused"]
     assert not summary["stages"]["train"]["reused"]
+    reference, train = (_adapter_artifact(killed, n) for n in ("reference_adapter", "adapter"))
+    assert f"resuming training from {reference}.partial/checkpoints/" in second
+    assert f"resuming training from {train}.partial/checkpoints/" in third
     # no work directories or checkpoints are left behind
     assert not list(killed.glob("*/*.partial"))
 
     # 4) the uninterrupted run, elsewhere
     _run(_command(tmp_path, "clean", models_dir), tmp_path / "4.log")
-    for stage in ("reference", "train"):
-        a, b = _artifact(killed, stage), _artifact(clean, stage)
+    for name in ("reference_adapter", "adapter"):
+        a, b = _adapter_artifact(killed, name), _adapter_artifact(clean, name)
         assert a.name == b.name  # same content key: the artifacts dir is not part of it
         _assert_same_adapter(a, b)
         history_a = json.loads((a / "log_history.json").read_text())
@@ -158,9 +171,9 @@ def test_kill_9_in_either_epoch_of_the_reference_then_rerun_matches_uninterrupte
         tmp_path, models_dir):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     command = _epochs_command(tmp_path, "killed", models_dir)
-    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log", step=2)  # epoch 1
-    second = _kill_at_checkpoint(command, killed, "reference", tmp_path / "2.log", step=3)
-    third = _kill_at_checkpoint(command, killed, "reference", tmp_path / "3.log", step=5)
+    _kill_at_checkpoint(command, killed, tmp_path / "1.log", step=2)  # epoch 1
+    second = _kill_at_checkpoint(command, killed, tmp_path / "2.log", step=3)
+    third = _kill_at_checkpoint(command, killed, tmp_path / "3.log", step=5)
     fourth = _run(command, tmp_path / "4.log")
     # Each kill lands at the step asked for or, on a busy machine, a step or so later.
     resumed = [_resumed_step(log) for log in (second, third, fourth)]
@@ -168,7 +181,7 @@ def test_kill_9_in_either_epoch_of_the_reference_then_rerun_matches_uninterrupte
     assert {4, 5} & set(resumed), resumed  # at least one resume inside epoch 2
     _run(_epochs_command(tmp_path, "clean", models_dir), tmp_path / "5.log")
 
-    a, b = _artifact(killed, "reference"), _artifact(clean, "reference")
+    a, b = (_adapter_artifact(d, "reference_adapter") for d in (killed, clean))
     history_a = json.loads((a / "log_history.json").read_text())
     history_b = json.loads((b / "log_history.json").read_text())
     assert [h["step"] for h in history_b] == list(range(1, 7))
@@ -184,9 +197,9 @@ def test_checkpoint_with_a_truncated_adapter_is_set_aside_and_training_restarts(
         tmp_path, models_dir):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     command = _epochs_command(tmp_path, "killed", models_dir)
-    _kill_at_checkpoint(command, killed, "reference", tmp_path / "1.log", step=2)
+    _kill_at_checkpoint(command, killed, tmp_path / "1.log", step=2)
     *older, checkpoint = sorted((p.parent for p in killed.glob(
-        "reference/*.partial/checkpoints/checkpoint-*/trainer_state.json")),
+        "finetune/*.partial/checkpoints/checkpoint-*/trainer_state.json")),
         key=lambda p: int(p.name.split("-")[1]))
     for directory in older:  # killed before save_total_limit removed it: as if it had
         shutil.rmtree(directory)
@@ -200,4 +213,4 @@ def test_checkpoint_with_a_truncated_adapter_is_set_aside_and_training_restarts(
            in second and f"moved to {aside[0]}" in second
     assert "resuming training from" not in second  # no older checkpoint: from the start
     _run(_epochs_command(tmp_path, "clean", models_dir), tmp_path / "3.log")
-    _assert_same_adapter(_artifact(killed, "reference"), _artifact(clean, "reference"))
+    _assert_same_adapter(*(_adapter_artifact(d, "reference_adapter") for d in (killed, clean)))
