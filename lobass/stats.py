@@ -11,6 +11,9 @@ metric in ``summary.json`` and an interval the report draws over seeds come from
 - Win rates and any mean over few values: a percentile bootstrap of the mean.
 - Mean losses over many rows: a normal-approximation interval.
 - Rank correlation: scipy's Spearman, on the finite pairs only.
+- Sweep comparisons (the report, ``docs/report.md``): a t interval over training seeds, the
+  difference of two points over seeds (Welch or pooled t), a hierarchical bootstrap of paired
+  per-item differences (items, then seeds) with its p-value, and Holm's adjustment.
 """
 
 from __future__ import annotations
@@ -135,13 +138,16 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95,
     mean = float(data.mean())
     if len(data) < 2:
         return mean, math.nan, math.nan
-    low, high = stats.t.interval(level, len(data) - 1, loc=mean, scale=stats.sem(data))
+    sem = float(stats.sem(data))
+    if sem == 0:  # every seed gave the same value (an accuracy on few items, say): no spread
+        return mean, mean, mean
+    low, high = stats.t.interval(level, len(data) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
 
 
 def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, iters: int = 2000,
                                       seed: int = 0, level: float = 0.95,
-                                      ) -> tuple[float, float, float]:
+                                      ) -> tuple[float, float, float, float]:
     """Paired difference of two points over shared items, resampling items, then seeds per side.
 
     Each resample draws the items (shared by both sides, so the pairing is kept) and, on each
@@ -159,7 +165,8 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
         level: coverage.
 
     Returns:
-        ``(mean difference, low, high)``; NaN bounds for no items.
+        ``(mean difference, low, high, p)`` where ``p`` is :func:`bootstrap_p_value` of the
+        resampled means; NaN bounds and p for no items.
 
     Raises:
         ValueError: the two sides do not hold the same number of items.
@@ -172,7 +179,7 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
     n_items = ours.shape[1]
     diff = ours.mean(axis=0) - base.mean(axis=0)  # (N,)
     if not n_items:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
     # items first, in bootstrap_interval's shape, so that one seed per side reproduces it
     items = rng.integers(0, n_items, size=(iters, n_items))  # (iters, N)
@@ -182,7 +189,75 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
     means = np.take_along_axis(per_item, items, axis=1).mean(axis=1)  # (iters,)
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(diff.mean()), float(low), float(high)
+    return float(diff.mean()), float(low), float(high), bootstrap_p_value(means)
+
+
+def bootstrap_p_value(means: np.ndarray) -> float:
+    """Two-sided p-value of "no difference" from bootstrap resamples of a difference.
+
+    Twice the smaller tail share of resamples at or beyond 0, each share counted as
+    ``(k + 1) / (B + 1)`` so that a finite number of resamples never claims ``p = 0``; the
+    percentile interval at level ``1 - alpha`` excludes 0 when ``p`` falls below about
+    ``alpha`` (the same resamples decide both).
+
+    Args:
+        means: ``(B,)`` resampled differences.
+
+    Returns:
+        p in ``(0, 1]``; NaN for no resamples.
+
+    """
+    means = np.asarray(means, dtype=float)
+    if not len(means):
+        return math.nan
+    tails = [(int((means <= 0).sum()) + 1) / (len(means) + 1),
+             (int((means >= 0).sum()) + 1) / (len(means) + 1)]
+    return min(1.0, 2 * min(tails))
+
+
+def seed_difference(ours: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray,
+                    level: float = 0.95) -> tuple[float, float, float, float]:
+    """Difference of two points' means over training seeds: Student-t interval and p-value.
+
+    Welch's test when both sides have two or more seeds; with one seed on a side the seed
+    variance can only come from the other side, so the pooled-variance test is used (its
+    interval is then the prediction interval of one more seed of the baseline). Written out
+    rather than ``scipy.stats.ttest_ind`` because that warns on a one-value side and on equal
+    values; the tests check it against ``ttest_ind`` where both apply.
+
+    Args:
+        ours: one value per training seed of our point (non-finite values are left out).
+        base: one value per training seed of the baseline.
+        level: coverage.
+
+    Returns:
+        ``(mean difference, low, high, p)``; NaN bounds and p when neither side has two values
+        or all values on each side are equal (no seed spread to measure).
+
+    """
+    a, b = np.asarray(ours, dtype=float), np.asarray(base, dtype=float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if not len(a) or not len(b):
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(a.mean() - b.mean())
+    na, nb = len(a), len(b)
+    # sample variances; a single seed has none (NaN) and enters the pooled form with weight 0
+    va = float(a.var(ddof=1)) if na > 1 else 0.0
+    vb = float(b.var(ddof=1)) if nb > 1 else 0.0
+    if min(na, nb) >= 2:  # Welch: unequal variances, Welch-Satterthwaite degrees of freedom
+        se2 = va / na + vb / nb
+        df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if se2 else 0.0
+    elif max(na, nb) >= 2:  # pooled: the one spread measured stands for both sides
+        df = na + nb - 2
+        se2 = ((na - 1) * va + (nb - 1) * vb) / df * (1 / na + 1 / nb)
+    else:
+        return mean, math.nan, math.nan, math.nan
+    if not se2 > 0:  # every seed equal on both sides: no spread to test against
+        return mean, math.nan, math.nan, math.nan
+    se = math.sqrt(se2)
+    half = float(stats.t.ppf((1 + level) / 2, df)) * se
+    p = float(2 * stats.t.sf(abs(mean) / se, df))
+    return mean, mean - half, mean + half, p
 
 
 def holm_adjust(p_values: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -7,13 +7,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 
 from conftest import ROOT, TINY
-from lobass.report import collect_runs, paired_difference, pool_over_seeds, write_report
-from lobass.stats import bootstrap_interval, rank_correlation
+from lobass.pool import read_pool
+from lobass.report import (
+    collect_runs,
+    difference,
+    equivalence_margin,
+    pool_over_seeds,
+    write_report,
+)
+from lobass.report.compare import baselines_for, compare_to_baselines, verdict
+from lobass.stats import bootstrap_interval, holm_adjust, rank_correlation, t_interval
 
 # A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and
 # one failed point. Held-out losses chosen so the pooled means are easy to check by hand.
@@ -55,34 +65,38 @@ def test_report_on_fixed_summaries(tmp_path):
     rows = list(csv.DictReader((tmp_path / "sweep" / "report.csv").open()))
     assert len(rows) == 8 and sum(r["status"] == "failed" for r in rows) == 1
     assert "failed: ValueError: out of memory in train" in text
-    # random at 6%: three seeds pooled to their mean, 1.8
-    line = next(x for x in text.splitlines() if x.startswith("| random | 0.06 |"))
+    # random at 6%: three seeds pooled to their mean, 1.8, with a t interval (t(0.975, 2) =
+    # 4.302653 from a printed table; sd 0.1): 1.8 -+ 4.302653 * 0.1 / sqrt(3)
+    line = next(x for x in text.splitlines() if x.startswith("| random ratio 0.06 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[3] == "3" and float(cells[4]) == pytest.approx(1.8)
-    low, high = (float(v) for v in cells[5].strip("[]").split(","))
-    assert 1.7 <= low < 1.8 < high <= 1.9
-    for png in ("eval_heldout_loss.png", "scores.png"):
+    assert cells[2] == "3" and cells[5] == "t, n=3" and float(cells[6]) == pytest.approx(1.8)
+    low, high = (float(v) for v in cells[7].strip("[]").split(","))
+    assert (low, high) == pytest.approx((1.8 - 0.24842, 1.8 + 0.24842), abs=5e-4)  # 4 digits
+    for png in ("eval_heldout_loss.png", "scores_lobass.png"):
         assert (tmp_path / "sweep" / png).stat().st_size > 1000
     # columns: the eval metrics (losses first, then win rates), never their counts or intervals
-    header = next(x for x in text.splitlines() if x.startswith("| scorer | ratio | rows |"))
+    header = next(x for x in text.splitlines() if x.startswith("| point | rows | seeds |"))
     assert "eval/heldout/loss ↓" in header and "eval/vicuna/win_rate ↑" in header
     assert header.index("heldout/loss") < header.index("win_rate") and "heldout/n" not in header
     # verdicts against random at the same ratio and against full data (lobass at 1.0: 1.42)
     compared = [c for c in ([c.strip() for c in x.strip("|").split("|")]
-                            for x in text.splitlines() if x.startswith("| lobass | 0."))
-                if c[2].startswith("eval/")]
-    verdicts = {(c[0], c[1], c[2], c[4]): c[7] for c in compared}
-    assert len(compared) == 8 and all(c[6] == "" for c in compared)  # no per-row losses kept
-    assert verdicts[("lobass", "0.06", "eval/heldout/loss", "random (3 seeds)")] == \
-        "better, separated"  # 1.50 [1.4, 1.6] against 1.8 within [1.7, 1.9]
-    assert verdicts[("lobass", "0.06", "eval/heldout/loss", "full data")] == "worse, overlap"
-    assert verdicts[("lobass", "0.5", "eval/vicuna/win_rate", "random (1 seed)")] == \
-        "better, no interval"  # 0.60 against 0.55, one run each without an interval
+                            for x in text.splitlines() if x.startswith("| lobass ratio 0."))
+                if c[1].startswith("eval/")]
+    verdicts = {(c[0], c[1], c[3]): (c[5], c[6], c[8], c[10]) for c in compared}
+    assert len(compared) == 8  # 2 arms x 2 baselines x 2 metrics
+    # 1.50 (one seed) against 1.7, 1.8, 1.9: pooled-variance t, se = 0.1 * sqrt(1 + 1/3),
+    # df 2: half-width 4.302653 * 0.11547 = 0.4968, p = 1 - t / sqrt(t^2 + 2) at t = 2.598
+    diff, method, p, verdict_text = verdicts[("lobass ratio 0.06", "eval/heldout/loss",
+                                              "random (3 seeds)")]
+    assert diff == "-0.3 [-0.7968, 0.1968]" and method == "t over seeds (pooled)"
+    assert float(p) == pytest.approx(0.12, abs=0.005) and verdict_text == "inconclusive"
+    assert verdicts[("lobass ratio 0.06", "eval/heldout/loss", "full data (1 seed)")][3] == \
+        "not tested (no per-row values, no seed spread)"
+    # no per-row losses kept: only the comparisons with random's 3 seeds have an interval
+    assert "8 comparisons, 2 tested (Holm over 2), 6 not tested." in text
     records = [json.loads(x) for x in scores.read_text().splitlines()]
     expected = spearmanr([r["score"] for r in records], [r["n_response_tokens"] for r in records])
-    assert f"Spearman correlation of score with response length: lobass {expected[0]:.2f}" in text
-
-
+    assert f"| lobass | all | 50 | {expected[0]:.4g} |" in text
 
 
 def _eval_dir_with_row_losses(root: Path, name: str, losses: dict[str, float]) -> Path:
@@ -115,14 +129,20 @@ def test_paired_difference_over_rows_against_a_hand_computation(tmp_path):
     runs = collect_runs(sweep)
     ours = runs[runs["scorer"] == "lobass"]
     base = runs[runs["scorer"] == "random"]
-    mean, low, high, n = paired_difference(ours, base, "eval/heldout/loss")
-    # random per row: a 1.1, b 2.2, c 3.2 (mean over seeds); differences -0.1, -0.2, -0.2
-    assert n == 3 and mean == pytest.approx(-0.5 / 3)
-    assert -0.2 - 1e-9 <= low <= mean <= high <= -0.1 + 1e-9
-    assert paired_difference(ours, base, "eval/gsm8k/strict_acc") is None  # not a loss
+    found = difference(ours, base, "eval/heldout/loss")
+    # random per row: a 1.1, b 2.1 or 2.3, c 3.2; differences -0.1, -0.1 or -0.3, -0.2 whichever
+    # seeds a resample draws, so every resampled mean lies in [-0.3, -0.1]: all 2000 below 0
+    assert found["method"] == "hierarchical bootstrap (seeds, items)" and found["n_items"] == 3
+    assert found["difference"] == pytest.approx(-0.5 / 3) and found["seeds"] == "1 vs 2"
+    assert -0.3 - 1e-9 <= found["diff_low"] <= found["difference"] <= found["diff_high"] \
+        <= -0.1 + 1e-9
+    assert found["p"] == pytest.approx(2 / 2001)  # twice (0 + 1) / (2000 + 1)
+    assert difference(ours, base, "eval/gsm8k/strict_acc")["method"] == ""  # not a loss, 1 seed
     text = write_report(sweep).read_text()
-    line = next(x for x in text.splitlines() if x.startswith("| lobass | 0.06 | eval/heldout"))
-    assert "(n 3)" in line and line.rstrip().endswith("| better, separated (paired) |")
+    line = next(x for x in text.splitlines()
+                if x.startswith("| lobass ratio 0.06 | eval/heldout"))
+    assert "hierarchical bootstrap (seeds, items), 3 items" in line
+    assert line.rstrip().endswith("| better |")  # the only tested comparison: Holm changes nothing
 
 
 def test_report_goes_to_wandb_offline_with_the_pooled_table_and_plots(tmp_path, monkeypatch):
@@ -136,12 +156,15 @@ def test_report_goes_to_wandb_offline_with_the_pooled_table_and_plots(tmp_path, 
     write_report(tmp_path / "sweep", out=tmp_path / "out", wandb_project="lobass-test")
     (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
     media = run_dir / "files" / "media"
-    (pooled_file,) = (media / "table" / "report").glob("by_scorer_ratio_*.table.json")
+    (pooled_file,) = (media / "table" / "report").glob("points_*.table.json")
     pooled = json.loads(pooled_file.read_text())
-    column = pooled["columns"].index("eval/heldout/loss")
-    by_key = {(r[0], r[1]): r for r in pooled["data"]}
-    assert by_key[("random", 0.06)][3] == 3  # seeds
-    assert by_key[("random", 0.06)][column] == pytest.approx(1.8)
+    columns = pooled["columns"]
+    by_point = {r[0]: dict(zip(columns, r, strict=True)) for r in pooled["data"]}
+    assert by_point["random ratio 0.06"]["seeds"] == 3
+    assert by_point["random ratio 0.06"]["eval/heldout/loss"] == pytest.approx(1.8)
+    assert by_point["random ratio 0.06"]["eval/heldout/loss ci_kind"] == "t, n=3"
+    (compared_file,) = (media / "table" / "report").glob("comparisons_*.table.json")
+    assert "p_holm" in json.loads(compared_file.read_text())["columns"]
     (runs_file,) = (media / "table" / "report").glob("runs_*.table.json")
     assert len(json.loads(runs_file.read_text())["data"]) == 8  # seven runs and the failed one
     assert len(list((media / "images" / "report").glob("eval_heldout_loss.png*"))) == 1
@@ -164,24 +187,27 @@ def test_rank_correlation_and_bootstrap_against_hand_values():
     assert (low, high) == bootstrap_interval([1.0, 2.0, 3.0, 4.0])  # seeded: reproducible
 
 
-def test_pooling_uses_a_bootstrap_over_seeds_and_one_runs_own_interval(tmp_path):
+def test_pooling_uses_a_t_interval_over_seeds_and_one_runs_own_interval(tmp_path):
     _write_runs(tmp_path / "sweep", tmp_path / "no_scores.jsonl")
     runs = collect_runs(tmp_path / "sweep")
     assert list(runs["run"]) == [str(i) for i in range(8)]
     assert list(runs["status"]) == ["ok"] * 7 + ["failed"]
     assert math.isnan(runs.loc[7, "eval/heldout/loss"])  # the failed point has no metrics
     table = pool_over_seeds(runs, ["eval/heldout/loss", "eval/vicuna/win_rate"])
-    assert list(zip(table["scorer"], table["ratio"], table["seeds"], strict=True)) == [
-        ("lobass", 0.06, 1), ("random", 0.06, 3), ("lobass", 0.5, 1), ("random", 0.5, 1),
-        ("lobass", 1.0, 1)]  # the failed rho point is not pooled
-    by_point = table.set_index(["scorer", "ratio"])
-    random = by_point.loc[("random", 0.06)]
+    assert list(zip(table["point"], table["kind"], table["seeds"], strict=True)) == [
+        ("full data", "full", 1), ("lobass ratio 0.06", "subset", 1),
+        ("random ratio 0.06", "subset", 3), ("lobass ratio 0.5", "subset", 1),
+        ("random ratio 0.5", "subset", 1)]  # the failed rho point is not pooled
+    by_point = table.set_index("point")
+    random = by_point.loc["random ratio 0.06"]
     assert random["eval/heldout/loss"] == pytest.approx(1.8)
     assert (random["eval/heldout/loss_ci_low"], random["eval/heldout/loss_ci_high"]) == \
-        bootstrap_interval([1.7, 1.8, 1.9])
-    lobass = by_point.loc[("lobass", 0.06)]  # one run: its own interval from summary.json
+        pytest.approx(t_interval([1.7, 1.8, 1.9])[1:])
+    assert random["eval/heldout/loss_ci_kind"] == "t, n=3"
+    lobass = by_point.loc["lobass ratio 0.06"]  # one run: its own interval from summary.json
     assert (lobass["eval/heldout/loss_ci_low"], lobass["eval/heldout/loss_ci_high"]) == \
         pytest.approx((1.4, 1.6))
+    assert lobass["eval/heldout/loss_ci_kind"] == "items"
     assert math.isnan(lobass["eval/vicuna/win_rate_ci_low"])  # the run kept no interval
     assert lobass["rows"] == pytest.approx(6)
 
@@ -210,8 +236,18 @@ def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pas
     reused = [json.loads((path / "summary.json").read_text())["stages"] for path in runs["path"]]
     assert sum(not s["reference"]["reused"] for s in reused) == 1
     assert sum(s["score"]["reused"] for s in reused) == 2  # the second point of each scorer
-    write_report(sweep)
-    assert (sweep / "report.md").is_file()
+    # the real summaries name their points; the report groups and diagnoses them from the
+    # real selection and scores files
+    assert sorted(runs["point"]) == ["lobass ratio 0.25", "lobass ratio 0.5", "rho ratio 0.25",
+                                     "rho ratio 0.5"]
+    text = write_report(sweep).read_text()
+    assert "Every point: top, 3 steps, reference seed 0." in text
+    assert "| lobass ratio 0.25 | alpaca | " in text  # composition, from select/alpaca/*
+    overlap = next(x for x in text.splitlines()
+                   if x.startswith("| lobass ratio 0.25 | rho ratio 0.25 | 8 | "))
+    jaccard, spearman = (float(c) for c in overlap.strip(" |").split("|")[3:5])
+    assert 0 <= jaccard <= 1 and -1 <= spearman <= 1
+    assert "| lobass | alpaca | highest | 1 |" in text
 
 
 @pytest.mark.slow
@@ -237,9 +273,10 @@ def test_a_failed_sweep_point_is_recorded_and_the_other_points_still_run(tmp_pat
 
 
 # A fixed sweep shaped like a real one (summary.json + config.yaml + eval per-row losses +
-# error.txt), written by code so the golden report can be rebuilt from it. report.md and report.csv
-# under tests/data/report_golden/ were rendered from these inputs by the single-file report.py
-# (before the split into lobass/report/): the same inputs must keep giving the same report.
+# error.txt), written by code so the golden report can be rebuilt from it. Its runs predate
+# summary.json's "point" (config.yaml gives scorer, ratio or count, seed). report.md and report.csv
+# under tests/data/report_golden/ were re-recorded for issue 13's statistics (the commit message
+# lists every difference): the same inputs must keep giving the same report.
 GOLDEN = Path(__file__).parent / "data" / "report_golden"
 HELDOUT_IDS = [f"h{i:02d}" for i in range(24)]
 MT_IDS = [f"m{i}" for i in range(10)]
@@ -343,6 +380,209 @@ def test_report_of_a_fixed_sweep_matches_the_golden_files(tmp_path):
         assert (out / name).read_text() == (GOLDEN / name).read_text(), name
     csv_lines = (out / "report.csv").read_bytes().splitlines(keepends=True)
     assert len(csv_lines) == 13 and all(x.endswith(b"\r\n") for x in csv_lines)  # csv module's
-    for png in ("eval_heldout_loss.png", "eval_vicuna_win_rate.png", "scores.png"):
+    for png in ("eval_heldout_loss.png", "eval_vicuna_win_rate.png", "scores_lobass.png"):
         assert (out / png).stat().st_size > 1000
     assert not (sweep / "report.md").exists()  # --out is honoured
+
+
+# Runs as the pipeline now writes them: summary.json's "point" says what makes the run a point.
+def _point(scorer, mode="count", size=800, *, order="top", seed=0, reference_seed=0,
+           max_steps=-1):
+    selection = {"mode": mode, "ratio": size if mode == "ratio" else None,
+                 "count": size if mode == "count" else None,
+                 "tokens": size if mode == "tokens" else None, "band": None, "order": order,
+                 "by_source": False, "keep_sources": []}
+    return {"scorer": scorer, "selection": selection, "train": {"epochs": 3,
+                                                                "max_steps": max_steps},
+            "seed": seed, "reference_seed": reference_seed}
+
+
+INITIAL = {"scorer": None, "selection": None, "train": None, "seed": 0, "reference_seed": None}
+
+
+def _write_point_run(sweep: Path, name: str, point: dict, metrics: dict[str, float],
+                     artifacts: dict[str, str] | None = None,
+                     config: dict | None = None) -> None:
+    run = sweep / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config or {"seed": point["seed"]}))
+    (run / "summary.json").write_text(json.dumps({"stages": {}, "artifacts": artifacts or {},
+                                                  "metrics": metrics, "point": point}))
+
+
+# (run dir, point, rows selected, held-out loss): a count sweep over 800 and 3120 rows with
+# seeds, a bottom-k arm, a second reference seed, full data at two budgets, the initial model
+COUNT_SWEEP = [
+    ("a", _point("lobass", seed=0), 800, 1.00), ("b", _point("lobass", seed=1), 800, 1.02),
+    ("c", _point("lobass", size=3120), 3120, 0.90),
+    ("d", _point("random", seed=0), 800, 1.01), ("e", _point("random", seed=1), 800, 1.03),
+    ("f", _point("random", seed=2), 800, 1.02),
+    ("g", _point("lobass", order="bottom"), 800, 1.30),
+    ("h", _point("lobass", reference_seed=1), 800, 1.05),
+    ("i", _point("lobass", "ratio", 1.0), 5000, 0.80),
+    ("j", _point("rho", "ratio", 1.0), 5000, 0.80),  # the same rows and seed as i: one seed
+    ("k", _point("lobass", "ratio", 1.0, max_steps=200), 5000, 0.85),
+    ("l", INITIAL, math.nan, 1.60),
+]
+
+
+def _write_count_sweep(sweep: Path, report_margin: float | None = None) -> None:
+    for name, point, rows, loss in COUNT_SWEEP:
+        metrics = {"eval/heldout/loss": loss, "train/steps": 0.0 if math.isnan(rows) else 30.0}
+        if not math.isnan(rows):
+            metrics |= {"select/count": rows, "select/response_tokens": rows * 50}
+        config = {"seed": point["seed"]}
+        if report_margin is not None:
+            config["report"] = {"equivalence_margin": report_margin}
+        _write_point_run(sweep, name, point, metrics, config=config)
+
+
+def test_a_count_sweep_gives_one_point_per_count_and_pools_only_seeds(tmp_path):
+    _write_count_sweep(tmp_path / "sweep")
+    runs = collect_runs(tmp_path / "sweep")
+    table = pool_over_seeds(runs, ["eval/heldout/loss"])
+    # what varies in the sweep is named (order, budget, reference seed); the rest is not
+    assert list(zip(table["point"], table["seeds"], table["eval/heldout/loss"].round(6),
+                    strict=True)) == [
+        ("initial model", 1, 1.60),
+        ("full data · 200 steps", 1, 0.85),
+        ("full data · 3 epochs", 1, 0.80),  # runs i and j share seed 0: one seed, not two
+        ("lobass 800 rows · bottom · 3 epochs · reference seed 0", 1, 1.30),
+        ("lobass 800 rows · top · 3 epochs · reference seed 0", 2, 1.01),
+        ("lobass 800 rows · top · 3 epochs · reference seed 1", 1, 1.05),
+        ("random 800 rows · top · 3 epochs · reference seed 0", 3, 1.02),
+        ("lobass 3120 rows · top · 3 epochs · reference seed 0", 1, 0.90)]
+    assert list(table["kind"]) == ["initial", "full", "full"] + ["subset"] * 5
+    by_point = table.set_index("point")
+    assert by_point.loc["lobass 800 rows · top · 3 epochs · reference seed 0",
+                        "eval/heldout/loss_ci_kind"] == "t, n=2"
+    assert by_point.loc["random 800 rows · top · 3 epochs · reference seed 0", "steps"] == 30
+    # baselines: random at the same count (order aside) and both full-data budgets; no random
+    # was run at 3120 rows
+    by_name = {row["point"]: row for _, row in table.iterrows()}
+    for arm, expected in (("lobass 800 rows · top · 3 epochs · reference seed 0", 3),
+                          ("lobass 800 rows · bottom · 3 epochs · reference seed 0", 3),
+                          ("lobass 3120 rows · top · 3 epochs · reference seed 0", 2)):
+        names = [name for name, _ in baselines_for(by_name[arm], table)]
+        assert names == (["random (3 seeds)"] * (expected == 3) +
+                         ["full data · 200 steps (1 seed)", "full data · 3 epochs (1 seed)"])
+
+
+def test_verdicts_by_hand():
+    def row(low, high, p_holm=0.01, metric="eval/heldout/loss", method="t over seeds (Welch)"):
+        return pd.Series({"metric": metric, "method": method, "difference": (low + high) / 2,
+                          "diff_low": low, "diff_high": high, "p_holm": p_holm})
+
+    assert verdict(row(-0.08, -0.02), 0.02) == "better"  # a lower loss, interval below 0
+    assert verdict(row(-0.08, -0.02, p_holm=0.2), 0.02) == "better (not after Holm)"
+    assert verdict(row(0.02, 0.08), 0.02) == "worse"
+    assert verdict(row(0.02, 0.08, metric="eval/gsm8k/strict_acc"), 0.02) == "better"
+    assert verdict(row(-0.01, 0.015), 0.02) == "equivalent (±0.02)"  # inside the margin
+    assert verdict(row(-0.03, 0.01), 0.02) == "inconclusive"  # crosses 0 and the margin
+    assert verdict(row(-0.01, 0.03), 0.05) == "equivalent (±0.05)"
+    assert verdict(row(math.nan, math.nan, method=""), 0.02).startswith("not tested")
+
+
+def test_margin_from_the_flag_or_the_runs_config_and_holm_over_the_tested_rows(tmp_path):
+    _write_count_sweep(tmp_path / "sweep")
+    runs = collect_runs(tmp_path / "sweep")
+    table = pool_over_seeds(runs, ["eval/heldout/loss"])
+    compared = compare_to_baselines(runs, table, ["eval/heldout/loss"])
+    tested = compared["p"].notna()
+    np.testing.assert_allclose(compared.loc[tested, "p_holm"],
+                               holm_adjust(compared.loc[tested, "p"].to_numpy()))
+    top = compared[(compared["point"] == "lobass 800 rows · top · 3 epochs · reference seed 0")
+                   & (compared["baseline"] == "random (3 seeds)")].iloc[0]
+    # 1.00, 1.02 against 1.01, 1.03, 1.02: Welch, -0.01 within about [-0.07, 0.05]
+    assert top["method"] == "t over seeds (Welch)" and top["seeds"] == "2 vs 3"
+    assert top["difference"] == pytest.approx(-0.01)
+    assert top["diff_low"] < -0.05 and top["diff_high"] > 0.04 and top["verdict"] == \
+        "inconclusive"  # the default margin, 0.02, is narrower than the interval
+    assert equivalence_margin(runs) == (0.02, "default")
+    text = write_report(tmp_path / "sweep", margin=0.1).read_text()
+    assert "Equivalence margin: ±0.1 (--equivalence-margin)" in text
+    line = next(x for x in text.splitlines() if x.startswith(
+        "| lobass 800 rows · top · 3 epochs · reference seed 0 | eval/heldout/loss | 1.01 | "
+        "random"))
+    assert line.rstrip().endswith("| equivalent (±0.1) |")
+    # the same margin from the runs' config.yaml key, through the command line
+    _write_count_sweep(tmp_path / "configured", report_margin=0.1)
+    done = subprocess.run([sys.executable, "-m", "lobass.report", str(tmp_path / "configured")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "configured" / "report.md").read_text()
+    assert "±0.1 (config key report.equivalence_margin)" in text
+    assert "| equivalent (±0.1) |" in text
+    # the initial model and full data are baselines: rows, and lines in the plots
+    assert "| initial model |" in text and "| full data · 3 epochs |" in text
+    runs.at[0, "config"] = {"report": {"equivalence_margin": 0.05}}
+    runs.at[1, "config"] = {"report": {"equivalence_margin": 0.1}}
+    with pytest.raises(ValueError, match=r"disagree on report.equivalence_margin \(\[0.05, 0.1"):
+        equivalence_margin(runs)
+    assert equivalence_margin(runs, 0.3) == (0.3, "--equivalence-margin")
+    with pytest.raises(ValueError, match="must be > 0"):
+        equivalence_margin(runs, 0.0)
+
+
+def test_diagnostics_on_the_shipped_pool(tmp_path, make_cfg):
+    # The shipped CPU pool (160 Alpaca + 40 GSM8K rows), re-read by the report from config.yaml's
+    # data section, as the pipeline writes it. Scores by hand: lobass (reference seed 0) scores
+    # row i as i, lobass under reference seed 1 as -i (the opposite ranking), rho as i ** 2
+    # (the same ranking as lobass).
+    cfg = make_cfg()
+    examples, _ = read_pool(cfg.data)
+    config = {"seed": 0, "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    ids = [e.id for e in examples]
+    length = [5 + (i * 7) % 40 for i in range(len(ids))]
+
+    def scores_file(name, score):
+        path = tmp_path / f"scores_{name}.jsonl"
+        path.write_text("".join(json.dumps({
+            "id": row_id, "source": e.source, "n_tokens": 30 + length[i],
+            "n_response_tokens": length[i], "loss_init": 2.0 + i / 100, "loss_ref": 1.0 + i / 200,
+            "score": score(i)}) + "\n" for i, (row_id, e) in enumerate(zip(ids, examples,
+                                                                            strict=True))))
+        return str(path)
+
+    def selected_file(name, rows):
+        path = tmp_path / f"selected_{name}.jsonl"
+        path.write_text("".join(json.dumps({"rank": r, "id": ids[i], "source": "alpaca",
+                                            "score": 0.0}) + "\n" for r, i in enumerate(rows)))
+        return str(path)
+
+    composition = {"select/count": 10.0, "select/alpaca/rows": 8.0,
+                   "select/alpaca/response_tokens": 400.0,
+                   "select/alpaca/mean_response_tokens": 50.0, "select/gsm8k/rows": 2.0,
+                   "select/gsm8k/response_tokens": 300.0,
+                   "select/gsm8k/mean_response_tokens": 150.0}
+    sweep = tmp_path / "sweep"
+    for name, point, score, chosen in (
+            ("lobass_ref0", _point("lobass", size=10), lambda i: float(i), range(10)),
+            ("lobass_ref1", _point("lobass", size=10, reference_seed=1), lambda i: float(-i),
+             range(5, 15)),
+            ("rho_ref0", _point("rho", size=10), lambda i: float(i * i), [*range(8), 20, 21])):
+        _write_point_run(sweep, name, point, composition, config=config, artifacts={
+            "scores": scores_file(name, score), "selected": selected_file(name, chosen)})
+    text = write_report(sweep).read_text()
+    # composition from each run's select/<source>/* metrics
+    assert "| lobass 10 rows · reference seed 0 | gsm8k | 2 | 300 | 150 |" in text
+    # scorer overlap: rows 0-9 against 0-7, 20, 21 share 8 of 12; both rank the pool alike
+    assert "| lobass 10 rows · reference seed 0 | rho 10 rows · reference seed 0 | 10 | " \
+        "0.6667 | 1 |" in text
+    # reference stability: rows 0-9 against 5-14 share 5 of 15; opposite rankings
+    assert "| lobass 10 rows · reference seed 0 | lobass 10 rows · reference seed 1 | 10 | " \
+        "0.3333 | -1 |" in text
+    # score against response length per source, as scipy computes it on those rows
+    alpaca = [i for i, e in enumerate(examples) if e.source == "alpaca"]
+    rho = spearmanr(alpaca, [length[i] for i in alpaca]).statistic
+    assert f"| lobass | alpaca | {len(alpaca)} | {rho:.4g} |" in text
+    # the highest-scored alpaca row is the last one; its text is re-read from the pool
+    last = alpaca[-1]
+    prompt = " ".join(examples[last].messages[0]["content"].split())
+    line = next(x for x in text.splitlines() if x.startswith("| lobass | alpaca | highest | 1 |"))
+    assert ids[last] in line and prompt[:60] in line
+    lowest = [x for x in text.splitlines() if x.startswith("| lobass | gsm8k | lowest |")]
+    assert len(lowest) == 5 and ids[len(alpaca)] in lowest[0]  # the first gsm8k row, rank 40
+    assert lowest[0].startswith("| lobass | gsm8k | lowest | 40 |")
+    for png in ("scores_lobass.png", "scores_rho.png", "losses_init_ref.png"):
+        assert (sweep / png).stat().st_size > 1000

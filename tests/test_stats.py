@@ -5,13 +5,16 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from lobass.stats import (
     Z95,
     bootstrap_interval,
+    bootstrap_p_value,
     hierarchical_bootstrap_difference,
     holm_adjust,
     mean_interval,
+    seed_difference,
     t_interval,
 )
 
@@ -46,7 +49,7 @@ def test_holm_adjustment_by_hand():
 def test_hierarchical_bootstrap_with_one_seed_is_the_item_bootstrap():
     rng = np.random.default_rng(4)
     ours, base = rng.normal(1.0, 1.0, (1, 30)), rng.normal(1.2, 1.0, (1, 30))
-    mean, low, high = hierarchical_bootstrap_difference(ours, base, seed=7)
+    mean, low, high, _ = hierarchical_bootstrap_difference(ours, base, seed=7)
     assert mean == pytest.approx(float((ours - base).mean()))
     assert (low, high) == bootstrap_interval((ours - base)[0], seed=7)
 
@@ -57,7 +60,48 @@ def test_hierarchical_bootstrap_carries_seed_variance():
     # interval is [1, 3], where a bootstrap over the items alone would give [2, 2].
     ours = np.array([[1.0] * 20, [3.0] * 20])
     base = np.zeros((1, 20))
-    assert hierarchical_bootstrap_difference(ours, base) == (2.0, 1.0, 3.0)
+    assert hierarchical_bootstrap_difference(ours, base) == (2.0, 1.0, 3.0, 2 / 2001)
     assert bootstrap_interval(ours.mean(axis=0) - base[0]) == (2.0, 2.0)
     with pytest.raises(ValueError, match="same items: 20 against 3"):
         hierarchical_bootstrap_difference(ours, np.zeros((1, 3)))
+
+
+def test_t_interval_of_equal_seeds_has_no_width():
+    assert t_interval([0.1, 0.1]) == (0.1, 0.1, 0.1)
+
+
+def test_bootstrap_p_value_by_hand():
+    # 3 of 9 resamples at or below 0, 7 at or above (0 counts on both sides):
+    # tails (3 + 1) / 10 and (7 + 1) / 10, so p = 2 * 0.4
+    means = np.array([-2, -1, 0, 1, 2, 3, 4, 5, 6.0])
+    assert bootstrap_p_value(means) == pytest.approx(0.8)
+    assert bootstrap_p_value(np.ones(9)) == pytest.approx(0.2)  # 2 * (0 + 1) / 10
+    assert math.isnan(bootstrap_p_value(np.array([])))
+
+
+def test_seed_difference_pooled_with_one_seed_by_hand():
+    # ours one seed 1.5; baseline 1.7, 1.8, 1.9 (sd 0.1): se = 0.1 * sqrt(1 + 1/3), df 2,
+    # t(0.975, 2) = 4.302653; with 2 degrees of freedom the two-sided p is 1 - t / sqrt(t^2 + 2)
+    mean, low, high, p = seed_difference([1.5], [1.7, 1.8, 1.9])
+    se = 0.1 * math.sqrt(4 / 3)
+    assert mean == pytest.approx(-0.3)
+    assert (low, high) == pytest.approx((-0.3 - 4.302653 * se, -0.3 + 4.302653 * se), abs=1e-6)
+    t = 0.3 / se
+    assert p == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    # the same numbers as scipy's pooled-variance test where that one applies
+    assert p == pytest.approx(stats.ttest_ind([1.5], [1.7, 1.8, 1.9]).pvalue)
+
+
+def test_seed_difference_welch_matches_scipy():
+    ours, base = [1.0, 1.2], [1.5, 1.7, 1.6]
+    mean, low, high, p = seed_difference(ours, base)
+    welch = stats.ttest_ind(ours, base, equal_var=False)
+    interval = welch.confidence_interval()
+    assert mean == pytest.approx(-0.5)
+    assert (low, high, p) == pytest.approx((interval.low, interval.high, welch.pvalue))
+
+
+def test_seed_difference_without_spread_has_no_interval():
+    for ours, base in (([1.0], [2.0]), ([0.1, 0.1], [0.2, 0.2]), ([], [1.0, 2.0])):
+        _, low, high, p = seed_difference(ours, base)
+        assert math.isnan(low) and math.isnan(high) and math.isnan(p)

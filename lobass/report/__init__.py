@@ -1,13 +1,17 @@
 """Many runs -> one report: ``python -m lobass.report DIR`` (a multirun folder, or any folder).
 
-Every run directory under ``DIR`` that holds a ``summary.json`` becomes a row; its scorer, ratio and
-seed come from the ``config.yaml`` the pipeline writes beside it. Rows of the same (scorer, ratio)
-are pooled over seeds with a bootstrap interval. Outputs: ``report.md``, ``report.csv`` and PNG
-plots (each metric against the selected fraction with the full-data level as a horizontal line;
-the score distribution; score against response length with Spearman's rho).
+Every run directory under ``DIR`` that holds a ``summary.json`` becomes a row; runs that agree on
+everything but the training seed (``summary.json``'s ``point``) pool into one point. Each arm is
+compared with its baselines (random at the same size, random matched on tokens, full data) by
+one statistic per comparison, with a Holm-adjusted p-value and a verdict read against an
+equivalence margin. Outputs: ``report.md``, ``report.csv`` and PNG plots (each metric against the
+rows selected with full data and the initial model as horizontal lines; per scorer and source the
+score distribution and score against response length; ``L_init`` against ``L_ref``).
+``docs/report.md`` explains every table.
 
-Modules, in the order the data flows: ``runs`` (run directories -> a DataFrame), ``compare``
-(pooling over seeds and verdicts against baselines, on :mod:`lobass.stats`), ``render``
+Modules, in the order the data flows: ``runs`` (run directories -> a DataFrame), ``points``
+(point identity and pooling over seeds), ``compare`` (differences, Holm, verdicts, on
+:mod:`lobass.stats`), ``diagnostics`` (composition, overlap, stability, extreme rows), ``render``
 (markdown, CSV), ``plots`` (PNG); this module ties them together and uploads to W&B.
 """
 
@@ -23,17 +27,51 @@ from typing import Any
 import pandas as pd
 
 from lobass.artifacts import atomic_write_text
-from lobass.report.compare import compare_to_baselines, paired_difference, pool_over_seeds
-from lobass.report.plots import plot_metrics, plot_scores
-from lobass.report.render import render_csv, render_markdown
+from lobass.report import diagnostics
+from lobass.report.compare import DEFAULT_MARGIN, compare_to_baselines, difference
+from lobass.report.plots import plot_losses, plot_metrics, plot_scores
+from lobass.report.points import common_settings, pool_over_seeds
+from lobass.report.render import Diagnostics, render_csv, render_markdown
 from lobass.report.runs import RUN_COLUMNS, collect_runs, headline_metrics
 
-__all__ = ["collect_runs", "main", "paired_difference", "pool_over_seeds", "write_report"]
+__all__ = ["collect_runs", "difference", "equivalence_margin", "main", "pool_over_seeds",
+           "write_report"]
 
 log = logging.getLogger(__name__)
 
 
-def write_report(root: Path, *, out: Path | None = None, wandb_project: str | None = None) -> Path:
+def equivalence_margin(runs: pd.DataFrame, override: float | None = None) -> tuple[float, str]:
+    """The margin the verdicts use, and where it came from.
+
+    Args:
+        runs: the run table (its ``config`` column: each run's resolved config).
+        override: ``--equivalence-margin``; wins over the configs.
+
+    Returns:
+        ``(margin, source)``: the flag, else the runs' ``report.equivalence_margin``, else
+        :data:`lobass.report.compare.DEFAULT_MARGIN`.
+
+    Raises:
+        ValueError: runs disagree on ``report.equivalence_margin``, or a margin is not positive.
+
+    """
+    if override is not None:
+        margin, source = float(override), "--equivalence-margin"
+    else:
+        found = {float(m) for c in runs["config"] if isinstance(c, dict) and
+                 (m := (c.get("report") or {}).get("equivalence_margin")) is not None}
+        if len(found) > 1:
+            raise ValueError(f"runs disagree on report.equivalence_margin ({sorted(found)}); "
+                             "pass --equivalence-margin to choose one")
+        margin, source = ((found.pop(), "config key report.equivalence_margin") if found
+                          else (DEFAULT_MARGIN, "default"))
+    if not margin > 0:
+        raise ValueError(f"equivalence margin must be > 0, got {margin} ({source})")
+    return margin, source
+
+
+def write_report(root: Path, *, out: Path | None = None, wandb_project: str | None = None,
+                 margin: float | None = None) -> Path:
     """Write ``report.md``, ``report.csv`` and plots for the runs under ``root``.
 
     Args:
@@ -41,6 +79,8 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
         out: where to write; ``root`` when None.
         wandb_project: also log the tables and plots to this W&B project (``WANDB_MODE``
             decides online or offline).
+        margin: equivalence margin; None reads ``report.equivalence_margin`` from the runs'
+            ``config.yaml`` or uses the default (:func:`equivalence_margin`).
 
     Returns:
         The path of ``report.md``.
@@ -54,46 +94,60 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     runs = collect_runs(root)
     if runs.empty:
         raise FileNotFoundError(f"no summary.json under {root}")
+    margin, margin_source = equivalence_margin(runs, margin)
     metrics = headline_metrics({c for c in runs.columns if c not in RUN_COLUMNS})
     table = pool_over_seeds(runs, metrics)
-    comparisons = compare_to_baselines(runs, table, metrics)
+    comparisons = compare_to_baselines(runs, table, metrics, margin)
     plots = plot_metrics(table, metrics, out)
-    score_plots, correlations = plot_scores(runs, out)
-    text = render_markdown(runs, table, comparisons, metrics, plots + score_plots, correlations)
+    score_plots, length_correlation = plot_scores(runs, out)
+    plots += score_plots + plot_losses(runs, out)
+    found = Diagnostics(diagnostics.composition(table, runs), length_correlation,
+                        diagnostics.scorer_overlap(table, runs),
+                        diagnostics.reference_stability(table, runs),
+                        diagnostics.extreme_rows(runs))
+    text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
+                           margin_source=margin_source, common=common_settings(runs),
+                           diagnostics=found)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.csv", render_csv(runs, metrics))
     if wandb_project:
-        _log_to_wandb(wandb_project, root, runs, table, metrics, out, plots + score_plots)
+        _log_to_wandb(wandb_project, root, runs, table, comparisons, metrics, out, plots)
     log.info("report written to %s", out / "report.md")
     return out / "report.md"
 
 
 def _cells(frame: pd.DataFrame) -> list[list[Any]]:
-    """Rows as plain Python values, NaN as None (W&B tables store None as an empty cell)."""
-    return [[None if isinstance(v, float) and math.isnan(v) else v for v in row]
+    """Rows as plain Python values, NaN and NA as None (W&B stores None as an empty cell)."""
+    return [[None if v is pd.NA or isinstance(v, float) and math.isnan(v) else v for v in row]
             for row in frame.astype(object).itertuples(index=False)]
 
 
 def _log_to_wandb(project: str, root: Path, runs: pd.DataFrame, table: pd.DataFrame,
-                  metrics: Sequence[str], out: Path, plots: Sequence[str]) -> None:
+                  comparisons: pd.DataFrame, metrics: Sequence[str], out: Path,
+                  plots: Sequence[str]) -> None:
     import wandb
 
     run = wandb.init(project=project, group=root.name, job_type="report", dir=str(out),
                      name=f"report-{root.name}")
-    columns: list[str | int] = ["run", "scorer", "ratio", "seed", "status", *metrics]
+    columns: list[str | int] = ["run", "point", "scorer", "ratio", "count", "seed",
+                                "reference_seed", "status", *metrics]
     run.log({"report/runs": wandb.Table(columns=columns, data=_cells(runs[columns]))})
-    # the markdown's pooled table: mean and interval bounds per metric
-    pooled = table.rename(columns={f"{m}_ci_{side}": f"{m} ci_{side}"
-                                   for m in metrics for side in ("low", "high")})
+    # the markdown's pooled table: mean, interval bounds and interval kind per metric
+    pooled = table.drop(columns=["point_key"]).rename(
+        columns={f"{m}_ci_{side}": f"{m} ci_{side}" for m in metrics
+                 for side in ("low", "high", "kind")})
     pooled_columns: list[str | int] = list(pooled.columns)
-    run.log({"report/by_scorer_ratio": wandb.Table(columns=pooled_columns,
-                                                   data=_cells(pooled))})
+    run.log({"report/points": wandb.Table(columns=pooled_columns, data=_cells(pooled))})
+    if not comparisons.empty:
+        compared: list[str | int] = list(comparisons.columns)
+        run.log({"report/comparisons": wandb.Table(columns=compared,
+                                                   data=_cells(comparisons))})
     run.log({f"report/{p}": wandb.Image(str(out / p)) for p in plots})
     run.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m lobass.report DIR [--out OUT] [--wandb-project NAME]``."""
+    """The command line (``python -m lobass.report DIR --help`` lists the options)."""
     parser = argparse.ArgumentParser(prog="python -m lobass.report",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("root", type=Path, help="a multirun folder (or any folder of runs)")
@@ -101,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--wandb-project", default=None,
                         help="also log the table and plots to this W&B project (WANDB_MODE "
                              "decides online/offline)")
+    parser.add_argument("--equivalence-margin", type=float, default=None,
+                        help="verdicts call two points equivalent only when the whole 95%% "
+                             "interval of their difference lies within +-M (metric units: nats "
+                             "for losses, a share for accuracies and win rates); default: the "
+                             f"runs' report.equivalence_margin, else {DEFAULT_MARGIN}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_report(args.root, out=args.out, wandb_project=args.wandb_project)
+    write_report(args.root, out=args.out, wandb_project=args.wandb_project,
+                 margin=args.equivalence_margin)

@@ -1,190 +1,196 @@
-"""Pool runs over seeds and compare each scorer against its baselines (tables, not text).
+"""Each arm against its baselines: one difference, one kind of interval, one verdict per row.
 
-The statistics themselves live in :mod:`lobass.stats`; this module decides which values they are
-applied to: seeds within a (scorer, ratio) point, and per-row eval losses shared by two points.
+Which statistic (all from :mod:`lobass.stats`):
+
+- both sides kept per-row losses for an ``eval/<set>/loss`` metric: a paired bootstrap of the
+  per-item differences; when either side has two or more training seeds, a hierarchical one
+  (items, then each side's seeds), so seed variance is in the interval;
+- otherwise, with two or more seeds on at least one side: a Student-t interval of the difference
+  of the means over seeds (Welch; pooled variance when one side has a single seed);
+- otherwise (one seed each, no per-row values): no interval of one kind exists for the
+  difference, and the comparison is listed as not tested rather than judged from two intervals
+  of different kinds.
+
+The verdict reads the difference's 95% interval against ``margin`` (same units as the metric):
+``equivalent`` when the whole interval lies inside ``[-margin, margin]``; ``better``/``worse`` when
+it excludes 0 and the Holm-adjusted p-value over every tested comparison of the report is below
+0.05 (``(not after Holm)`` when only the unadjusted test passes); ``inconclusive`` otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lobass.artifacts import read_row_losses
+from lobass.report.points import members_of
 from lobass.report.runs import higher_is_better
-from lobass.stats import bootstrap_interval
+from lobass.stats import hierarchical_bootstrap_difference, holm_adjust, seed_difference
 
-POINT = ["scorer", "ratio"]  # what makes a point of the sweep; seeds pool within it
+DEFAULT_MARGIN = 0.02  # nats of mean response loss; 2 percentage points of accuracy or win rate
+ALPHA = 0.05  # family-wise error rate the Holm column is read at
+
+COLUMNS = ["point", "metric", "value", "baseline", "base_value", "method", "difference",
+           "diff_low", "diff_high", "n_items", "seeds", "p", "p_holm", "verdict"]
 
 
-def pool_over_seeds(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """One row per (scorer, ratio) over the finished runs: mean over seeds and a 95% interval.
+def _key(point_key: str) -> dict[str, Any]:
+    key: dict[str, Any] = json.loads(point_key)
+    return key
 
-    With two or more seeds the interval is a percentile bootstrap over the seeds' values
-    (training randomness); with one value it is that run's own interval over evaluation items
-    (``<metric>_ci_low``/``_ci_high`` from its summary).
 
-    Args:
-        runs: the table of :func:`lobass.report.runs.collect_runs`.
-        metrics: metric columns to pool.
+def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The baselines of one arm: random at the same size, random matched on tokens, full data.
 
-    Returns:
-        Columns ``scorer, ratio, rows, seeds`` then ``<metric>, <metric>_ci_low,
-        <metric>_ci_high`` per metric (NaN where no run of the point has the metric), sorted by
-        ratio (count-only points first) then scorer.
-
+    Random at the same size shares the arm's selection rule (order aside: a random bottom-k is
+    still random) and training budget. A random arm with a token budget equal to the arm's
+    selected response tokens is its token-matched control. Every full-data point is a baseline
+    (full data at matched steps and full data trained as the reference was are both listed).
     """
-    ok = runs[runs["status"] == "ok"]
-    columns = [*POINT, "rows", "seeds"] + [
-        f"{m}{suffix}" for m in metrics for suffix in ("", "_ci_low", "_ci_high")]
-    if ok.empty:
-        return pd.DataFrame(columns=columns)
-    # dropna=False: a count sweep has no ratio, and its points must still be rows
-    groups = ok.groupby(POINT, dropna=False, sort=False)
-    table = groups.agg(rows=("count", lambda s: s.iloc[0]), seeds=("run", "size"))
-    for metric in metrics:
-        table[metric] = groups[metric].mean()
-        interval = groups.apply(lambda g, m=metric: _seed_interval(g, m), include_groups=False)
-        table[f"{metric}_ci_low"] = interval.map(lambda bounds: bounds[0])
-        table[f"{metric}_ci_high"] = interval.map(lambda bounds: bounds[1])
-    table = table.reset_index()
-    order = table.assign(_key=table["ratio"].fillna(0)).sort_values(
-        ["_key", "scorer"], kind="stable").index
-    return table.loc[order, columns].reset_index(drop=True)
+    ours = _key(entry["point_key"])
+    found = []
+    for _, base in table.iterrows():
+        key = _key(base["point_key"])
+        if key["kind"] == "full":
+            found.append((f"{base['point']} ({_seeds(base)})", base))
+        elif (key["kind"] != "subset" or key["scorer"] != "random" or key["train"] != ours["train"]
+              or not key["selection"] or not ours["selection"]):
+            continue
+        elif _without_order(key["selection"]) == _without_order(ours["selection"]):
+            found.append((f"random ({_seeds(base)})", base))
+        elif key["selection"].get("mode") == "tokens" and entry["selected_tokens"] == \
+                key["selection"].get("tokens"):
+            found.append((f"random, matched tokens ({_seeds(base)})", base))
+    order = {"random": 0, "random, matched tokens": 1}
+    return sorted(found, key=lambda f: order.get(f[0].split(" (")[0], 2))
 
 
-def _seed_interval(point: pd.DataFrame, metric: str) -> tuple[float, float]:
-    values = point[metric].dropna()
-    finite = values[np.isfinite(values)]
-    if len(finite) >= 2:
-        return bootstrap_interval(finite.to_numpy())
-    if len(values) == 1:  # one seed: the run's own interval over the evaluation items
-        run = point.loc[values.index[0]]
-        return (float(run.get(f"{metric}_ci_low", math.nan)),
-                float(run.get(f"{metric}_ci_high", math.nan)))
-    return math.nan, math.nan
+def _without_order(selection: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in selection.items() if k != "order"}
 
 
-def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame,
-                         metrics: Sequence[str]) -> pd.DataFrame:
-    """Each selecting scorer at each ratio below 1 against its baselines, one row per metric.
+def _seeds(point: pd.Series) -> str:
+    return f"{point['seeds']} seed{'s' * (point['seeds'] != 1)}"
 
-    The baselines are random at the same ratio and the full-data run (ratio 1.0 trains on every
-    row whichever scorer ranked them, so the first such point stands for all of them).
+
+def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Sequence[str],
+                         margin: float = DEFAULT_MARGIN) -> pd.DataFrame:
+    """Every selecting arm against each of its baselines, one row per metric.
+
+    Arms are the subset points whose scorer is not ``random``; baselines come from
+    :func:`baselines_for`. Holm's adjustment runs over every row that has a p-value.
 
     Args:
-        runs: the run table (for per-row losses).
-        table: the pooled table of :func:`pool_over_seeds`.
+        runs: the run table (for per-seed values and per-row losses).
+        table: the pooled table of :func:`lobass.report.points.pool_over_seeds`.
         metrics: metrics to compare.
+        margin: equivalence margin, in the metric's units.
 
     Returns:
-        Columns ``scorer, ratio, metric, value, ci_low, ci_high, baseline, base_value,
-        base_ci_low, base_ci_high, paired_mean, paired_low, paired_high, paired_n, verdict``;
-        the paired columns are NaN where either side lacks per-row losses.
+        :data:`COLUMNS`: the two points' means, the statistic used (``method``, empty when none
+        applies), the difference (ours - baseline) with its 95% interval, the items and seeds it
+        rests on, raw and Holm-adjusted p-values, and the verdict.
 
     """
-    random_at = {e["ratio"]: e for _, e in table[table["scorer"] == "random"].iterrows()}
-    full = [e for _, e in table[table["ratio"] == 1.0].iterrows()][:1]
     records = []
     for _, entry in table.iterrows():
-        if entry["scorer"] == "random" or pd.isna(entry["ratio"]) or entry["ratio"] == 1.0:
+        if entry["kind"] != "subset" or entry["scorer"] == "random":
             continue
-        baselines = []
-        if entry["ratio"] in random_at:
-            seeds = int(random_at[entry["ratio"]]["seeds"])
-            baselines.append((f"random ({seeds} seed{'s' * (seeds != 1)})",
-                              random_at[entry["ratio"]]))
-        baselines += [("full data", e) for e in full]
+        ours = members_of(runs, entry["point_key"])
         for metric in metrics:
-            for name, base in baselines:
+            for name, base in baselines_for(entry, table):
                 if pd.isna(entry[metric]) or pd.isna(base[metric]):
                     continue
-                paired = paired_difference(_members(runs, entry), _members(runs, base), metric)
-                records.append({
-                    "scorer": entry["scorer"], "ratio": entry["ratio"], "metric": metric,
-                    "value": entry[metric], "ci_low": entry[f"{metric}_ci_low"],
-                    "ci_high": entry[f"{metric}_ci_high"], "baseline": name,
-                    "base_value": base[metric], "base_ci_low": base[f"{metric}_ci_low"],
-                    "base_ci_high": base[f"{metric}_ci_high"],
-                    **dict(zip(("paired_mean", "paired_low", "paired_high", "paired_n"),
-                               paired or (math.nan,) * 4, strict=True)),
-                    "verdict": verdict(entry, base, metric, paired)})
-    return pd.DataFrame.from_records(records)
+                records.append({"point": entry["point"], "metric": metric,
+                                "value": entry[metric], "baseline": name,
+                                "base_value": base[metric],
+                                **difference(ours, members_of(runs, base["point_key"]), metric)})
+    frame = pd.DataFrame.from_records(records, columns=COLUMNS[:-2])
+    tested = frame["p"].notna()
+    frame["p_holm"] = math.nan
+    frame.loc[tested, "p_holm"] = holm_adjust(frame.loc[tested, "p"].to_numpy(dtype=float))
+    frame["verdict"] = [verdict(row, margin) for _, row in frame.iterrows()]
+    return frame[COLUMNS]
 
 
-def _members(runs: pd.DataFrame, point: pd.Series) -> pd.DataFrame:
-    """The finished runs of one pooled point."""
-    ratio = runs["ratio"]
-    same_ratio = (ratio == point["ratio"]) | (ratio.isna() & pd.isna(point["ratio"]))
-    return runs[(runs["status"] == "ok") & (runs["scorer"] == point["scorer"]) & same_ratio]
-
-
-def paired_difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str,
-                      ) -> tuple[float, float, float, int] | None:
-    """Mean per-row loss difference (ours - baseline) with a bootstrap 95% interval over rows.
-
-    Rows are those both sides scored; each side's row value is the mean over its runs (seeds).
-    Only for ``eval/<set>/loss`` metrics whose runs kept per-row losses (``losses/<set>.jsonl``
-    in the eval artifact); None otherwise. Pairing removes the between-row variance that makes
-    the two independent intervals overlap even when one model is better on nearly every row.
+def difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """The difference ours - baseline with the one statistic that fits (module docstring).
 
     Args:
-        ours: the runs of one point (rows of the run table).
+        ours: the runs (training seeds) of one point.
         base: the runs of the baseline point.
-        metric: an ``eval/<set>/loss`` metric; any other gives None.
+        metric: a metric column.
 
     Returns:
-        ``(mean, low, high, n_rows)``, or None without per-row losses on both sides or with
-        fewer than two shared rows.
+        ``method`` (empty when no statistic applies), ``difference``, ``diff_low``,
+        ``diff_high``, ``p``, ``n_items`` (NaN unless paired over items) and ``seeds``
+        (``"<ours> vs <baseline>"``).
 
+    """
+    seeds = f"{len(ours)} vs {len(base)}"
+    paired = _paired_matrices(ours, base, metric)
+    if paired is not None:
+        a, b = paired
+        mean, low, high, p = hierarchical_bootstrap_difference(a, b)
+        method = ("paired bootstrap over items" if len(a) == len(b) == 1 else
+                  "hierarchical bootstrap (seeds, items)")
+        return {"method": method, "difference": mean, "diff_low": low, "diff_high": high,
+                "n_items": float(a.shape[1]), "seeds": seeds, "p": p}
+    a, b = (side.get(metric, pd.Series(dtype=float)).to_numpy(float) for side in (ours, base))
+    mean, low, high, p = seed_difference(a, b)
+    if math.isnan(low):
+        method = ""
+    elif min(np.isfinite(a).sum(), np.isfinite(b).sum()) >= 2:
+        method = "t over seeds (Welch)"
+    else:
+        method = "t over seeds (pooled)"
+    return {"method": method, "difference": mean, "diff_low": low, "diff_high": high,
+            "n_items": math.nan, "seeds": seeds, "p": p}
+
+
+def _paired_matrices(ours: pd.DataFrame, base: pd.DataFrame,
+                     metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(S_ours, N)`` and ``(S_base, N)`` per-row losses on the rows every run scored, or None.
+
+    Only for ``eval/<set>/loss`` metrics whose every run kept ``losses/<set>.jsonl`` in its eval
+    artifact, and with at least two shared rows.
     """
     parts = metric.split("/")
     if len(parts) != 3 or parts[2] != "loss":
         return None
-    a, b = _row_means(ours, parts[1]), _row_means(base, parts[1])
+    a, b = _row_losses(ours, parts[1]), _row_losses(base, parts[1])
     if a is None or b is None:
         return None
-    diff = (a - b).dropna().sort_index()  # (rows both sides scored,) in id order
-    if len(diff) < 2:
+    both = pd.concat([a, b], axis=1, join="inner").dropna().sort_index()  # (N, S_a + S_b)
+    if len(both) < 2:
         return None
-    low, high = bootstrap_interval(diff.to_numpy())
-    return float(diff.mean()), low, high, len(diff)
+    values = both.to_numpy().T  # (S_a + S_b, N), items in id order
+    return values[: a.shape[1]], values[a.shape[1]:]
 
 
-def _row_means(runs: pd.DataFrame, set_name: str) -> pd.Series | None:
-    """Per-row loss averaged over the runs, on the rows every run scored; None if any lacks it."""
+def _row_losses(runs: pd.DataFrame, set_name: str) -> pd.DataFrame | None:
+    """Per-row losses, one column per run; None when any run lacks the file."""
     files = [d / "losses" / f"{set_name}.jsonl" for d in runs["eval_dir"] if d is not None]
     if runs.empty or len(files) != len(runs) or not all(f.is_file() for f in files):
         return None
-    per_run = [pd.Series(read_row_losses(f), dtype=float) for f in files]
-    return pd.concat(per_run, axis=1, join="inner").mean(axis=1)
+    return pd.concat([pd.Series(read_row_losses(f), dtype=float) for f in files], axis=1,
+                     join="inner")
 
 
-def verdict(ours: pd.Series, base: pd.Series, metric: str,
-            paired: tuple[float, float, float, int] | None = None) -> str:
-    """``better``/``worse`` in the metric's good direction, and whether the intervals separate.
-
-    With a paired difference the verdict reads its sign and whether its interval excludes 0;
-    otherwise it sets the two points' own 95% intervals side by side.
-    """
-    if paired is not None:
-        mean, low, high, _ = paired
-        if mean == 0:
-            return "equal (paired)"
-        spread = "separated" if low > 0 or high < 0 else "overlap"
-        better = (mean > 0) == higher_is_better(metric)
-        return f"{'better' if better else 'worse'}, {spread} (paired)"
-    a, b = ours[metric], base[metric]
-    if a == b:
-        return "equal"
-    better = (a > b) == higher_is_better(metric)
-    bounds = [ours[f"{metric}_ci_low"], ours[f"{metric}_ci_high"],
-              base[f"{metric}_ci_low"], base[f"{metric}_ci_high"]]
-    if any(math.isnan(v) for v in bounds):
-        spread = "no interval"
-    else:
-        lo_a, hi_a, lo_b, hi_b = bounds
-        spread = "separated" if hi_a < lo_b or hi_b < lo_a else "overlap"
-    return f"{'better' if better else 'worse'}, {spread}"
+def verdict(row: pd.Series, margin: float) -> str:
+    """The verdict of one comparison row (module docstring), in the metric's good direction."""
+    low, high = row["diff_low"], row["diff_high"]
+    if not row["method"] or math.isnan(low) or math.isnan(high):
+        return "not tested (no per-row values, no seed spread)"
+    if -margin <= low and high <= margin:
+        return f"equivalent (±{margin:g})"
+    if low > 0 or high < 0:
+        better = (row["difference"] > 0) == higher_is_better(row["metric"])
+        word = "better" if better else "worse"
+        return word if row["p_holm"] < ALPHA else f"{word} (not after Holm)"
+    return "inconclusive"

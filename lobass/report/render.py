@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -12,17 +13,38 @@ import pandas as pd
 from lobass.report.runs import higher_is_better
 
 POOLED_NOTE = (
-    "With several seeds the interval is a bootstrap over the seeds' values (training "
-    "randomness); with one run it is that run's own interval over the evaluation items "
-    "(normal for losses, bootstrap for win rates, Wilson for accuracies).")
+    "One row per point (everything but the training seed); initial model and full data first. "
+    "`interval` names the kind of each 95% interval: `t, n=<seeds>` is a Student-t interval "
+    "over the training seeds' values; `items` is one run's own interval over evaluation items "
+    "(normal for losses, bootstrap for win rates, Wilson for accuracies). Intervals of "
+    "different kinds are not comparable with each other; the verdicts below never set them "
+    "side by side. `steps` are optimizer steps and `tokens trained` response tokens trained "
+    "(`train/response_tokens`), means over seeds.")
 VERDICT_NOTE = (
-    "`better`/`worse` compares means in the metric's good direction; `separated` means the two "
-    "95% intervals do not overlap, `overlap` that they do (no claim either way). Where both "
-    "sides kept per-row losses, the paired column is the mean per-row difference (ours - "
-    "baseline; below 0 is better for a loss) over the same rows with a bootstrap 95% interval, "
-    "and `(paired)` verdicts ask whether that interval excludes 0.")
-VERDICT_HEADER = ["scorer", "ratio", "metric", "value [95% CI]", "baseline",
-                  "baseline value [95% CI]", "paired difference [95% CI]", "verdict"]
+    "Difference = arm - baseline (below 0 is better for a loss). One statistic per row "
+    "(`method`): a paired bootstrap over evaluation items when both sides kept per-row losses, "
+    "hierarchical (seeds, then items) when either side has several seeds; otherwise a t "
+    "interval over training seeds (Welch; `pooled` when one side has a single seed, whose "
+    "seed spread then comes from the other side); `not tested` where neither exists (no "
+    "per-row values, and no seed spread). `seeds` is arm vs baseline. p-values come from the "
+    "same bootstrap (twice the smaller tail) or the t-test; `p (Holm)` adjusts them over "
+    "every tested row of this table. Verdict: "
+    "`equivalent` when the whole 95% interval lies within ± the margin, `better`/`worse` when "
+    "it excludes 0 and the Holm-adjusted p < 0.05 (`not after Holm` when only the raw test "
+    "passes), else `inconclusive`.")
+VERDICT_HEADER = ["point", "metric", "value", "baseline", "baseline value",
+                  "difference [95% CI]", "method", "seeds", "p", "p (Holm)", "verdict"]
+
+
+@dataclass
+class Diagnostics:
+    """The diagnostic tables of :mod:`lobass.report.diagnostics` and the score correlations."""
+
+    composition: pd.DataFrame = field(default_factory=pd.DataFrame)
+    length_correlation: pd.DataFrame = field(default_factory=pd.DataFrame)
+    scorer_overlap: pd.DataFrame = field(default_factory=pd.DataFrame)
+    reference_stability: pd.DataFrame = field(default_factory=pd.DataFrame)
+    extremes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def fmt(value: Any) -> str:
@@ -37,26 +59,37 @@ def fmt_interval(low: float, high: float) -> str:
     return "" if math.isnan(low) or math.isnan(high) else f"[{low:.4g}, {high:.4g}]"
 
 
-def _row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |\n"
+def _row(cells: Sequence[Any]) -> str:
+    # a pipe or line break inside a cell would end the cell or the row
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
+                             for c in cells) + " |\n"
 
 
 def _header(cells: Sequence[str]) -> str:
     return _row(cells) + "|" + "---|" * len(cells) + "\n"
 
 
+def _table(out: io.StringIO, frame: pd.DataFrame, header: Sequence[str]) -> None:
+    out.write(_header(header))
+    out.writelines(_row([fmt(v) for v in row]) for row in frame.itertuples(index=False))
+
+
 def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.DataFrame,
-                    metrics: Sequence[str], plots: Sequence[str],
-                    correlations: Mapping[str, float] | None = None) -> str:
-    """The report as markdown: pooled table, verdicts, every run, plots, score correlations.
+                    metrics: Sequence[str], plots: Sequence[str], *, margin: float,
+                    margin_source: str, common: Sequence[str] = (),
+                    diagnostics: Diagnostics | None = None) -> str:
+    """The report as markdown: points, verdicts, composition, diagnostics, runs, plots.
 
     Args:
         runs: the run table of :func:`lobass.report.runs.collect_runs`.
-        table: the pooled table of :func:`lobass.report.compare.pool_over_seeds`.
+        table: the pooled table of :func:`lobass.report.points.pool_over_seeds`.
         comparisons: :func:`lobass.report.compare.compare_to_baselines`'s table (may be empty).
         metrics: the metric columns, in order.
         plots: image file names beside the report.
-        correlations: Spearman's rho of score with response length, by scorer.
+        margin: the equivalence margin used.
+        margin_source: where it came from (flag, config key or default).
+        common: settings shared by every point (left out of the point names).
+        diagnostics: the diagnostic tables.
 
     Returns:
         The markdown text.
@@ -64,53 +97,96 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
     """
     out = io.StringIO()
     out.write("# lobass report\n\n")
-    out.write(f"{len(runs)} runs, {int((runs['status'] == 'failed').sum())} failed.\n\n")
-    out.write(f"## By scorer and ratio (mean over seeds, bootstrap 95% interval)\n\n"
-              f"{POOLED_NOTE}\n\n")
-    header = ["scorer", "ratio", "rows", "seeds"]
+    out.write(f"{len(runs)} runs, {int((runs['status'] == 'failed').sum())} failed, "
+              f"{len(table)} points.")
+    if common:
+        out.write(f" Every point: {', '.join(common)}.")
+    out.write(f"\n\nEquivalence margin: ±{margin:g} ({margin_source}), in each metric's units: "
+              "nats of mean response loss per token for `*/loss`, an absolute share "
+              f"({margin * 100:g} percentage points) for accuracies and win rates.\n\n")
+    out.write(f"## Points (mean over training seeds, 95% intervals)\n\n{POOLED_NOTE}\n\n")
+    header = ["point", "rows", "seeds", "steps", "tokens trained", "interval"]
     for metric in metrics:
         header += [f"{metric} {'↑' if higher_is_better(metric) else '↓'}", "95% CI"]
     out.write(_header(header))
     for _, entry in table.iterrows():
-        cells = [entry["scorer"], fmt(entry["ratio"]), fmt(entry["rows"]), str(entry["seeds"])]
+        kinds = dict.fromkeys(k for m in metrics if (k := entry[f"{m}_ci_kind"]))
+        cells = [entry["point"], fmt(entry["rows"]), str(entry["seeds"]), fmt(entry["steps"]),
+                 fmt(entry["tokens_trained"]), "; ".join(kinds)]
         for metric in metrics:
             cells += [fmt(entry[metric]),
                       fmt_interval(entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"])]
         out.write(_row(cells))
     if not comparisons.empty:
-        out.write("\n## Each scorer against random at the same ratio and against full data\n\n"
-                  f"{VERDICT_NOTE}\n\n")
+        tested = int(comparisons["p"].notna().sum())
+        out.write(f"\n## Each arm against its baselines\n\n{VERDICT_NOTE}\n\n"
+                  f"{len(comparisons)} comparisons, {tested} tested (Holm over {tested}), "
+                  f"{len(comparisons) - tested} not tested.\n\n")
         out.write(_header(VERDICT_HEADER))
         out.writelines(_row(_comparison_cells(c)) for _, c in comparisons.iterrows())
+    _diagnostics(out, diagnostics or Diagnostics())
     out.write("\n## Runs\n\n")
-    out.write(_header(["run", "scorer", "ratio", "seed", "status"]))
+    out.write(_header(["run", "point", "seed", "status"]))
     for _, run in runs.iterrows():
         status = run["status"] if not run["error"] else f"failed: {run['error'][:120]}"
-        out.write(_row([run["run"], run["scorer"], fmt(run["ratio"]), str(run["seed"]), status]))
+        out.write(_row([run["run"], run["point"], str(run["seed"]), status]))
     if plots:
         out.write("\n## Plots\n\n")
         out.writelines(f"![{p}]({p})\n\n" for p in plots)
-    if correlations:
-        out.write("Spearman correlation of score with response length: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in sorted(correlations.items())) + "\n")
     return out.getvalue()
 
 
+def _diagnostics(out: io.StringIO, d: Diagnostics) -> None:
+    if not d.composition.empty:
+        out.write("\n## Selection composition (per source, mean over seeds)\n\n")
+        _table(out, d.composition, ["point", "source", "rows", "response tokens",
+                                    "mean response tokens"])
+    if not d.length_correlation.empty:
+        out.write("\n## Score against response length (Spearman's rho over the pool)\n\n")
+        _table(out, d.length_correlation, ["scorer", "source", "rows", "rho"])
+    if not d.scorer_overlap.empty:
+        out.write("\n## Scorer overlap (same rule, different scorers)\n\nJaccard of the "
+                  "selected rows; Spearman of the two scorers' scores over the pool.\n\n")
+        _table(out, d.scorer_overlap, ["point", "against", "rows", "Jaccard", "Spearman"])
+    if not d.reference_stability.empty:
+        out.write("\n## Reference-seed stability (points that differ only in reference seed)\n\n"
+                  "Spearman of the scores over the pool; Jaccard of the top-k selections.\n\n")
+        _table(out, d.reference_stability, ["point", "against", "rows (k)", "Jaccard",
+                                            "Spearman"])
+    if not d.extremes.empty:
+        out.write("\n## Highest- and lowest-scored rows per source\n\nRank 1 = highest "
+                  "score; prompt and response cut for reading (text re-read from the pool "
+                  "with config.yaml's `data`; empty when it cannot be).\n\n")
+        _table(out, d.extremes, ["scorer", "source", "end", "rank", "id", "score",
+                                 "response tokens", "prompt", "response"])
+
+
 def _comparison_cells(c: pd.Series) -> list[str]:
-    paired = "" if math.isnan(c["paired_mean"]) else (
-        f"{c['paired_mean']:+.4g} {fmt_interval(c['paired_low'], c['paired_high'])} "
-        f"(n {int(c['paired_n'])})")
-    return [c["scorer"], fmt(c["ratio"]), c["metric"],
-            f"{fmt(c['value'])} {fmt_interval(c['ci_low'], c['ci_high'])}", c["baseline"],
-            f"{fmt(c['base_value'])} {fmt_interval(c['base_ci_low'], c['base_ci_high'])}",
-            paired, c["verdict"]]
+    diff = "" if math.isnan(c["difference"]) else (
+        f"{c['difference']:+.4g} {fmt_interval(c['diff_low'], c['diff_high'])}").rstrip()
+    method = c["method"] + ("" if math.isnan(c["n_items"]) else f", {int(c['n_items'])} items")
+    return [c["point"], c["metric"], fmt(c["value"]), c["baseline"], fmt(c["base_value"]), diff,
+            method, c["seeds"], fmt_p(c["p"]), fmt_p(c["p_holm"]), c["verdict"]]
+
+
+def fmt_p(p: float) -> str:
+    """A p-value to 2 significant digits; below 0.001 as ``<0.001``; NaN as empty."""
+    if math.isnan(p):
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.2g}"
 
 
 def render_csv(runs: pd.DataFrame, metrics: Sequence[str]) -> str:
-    """Every run as one CSV row: run, scorer, ratio, count, seed, status, then the metrics.
+    """Every run as one CSV row: identity, status, budget, then the metrics.
 
-    Missing values are empty cells; lines end in CRLF, as the csv module (and RFC 4180) write
-    them.
+    Columns ``run, point, kind, scorer, ratio, count, seed, reference_seed, status, rows,
+    steps, tokens_trained`` and the metrics (``rows`` is ``select/count``, ``steps``
+    ``train/steps``, ``tokens_trained`` ``train/response_tokens``). Missing values are empty
+    cells; lines end in CRLF, as the csv module (and RFC 4180) write them.
     """
-    return runs.reindex(columns=["run", "scorer", "ratio", "count", "seed", "status", *metrics]
-                        ).to_csv(index=False, na_rep="", lineterminator="\r\n")
+    frame = runs.rename(columns={"select/count": "rows", "train/steps": "steps",
+                                 "train/response_tokens": "tokens_trained"})
+    return frame.reindex(columns=[
+        "run", "point", "kind", "scorer", "ratio", "count", "seed", "reference_seed", "status",
+        "rows", "steps", "tokens_trained", *metrics]).to_csv(index=False, na_rep="",
+                                                             lineterminator="\r\n")

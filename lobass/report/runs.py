@@ -1,8 +1,11 @@
 """Run directories -> one pandas DataFrame, one row per run, and the metrics worth showing.
 
 A run directory is any folder holding a ``summary.json`` (a finished point) or an ``error.txt``
-(a failed one). Its scorer, ratio and seed come from the ``config.yaml`` the pipeline writes
-beside them (Hydra's ``.hydra/config.yaml`` when that is absent).
+(a failed one). What makes a run a point of a study is ``summary.json``'s ``point`` (scorer,
+selection rule, training budget, training seed, reference seed); runs written before that key
+existed fall back to the ``config.yaml`` beside them (Hydra's ``.hydra/config.yaml`` when that is
+absent): scorer, ``selection.ratio`` or ``selection.count``, and seed. The training seed is the
+only thing that may differ between runs pooled into one point (see :mod:`lobass.report.points`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
+
+from lobass.report.points import identity_columns, label_points
 
 log = logging.getLogger(__name__)
 
 # The run table's fixed columns; every metric of every summary.json is a further column (NaN
-# where a run lacks it), so pooling is a pandas groupby.
-RUN_COLUMNS = ["run", "path", "scorer", "ratio", "count", "seed", "status", "error",
-               "scores_path", "eval_dir"]
+# where a run lacks it), so pooling is a pandas groupby on ``point_key``.
+RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "scorer", "mode", "ratio", "count",
+               "tokens", "band", "order", "by_source", "keep_sources", "epochs", "max_steps",
+               "seed", "reference_seed", "status", "error", "scores_path", "selected_path",
+               "eval_dir", "config"]
 
 # Metric families shown in the table and plotted when present, in this order: response losses on
 # held-out data and reference answers, pairwise judge win rates, benchmark accuracies. Intervals
@@ -36,10 +42,12 @@ def collect_runs(root: Path) -> pd.DataFrame:
         root: a multirun folder, or any folder holding run directories at any depth.
 
     Returns:
-        One row per run with :data:`RUN_COLUMNS` (``path``, ``scores_path`` and ``eval_dir`` are
-        ``Path`` or None; ``ratio`` and ``count`` NaN when unset; ``status`` ``ok`` or
-        ``failed``; ``error`` the last line of ``error.txt``) and one float column per metric key
-        of the summaries, NaN where a run does not have it.
+        One row per run with :data:`RUN_COLUMNS` (``kind`` ``initial``, ``full`` or ``subset``;
+        ``point`` a readable label and ``point_key`` the identity without the training seed, as
+        text; ``path``, ``scores_path``, ``selected_path`` and ``eval_dir`` ``Path`` or None;
+        ``ratio``, ``count`` and ``tokens`` NaN when unset; ``status`` ``ok`` or ``failed``;
+        ``error`` the last line of ``error.txt``; ``config`` the run's resolved config as a dict)
+        and one float column per metric key of the summaries, NaN where a run does not have it.
 
     """
     candidates = {p.parent for p in root.rglob("summary.json")}
@@ -49,9 +57,12 @@ def collect_runs(root: Path) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
     metric_columns = [c for c in frame.columns if c not in RUN_COLUMNS]
-    frame[["ratio", "count", *metric_columns]] = frame[
-        ["ratio", "count", *metric_columns]].astype(float)
-    return frame
+    numeric = ["ratio", "count", "tokens", *metric_columns]
+    frame[numeric] = frame[numeric].astype(float)
+    # integers that may be missing (None): pandas' nullable Int64 keeps "0", not "0.0"
+    frame[["reference_seed", "max_steps"]] = frame[["reference_seed", "max_steps"]].astype(
+        "Int64")
+    return label_points(frame)
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
@@ -60,21 +71,34 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     error_file = run_dir / "error.txt"
     metrics = {k: float(v) for k, v in summary.get("metrics", {}).items()}
     artifacts = summary.get("artifacts", {})
-    ratio = config.get("selection", {}).get("ratio")
+    point = summary.get("point") or _point_from_config(config)
     return {
         "run": run_dir.name,
         "path": run_dir,
-        "scorer": str(config.get("scorer", {}).get("name", "?")),
-        "ratio": np.nan if ratio is None else float(ratio),
-        "count": metrics.get("select/count", np.nan),
-        "seed": int(config.get("seed", 0)),
+        **identity_columns(point, metrics),
         "status": "failed" if error_file.exists() else "ok",
         "error": error_file.read_text().strip().splitlines()[-1] if error_file.exists() else "",
-        "scores_path": Path(artifacts["scores"]) if artifacts.get("scores") else None,
+        "scores_path": _path(artifacts.get("scores")),
+        "selected_path": _path(artifacts.get("selected")),
         # holds losses/<set>.jsonl: per-row losses for paired comparisons
-        "eval_dir": Path(artifacts["eval"]) if artifacts.get("eval") else None,
+        "eval_dir": _path(artifacts.get("eval")),
+        "config": config,
         **metrics,
     }
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _point_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run written before ``summary.json`` had ``point``: scorer, ratio or count, seed."""
+    selection = config.get("selection") or {}
+    ratio, count = selection.get("ratio"), selection.get("count")
+    return {"scorer": str((config.get("scorer") or {}).get("name", "?")),
+            "selection": {"mode": "ratio" if ratio is not None else "count", "ratio": ratio,
+                          "count": count},
+            "train": None, "seed": int(config.get("seed", 0)), "reference_seed": None}
 
 
 def _load_json(path: Path) -> dict[str, Any]:
