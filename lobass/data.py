@@ -9,9 +9,11 @@ to skip bad rows, in which case it is counted in :class:`ReadStats`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +110,29 @@ def dolly_messages(row: dict[str, Any]) -> list[Message]:
             {"role": "assistant", "content": response}]
 
 
-def gsm8k_messages(row: dict[str, Any]) -> list[Message]:
-    """GSM8K rows: ``question`` and ``answer`` (worked solution ending in ``#### <number>``)."""
+# GSM8K's calculator annotations: "48/2 = <<48/2=24>>24" (the expression and its result, then
+# the result again). They were written for a calculator-calling model; in SFT targets they make
+# the answer copy-predictable and reward learning the format (issue 13), so they are removed.
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_messages(row: dict[str, Any], *, keep_calculator: bool = False) -> list[Message]:
+    """GSM8K rows: ``question`` and ``answer`` (worked solution ending in ``#### <number>``).
+
+    Args:
+        row: one row of GSM8K's ``train.jsonl`` / ``test.jsonl``.
+        keep_calculator: keep the ``<<48/2=24>>`` calculator annotations in the answer
+            (``data.gsm8k.keep_calculator``; default false strips them, leaving ``48/2 = 24``).
+
+    Returns:
+        The user question and the assistant's worked solution.
+
+    """
+    answer = _require_str(row, "answer")
+    if not keep_calculator:
+        answer = CALCULATOR_ANNOTATION.sub("", answer)
     return [{"role": "user", "content": _require_str(row, "question")},
-            {"role": "assistant", "content": _require_str(row, "answer")}]
+            {"role": "assistant", "content": answer}]
 
 
 def chat_messages(row: dict[str, Any]) -> list[Message]:
@@ -140,7 +161,8 @@ def chat_messages(row: dict[str, Any]) -> list[Message]:
     return out
 
 
-CONVERTERS: dict[str, Callable[[dict[str, Any]], list[Message]]] = {
+# Each converter takes the row, plus keyword options from ``data.<reader>`` (data.gsm8k).
+CONVERTERS: dict[str, Callable[..., list[Message]]] = {
     "alpaca": alpaca_messages,
     "dolly": dolly_messages,
     "gsm8k": gsm8k_messages,
@@ -160,6 +182,7 @@ def read_examples(
     source: str | None = None,
     max_rows: int | None = None,
     on_bad_row: str = "error",
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[list[Example], ReadStats]:
     """Read one data file into examples.
 
@@ -169,6 +192,8 @@ def read_examples(
         source: label stored on each example; defaults to the reader name.
         max_rows: keep the first ``max_rows`` valid rows (``None``: all).
         on_bad_row: ``error`` stops at the first bad row; ``skip`` skips and counts it.
+        options: keyword options of the reader's converter, from ``data.<reader>`` (only
+            ``gsm8k`` has any: ``keep_calculator``); ``None``: the converter's defaults.
 
     Returns:
         The examples in file order, and what was skipped.
@@ -182,7 +207,7 @@ def read_examples(
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = Path(path)
-    convert = CONVERTERS[reader]
+    convert = functools.partial(CONVERTERS[reader], **dict(options or {}))
     stats = ReadStats()
     examples: list[Example] = []
     seen: dict[str, int] = {}

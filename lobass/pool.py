@@ -32,7 +32,8 @@ def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
     seen: set[str] = set()
     for name, source in sources.items():
         rows, stats = read_examples(source.path, source.reader, source=str(name),
-                                    max_rows=source.max_rows, on_bad_row=data_cfg.on_bad_row)
+                                    max_rows=source.max_rows, on_bad_row=data_cfg.on_bad_row,
+                                    options=data_cfg.get(source.reader))  # data.gsm8k options
         unique = [e for e in rows if e.id not in seen]  # a row in two mixed files counts once
         stats.skipped["duplicate"] += len(rows) - len(unique)
         seen.update(e.id for e in unique)

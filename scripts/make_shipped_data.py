@@ -16,7 +16,7 @@ OUT = Path(__file__).resolve().parent.parent / "lobass" / "resources" / "data"
 
 
 def main(shared: Path) -> None:
-    """Sample Alpaca and GSM8K subsets and copy their licenses."""
+    """Sample Alpaca, GSM8K and AlpacaEval subsets and copy their licenses."""
     rng = random.Random(0)
     alpaca = json.loads((shared / "alpagasus" / "random_9k.json").read_text())
     # 4 rows of random_9k have an empty output; they would be rejected by the readers anyway.
@@ -33,6 +33,22 @@ def main(shared: Path) -> None:
     (OUT / "gsm8k" / "gsm8k_train_300.jsonl").write_text("\n".join(gsm_train[:300]) + "\n")
     shutil.copy(shared / "gsm8k" / "test.jsonl", OUT / "gsm8k" / "gsm8k_test.jsonl")
     shutil.copy(shared / "gsm8k" / "LICENSE", OUT / "gsm8k" / "LICENSE")
+    _alpaca_eval_subset(shared / "alpaca_eval")
+
+
+def _alpaca_eval_subset(source: Path, n: int = 200) -> None:
+    """A seeded 200 of AlpacaEval's 805 instructions with gpt-4-1106-preview's answers.
+
+    Its own generator (seed 0), so the Alpaca and GSM8K samples above stay as they were. The rows
+    keep the shuffled order: any prefix (``max_rows``) is itself a uniform sample of the five
+    source datasets, whereas the file's own order is grouped by dataset. Rows are unmodified.
+    """
+    rows = json.loads((source / "gpt4_1106_preview" / "model_outputs.json").read_text())
+    out = OUT / "alpaca_eval"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / f"alpaca_eval_gpt4_turbo_{n}.json", random.Random(0).sample(rows, n))
+    shutil.copy(source / "DATA_LICENSE", out / "DATA_LICENSE")
+    shutil.copy(source / "LICENSE_NOTICE.txt", out / "LICENSE_NOTICE.txt")
 
 
 def _write_json(path: Path, rows: list[dict[str, str]]) -> None:

@@ -322,3 +322,42 @@ def test_deeply_nested_field_is_a_bad_row_with_file_and_line(tmp_path, suffix, d
     path.write_text(json.dumps({**rows[1], "meta": _deep(99)}) + "\n")
     (row,), _ = read_examples(path, "alpaca")
     assert row.raw["meta"] == _deep(99)
+
+
+# --------------------------------------------------------------------------------------------
+# GSM8K calculator annotations (data.gsm8k.keep_calculator)
+
+# The first shipped GSM8K training row's answer, annotations removed by hand.
+CARL_STRIPPED = (
+    "The number of words that Carl can type per hour is 50 * 60 = 3000 words.\n"
+    "The number of words that Carl can type in 4 hours is 3000 * 4 = 12000 words.\n"
+    "The number of words that Carl can type in 7 days is 12000 * 7 = 84000 words.\n"
+    "#### 84000"
+)
+
+
+def test_gsm8k_calculator_annotations_are_stripped_unless_kept():
+    path = package_data("gsm8k/gsm8k_train_300.jsonl")
+    raw = json.loads(Path(path).read_text().splitlines()[0])
+    assert "= <<50*60=3000>>3000 words" in raw["answer"]  # the shipped file keeps them
+    (stripped,), _ = read_examples(path, "gsm8k", max_rows=1)
+    assert stripped.messages[1]["content"] == CARL_STRIPPED
+    assert stripped.messages[0]["content"] == raw["question"] and stripped.raw == raw
+    (kept,), _ = read_examples(path, "gsm8k", max_rows=1, options={"keep_calculator": True})
+    assert kept.messages[1]["content"] == raw["answer"]
+    assert kept.id != stripped.id  # ids hash the content the model sees
+    rows, _ = read_examples(path, "gsm8k")
+    assert len(rows) == 300 and not any("<<" in r.messages[1]["content"] for r in rows)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_data_gsm8k_option_reaches_the_mixed_gsm8k_source(make_cfg, keep):
+    from lobass.pool import read_pool
+
+    cfg = make_cfg("data.max_rows=4", "data.mix.gsm8k.max_rows=5",
+                   f"data.gsm8k.keep_calculator={str(keep).lower()}")
+    examples, _ = read_pool(cfg.data)
+    gsm = [e for e in examples if e.source == "gsm8k"]
+    assert len(gsm) == 5 and sum(e.source == "alpaca" for e in examples) == 4
+    assert all(("<<" in e.messages[1]["content"]) is keep for e in gsm)
+    assert (gsm[0].messages[1]["content"] == CARL_STRIPPED) is not keep

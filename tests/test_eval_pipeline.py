@@ -12,7 +12,8 @@ from lobass.evaluation.judge import combine_orders
 from lobass.pipeline import run
 
 SMALL_EVAL = ["eval.generation.max_new_tokens=6", "eval.generation.sets.vicuna.max_rows=3",
-              "eval.reference_loss.mt_bench_ref.max_rows=4", "eval.ifeval.limit=2"]
+              "eval.reference_loss.mt_bench_math_reasoning_coding_ref.max_rows=4",
+              "eval.reference_loss.alpaca_eval_gpt4_turbo.max_rows=5", "eval.ifeval.limit=2"]
 
 
 @pytest.mark.slow  # ~60-80 s here: three tiny runs
@@ -20,13 +21,16 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
     base = run(make_cfg(*TINY, *SMALL_EVAL, "selection.ratio=1.0"))
     m = base["metrics"]
     assert m["eval/vicuna/generated"] == 3 and 0 <= m["eval/vicuna/truncated_share"] <= 1
-    assert m["eval/mt_bench_ref/n"] == 4 and m["eval/vicuna_ref/n"] == 10
-    assert m["eval/mt_bench_ref/loss_ci_low"] <= m["eval/mt_bench_ref/loss"]
+    assert m["eval/mt_bench_math_reasoning_coding_ref/n"] == 4
+    assert m["eval/vicuna_coding_math_ref/n"] == 10 and m["eval/alpaca_eval_gpt4_turbo/n"] == 5
+    assert (m["eval/mt_bench_math_reasoning_coding_ref/loss_ci_low"]
+            <= m["eval/mt_bench_math_reasoning_coding_ref/loss"])
     assert m["eval/gsm8k/n"] == 2 and m["eval/gsm8k/strict_acc_ci_high"] > 0
     assert "eval/vicuna/win_rate" not in m  # no baseline: answers saved, nothing judged
     eval_dir = Path(base["artifacts"]["eval"])
     # per-row losses kept for paired comparisons: their mean is the reported loss
-    for name, n in (("heldout", m["eval/heldout/n"]), ("mt_bench_ref", 4), ("vicuna_ref", 10)):
+    for name, n in (("heldout", m["eval/heldout/n"]), ("mt_bench_math_reasoning_coding_ref", 4),
+                    ("vicuna_coding_math_ref", 10), ("alpaca_eval_gpt4_turbo", 5)):
         per_row = [json.loads(x) for x in (eval_dir / "losses" / f"{name}.jsonl").read_text()
                    .splitlines()]
         finite = [r["loss"] for r in per_row if r["loss"] is not None]

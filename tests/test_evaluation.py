@@ -27,8 +27,8 @@ from lobass.evaluation.judge import (
     parse_verdict,
     render_prompt,
 )
-from lobass.evaluation.prompts import read_prompts, read_reference_examples
-from lobass.evaluation.suite import enabled_prompt_sets, judge_prompt
+from lobass.evaluation.prompts import read_prompts, read_reference_examples, read_reference_set
+from lobass.evaluation.suite import enabled_prompt_sets, judge_prompt, reference_sets
 from lobass.formatting import format_prompt, prompt_token_ids
 from lobass.stats import bootstrap_interval, wilson_interval
 
@@ -122,6 +122,53 @@ def test_shipped_prompt_sets_and_references():
     assert len(refs) == 30 and refs[0].messages[1]["content"].startswith(
         "If you have just overtaken the second person")
     assert refs[0].messages[0]["content"].startswith("Imagine you are participating in a race")
+
+
+def _eval_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides)).eval
+
+
+def test_reference_sets_are_named_for_what_they_hold():
+    """MT-Bench's and Vicuna's GPT-4 reference answers are math/reasoning/coding, not chat."""
+    sets = reference_sets(_eval_cfg())
+    assert list(sets) == ["heldout", "alpaca_eval_gpt4_turbo",
+                          "mt_bench_math_reasoning_coding_ref", "vicuna_coding_math_ref"]
+    for name, folder, expected in (
+            ("mt_bench_math_reasoning_coding_ref", "mt_bench",
+             {"math": 10, "reasoning": 10, "coding": 10}),
+            ("vicuna_coding_math_ref", "vicuna_eval", {"coding": 7, "math": 3})):
+        category = {json.loads(x)["question_id"]: json.loads(x)["category"] for x in
+                    Path(package_data(f"{folder}/question.jsonl")).read_text().splitlines()}
+        found = [category[e.raw["question_id"]] for e in sets[name]]
+        assert {c: found.count(c) for c in set(found)} == expected
+
+
+def test_alpaca_eval_gpt4_turbo_set_reads_the_shipped_rows_in_order():
+    rows = json.loads(Path(package_data("alpaca_eval/alpaca_eval_gpt4_turbo_200.json"))
+                      .read_text())
+    assert len(rows) == 200 and {r["generator"] for r in rows} == {"gpt4_1106_preview"}
+    assert {r["dataset"] for r in rows} == {"helpful_base", "koala", "oasst", "selfinstruct",
+                                            "vicuna"}
+    cpu = reference_sets(_eval_cfg())["alpaca_eval_gpt4_turbo"]
+    assert len(cpu) == 100  # eval=cpu: the first 100, itself a uniform sample
+    for example, row in zip(cpu, rows, strict=False):
+        assert example.messages == ({"role": "user", "content": row["instruction"]},
+                                    {"role": "assistant", "content": row["output"]})
+    assert len(reference_sets(_eval_cfg("eval=gpu"))["alpaca_eval_gpt4_turbo"]) == 200
+
+
+def test_reference_set_reader_and_questions_must_agree():
+    ev = _eval_cfg().reference_loss
+    with pytest.raises(DataError, match=r"eval.reference_loss.a.questions=.* is only read with "
+                                        r"reader=fastchat.*questions=null"):
+        read_reference_set("a", OmegaConf.merge(ev.alpaca_eval_gpt4_turbo,
+                                                {"questions": ev.vicuna_coding_math_ref.questions}))
+    with pytest.raises(DataError, match=r"eval.reference_loss.b.questions is required"):
+        read_reference_set("b", OmegaConf.merge(ev.vicuna_coding_math_ref, {"questions": None}))
+    with pytest.raises(DataError, match=r"reader='csv' is not supported; choose one of "
+                                        r"\['alpaca', 'dolly', 'fastchat', 'gsm8k', 'jsonl'\]"):
+        read_reference_set("c", OmegaConf.merge(ev.vicuna_coding_math_ref, {"reader": "csv"}))
 
 
 def test_bad_prompt_row_names_file_and_line(tmp_path):
@@ -275,7 +322,8 @@ def test_eval_and_judge_configs_compose_and_shipped_files_exist(judge, eval_opti
     judge_prompt(cfg.eval.judge)
     paths = [ev["ifeval"]["path"], ev["heldout"]["path"]]
     paths += [s["path"] for s in ev["generation"]["sets"].values()]
-    paths += [r[k] for r in ev["reference_loss"].values() for k in ("questions", "answers")]
+    paths += [r[k] for r in ev["reference_loss"].values() for k in ("questions", "answers")
+              if r[k] is not None]  # questions: null for a one-file (data reader) set
     for path in paths:
         assert Path(path).stat().st_size > 0, path
     assert set(enabled_prompt_sets(cfg.eval)) <= {"vicuna", "mt_bench", "heldout_prompts"}

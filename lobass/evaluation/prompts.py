@@ -2,8 +2,10 @@
 
 Two formats: FastChat's question files (Vicuna-80, MT-Bench: ``question_id``, ``category``,
 ``turns``; we use the first turn, as single-turn pairwise judging does) and any SFT file that
-:func:`lobass.data.read_examples` reads (a held-out slice of the pool: its instructions are the
-prompts and its responses the references for the reference-free loss).
+:func:`lobass.data.read_examples` reads (a held-out slice of the pool, or AlpacaEval's
+``model_outputs.json``, whose ``instruction``/``output`` rows the ``alpaca`` reader takes as they
+are: its instructions are the prompts and its responses the references for the reference-free
+loss).
 """
 
 from __future__ import annotations
@@ -104,4 +106,43 @@ def read_reference_examples(questions: str | Path, answers: str | Path,
         examples.append(Example(example_id(messages), tuple(messages), "reference", row))
         if max_rows is not None and len(examples) >= max_rows:
             break
+    return examples
+
+
+def read_reference_set(name: str, spec: Any) -> list[Example]:
+    """The examples of ``eval.reference_loss.<name>``, in the format its ``reader`` names.
+
+    ``reader=fastchat`` joins ``questions`` with ``answers`` (:func:`read_reference_examples`);
+    any data reader reads ``answers`` as an SFT file holding both the prompts and the reference
+    answers (``alpaca`` reads AlpacaEval's ``model_outputs.json`` rows).
+
+    Args:
+        name: the set's name, for messages.
+        spec: the ``eval.reference_loss.<name>`` config (``reader``, ``questions``, ``answers``,
+            ``max_rows``); ``reader`` absent means ``fastchat``.
+
+    Returns:
+        The first ``max_rows`` examples, in file order.
+
+    Raises:
+        DataError: an unknown reader, ``questions`` missing for ``fastchat`` or given for a data
+            reader (it would be ignored), or a malformed row.
+
+    """
+    reader = spec.get("reader") or "fastchat"
+    key = f"eval.reference_loss.{name}"
+    if reader not in PROMPT_READERS:
+        raise DataError(f"{key}.reader={reader!r} is not supported; choose one of "
+                        f"{sorted(PROMPT_READERS)}")
+    questions = spec.get("questions")
+    if reader == "fastchat":
+        if questions is None:
+            raise DataError(f"{key}.questions is required with reader=fastchat (the question "
+                            "file the answers' question_id refer to)")
+        return read_reference_examples(questions, spec.answers, spec.max_rows)
+    if questions is not None:
+        raise DataError(f"{key}.questions={questions} is only read with reader=fastchat; the "
+                        f"{reader} reader takes prompts and answers from {key}.answers: set "
+                        f"{key}.questions=null")
+    examples, _ = read_examples(spec.answers, reader, source="reference", max_rows=spec.max_rows)
     return examples

@@ -24,7 +24,7 @@ from lobass.evaluation.gsm8k import evaluate_gsm8k
 from lobass.evaluation.harness import build_task_manager
 from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_task_dir
 from lobass.evaluation.judge import Judge, find_baseline_generations, judge_pairwise
-from lobass.evaluation.prompts import read_prompts, read_reference_examples
+from lobass.evaluation.prompts import read_prompts, read_reference_set
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
                                            max_rows=held.max_rows)
     for name, ref in (eval_cfg.get("reference_loss") or {}).items():
         if ref.enabled:
-            sets[str(name)] = read_reference_examples(ref.questions, ref.answers, ref.max_rows)
+            sets[str(name)] = read_reference_set(str(name), ref)
     return sets
 
 

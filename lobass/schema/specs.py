@@ -59,6 +59,13 @@ class MixSpec:
 
 
 @dataclass(kw_only=True)
+class Gsm8kReaderSpec:
+    """``data.gsm8k``: options of the gsm8k reader, for ``data.path`` and every ``data.mix``."""
+
+    keep_calculator: bool = knob(False)  # false strips <<48/2=24>> calculator annotations
+
+
+@dataclass(kw_only=True)
 class DataSpec:
     """``data``: the pool's file, reader and token budget per row."""
 
@@ -71,6 +78,8 @@ class DataSpec:
     # Truncation keeps max_length // 4 response tokens; below 8 no row could be scored.
     max_length: int = knob(ge=8, unit=" tokens")
     on_bad_row: Literal["error", "skip"] = knob()
+    gsm8k: Gsm8kReaderSpec | None = knob(None)  # absent or null: the reader's defaults
+    decontaminate: bool = knob(False)  # drop pool rows overlapping an eval set (contamination.py)
 
 
 @dataclass(kw_only=True)
@@ -189,8 +198,9 @@ class ReferenceLossSpec:
     """``eval.reference_loss.<name>``: loss on other reference answers."""
 
     enabled: bool = knob()
-    questions: str = knob()
-    answers: str = knob()
+    questions: str | None = knob(None)  # FastChat question file (reader=fastchat only)
+    answers: str = knob()  # FastChat answers, or an SFT file holding prompts and answers
+    reader: str = knob("fastchat", choices=_prompt_readers)
     max_rows: int | None = knob(None, ge=1)
 
 
