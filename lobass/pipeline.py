@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lobass import distributed
 from lobass.artifacts import atomic_write_json, atomic_write_text
 from lobass.config import check_lora_targets, validate, validate_pool_size
+from lobass.contamination import audit
 from lobass.context import Context, StageResult
 from lobass.evaluation.stage import evaluate
 from lobass.finetune import finetune, reference_rows
@@ -114,6 +115,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # 0) pool: read and check the data and the LoRA targets before any model loads; tokenise
         examples, read_metrics = read_pool(cfg.data)
         summary.metrics.update(read_metrics)
+        # overlap with every eval set counted (data/contamination/*), dropped if data.decontaminate
+        examples, audit_metrics = audit(examples, cfg.eval,
+                                        drop=bool(cfg.data.get("decontaminate", False)))
+        summary.metrics.update(audit_metrics)
         validate_pool_size(cfg, len(examples))
         model_path, _ = resolve_model_path(cfg.model, Path(cfg.models_dir).resolve())
         check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load
