@@ -554,7 +554,9 @@ def test_diagnostics_on_the_shipped_pool(tmp_path, make_cfg):
                    "select/alpaca/response_tokens": 400.0,
                    "select/alpaca/mean_response_tokens": 50.0, "select/gsm8k/rows": 2.0,
                    "select/gsm8k/response_tokens": 300.0,
-                   "select/gsm8k/mean_response_tokens": 150.0}
+                   "select/gsm8k/mean_response_tokens": 150.0,
+                   "data/contamination/heldout/exact": 1.0,
+                   "data/contamination/heldout/ngram13": 2.0, "data/contamination/rows": 2.0}
     sweep = tmp_path / "sweep"
     for name, point, score, chosen in (
             ("lobass_ref0", _point("lobass", size=10), lambda i: float(i), range(10)),
@@ -564,6 +566,8 @@ def test_diagnostics_on_the_shipped_pool(tmp_path, make_cfg):
         _write_point_run(sweep, name, point, composition, config=config, artifacts={
             "scores": scores_file(name, score), "selected": selected_file(name, chosen)})
     text = write_report(sweep).read_text()
+    # the contamination audit as the three runs counted it (no data.decontaminate: none dropped)
+    assert "| heldout | 1 | 2 |  |  | 3 |" in text and "| any set |  |  | 2 | 0 | 3 |" in text
     # composition from each run's select/<source>/* metrics
     assert "| lobass 10 rows · reference seed 0 | gsm8k | 2 | 300 | 150 |" in text
     # scorer overlap: rows 0-9 against 0-7, 20, 21 share 8 of 12; both rank the pool alike

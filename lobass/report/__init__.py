@@ -104,7 +104,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     found = Diagnostics(diagnostics.composition(table, runs), length_correlation,
                         diagnostics.scorer_overlap(table, runs),
                         diagnostics.reference_stability(table, runs),
-                        diagnostics.extreme_rows(runs))
+                        diagnostics.extreme_rows(runs), diagnostics.contamination(runs))
     text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
                            margin_source=margin_source, common=common_settings(runs),
                            diagnostics=found)

@@ -221,3 +221,37 @@ def extreme_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=[
         "scorer", "source", "end", "rank", "id", "score", "response_tokens", "prompt",
         "response"])
+
+
+def contamination(runs: pd.DataFrame) -> pd.DataFrame:
+    """The contamination audit: pool rows overlapping each evaluation set, as the runs counted.
+
+    One row per set and distinct count (a sweep over one pool counts the same in every run; a
+    study over several pools shows each pool's count, with how many runs saw it).
+
+    Returns:
+        Columns ``set, exact, ngram13, overlapping, dropped, runs``: per set the rows sharing
+        an exact instruction or a word 13-gram (``data/contamination/<set>/{exact,ngram13}``);
+        a last ``any set`` row with the rows overlapping some set (``data/contamination/rows``)
+        and those dropped (``data/decontaminated``, 0 unless ``data.decontaminate=true``).
+        Empty when no run audited.
+
+    """
+    pattern = re.compile(r"^data/contamination/([^/]+)/exact$")
+    ok = runs[runs["status"] == "ok"]
+    sets = sorted({m.group(1) for c in runs.columns if (m := pattern.match(str(c)))})
+    records = []
+    for name in sets:
+        counts = ok[[f"data/contamination/{name}/exact",
+                     f"data/contamination/{name}/ngram13"]].dropna()
+        for (exact, ngram), group in counts.groupby(list(counts.columns), sort=True):
+            records.append({"set": name, "exact": exact, "ngram13": ngram, "runs": len(group)})
+    if "data/contamination/rows" in ok:
+        dropped = (ok["data/decontaminated"] if "data/decontaminated" in ok
+                   else pd.Series(0.0, index=ok.index)).fillna(0.0)
+        counts = pd.DataFrame({"rows": ok["data/contamination/rows"], "dropped": dropped}).dropna()
+        for (rows, gone), group in counts.groupby(["rows", "dropped"], sort=True):
+            records.append({"set": "any set", "overlapping": rows, "dropped": gone,
+                            "runs": len(group)})
+    return pd.DataFrame.from_records(records, columns=["set", "exact", "ngram13", "overlapping",
+                                                       "dropped", "runs"])

@@ -45,6 +45,7 @@ class Diagnostics:
     scorer_overlap: pd.DataFrame = field(default_factory=pd.DataFrame)
     reference_stability: pd.DataFrame = field(default_factory=pd.DataFrame)
     extremes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    contamination: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def fmt(value: Any) -> str:
@@ -137,6 +138,12 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
 
 
 def _diagnostics(out: io.StringIO, d: Diagnostics) -> None:
+    if not d.contamination.empty:
+        out.write("\n## Contamination audit (pool rows overlapping each evaluation set)\n\n"
+                  "Exact: same normalised instruction; 13-gram: a shared word 13-gram; counted "
+                  "before scoring. `dropped`: removed by `data.decontaminate=true`.\n\n")
+        _table(out, d.contamination, ["set", "exact", "13-gram", "overlapping", "dropped",
+                                      "runs"])
     if not d.composition.empty:
         out.write("\n## Selection composition (per source, mean over seeds)\n\n")
         _table(out, d.composition, ["point", "source", "rows", "response tokens",
