@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
 from lobass.artifacts import atomic_write_json, atomic_write_text
-from lobass.config import check_lora_targets, validate, validate_pool_size
+from lobass.config import check_lora_targets, check_secrets, validate, validate_pool_size
 from lobass.contamination import audit
 from lobass.context import Context, StageResult
 from lobass.evaluation.stage import evaluate
+from lobass.evaluation.suite import preflight_judge
 from lobass.finetune import finetune, reference_rows
 from lobass.memory import check_memory
 from lobass.modeling import check_device, load_tokenizer, resolve_model_path
@@ -61,11 +62,13 @@ class Summary:
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[dict[str, Any]]:
         record: dict[str, Any] = {"seconds": 0.0, "reused": False}
+        _reset_peak_rss()
         start = time.perf_counter()
         try:
             yield record
         finally:  # a failed stage keeps its time in the partial summary
             record["seconds"] = round(time.perf_counter() - start, 3)
+            record["peak_rss_mb"] = _peak_rss_mb()
             self.stages[name] = record
             log.info("stage %s: %.1f s%s", name, record["seconds"],
                      " (reused)" if record["reused"] else "")
@@ -89,10 +92,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = _run_dir(cfg)
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
     try:
+        check_secrets(cfg)  # a key typed into the config must reach no file, not even config.yaml
         # The resolved config beside summary.json: what the report reads a point's identity from.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         validate(cfg)  # every value, before any file is read or model loaded
         check_device(cfg.model)  # model.device=cuda without CUDA fails here, not as a CPU crawl
+        preflight_judge(cfg.eval, list(cfg.stages))  # a remote judge's key and server, now
     except Exception:  # a sweep point with a bad value fails alone, and says why
         _record_failure(run_dir)
         raise
@@ -220,6 +225,27 @@ def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResul
                   judge_baseline=None, response_losses=compute_response_losses)
     return StageResult(ev.directory, full.reused and ev.reused,
                        artifacts={"baseline_eval": str(ev.directory)})
+
+
+def _reset_peak_rss() -> None:
+    """Start a new high-water mark of resident memory (Linux: ``clear_refs`` 5 resets VmHWM).
+
+    So each stage's ``peak_rss_mb`` is its own peak, not the largest of the stages before it.
+    Where the kernel refuses, the figure stays the process's peak so far.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    """The high-water mark of resident memory since the last reset, in MiB (``None``: no /proc)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("VmHWM:")), None)
+    return round(kib / 1024, 1) if kib is not None else None
 
 
 def _record_failure(run_dir: Path) -> None:

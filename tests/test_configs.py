@@ -239,8 +239,6 @@ def test_ordinary_values_are_not_taken_for_secrets():
         assert find_secret(key, value) is None, (key, value)
 
 
-@pytest.mark.xfail(strict=True, reason="lobass.pipeline.run writes config.yaml before validate(); "
-                   "the lead moves lobass.config.check_secrets(cfg) before that write")
 def test_a_refused_secret_reaches_no_file_of_the_run(make_cfg, tmp_path):
     cfg = make_cfg(*TINY, "judge=openai_compatible",
                    "eval.judge.api_key_env=sk-proj-Abc123Def456Ghi789")

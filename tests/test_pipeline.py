@@ -20,6 +20,8 @@ def test_all_stages_end_to_end_on_tiny_model_then_everything_is_reused(make_cfg,
     assert summary == _summary(tmp_path)
     assert list(summary["stages"]) == ["reference", "score", "select", "train", "eval"]
     assert not any(s["reused"] for s in summary["stages"].values())
+    # each stage's own peak resident memory (the high-water mark is reset between stages)
+    assert all(100 < s["peak_rss_mb"] < 20_000 for s in summary["stages"].values())
     m = summary["metrics"]
     assert m["data/pool_rows"] == 32 and m["select/count"] == 8  # 25% of 24 Alpaca + 8 GSM8K
     assert m["eval/gsm8k/n"] == 2 and m["eval/heldout/n"] == 6

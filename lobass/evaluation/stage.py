@@ -54,7 +54,10 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     # the loss batch budget moves losses by ~1e-7, so it is part of the key too.
     # What is evaluated: a fine-tune (its key names the initial model too) or the initial model.
     evaluated = adapter.parent.name if adapter else f"initial-{model_key(cfg.model)}"
-    key = fingerprint({"adapter": evaluated, "eval": OmegaConf.to_container(ev),
+    recipe = OmegaConf.to_container(ev)
+    assert isinstance(recipe, dict)
+    recipe["judge"].pop("probe_timeout_s", None)  # how long the pre-flight waits: bookkeeping
+    key = fingerprint({"adapter": evaluated, "eval": recipe,
                        "seed": seed, "judged": judged, "format": 2,
                        "loss_batch": cfg.score.max_tokens_per_batch})
 
