@@ -73,17 +73,21 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
             losses = _losses(response_losses, model, features, cfg.score.max_tokens_per_batch)
             metrics.update(heldout_loss_metrics(losses, name))
             write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
-        # b) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
-        bench, skipped = suite.run_benchmarks(
-            model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
-            model_path=ctx.model_path, adapter_dir=adapter,
-            max_lora_rank=int(cfg.train.lora.r))
-        metrics.update(bench)
-        # c) greedy answers per prompt set, each its own resumable artifact
+        # b) greedy answers per prompt set, each its own resumable artifact
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
             key={"adapter": evaluated, "model": model_key(cfg.model)})
         metrics.update(suite.generation_set_metrics(generations))
+        if ev.backend == "vllm":  # vLLM loads its own copy and wants the GPU memory free first
+            del model
+            model = None
+            free_memory()
+        # c) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
+        bench, skipped = suite.run_benchmarks(
+            model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
+            model_path=ctx.model_path, adapter_dir=adapter,
+            max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.get("revision"))
+        metrics.update(bench)
         del model  # the judge may load another model
         free_memory()
         # d) pairwise judge against the baseline's answers, both orders

@@ -48,8 +48,8 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
 
 
 def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bool, seed: int,
-                   model_path: str, adapter_dir: Path | None, max_lora_rank: int
-                   ) -> tuple[dict[str, float], dict[str, str]]:
+                   model_path: str, adapter_dir: Path | None, max_lora_rank: int,
+                   revision: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """GSM8K and IFEval through lm-eval with one task manager.
 
     Returns:
@@ -70,7 +70,7 @@ def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bo
     manager = build_task_manager([ifeval_task_dir()] if run_ifeval else [])
     common = {"chat": chat, "seed": seed, "task_manager": manager, "backend": eval_cfg.backend,
               "model_path": model_path, "adapter_dir": adapter_dir,
-              "max_lora_rank": max_lora_rank}
+              "max_lora_rank": max_lora_rank, "revision": revision}
     if eval_cfg.gsm8k.enabled:
         metrics.update(evaluate_gsm8k(model, tokenizer, eval_cfg.gsm8k, **common))
     if run_ifeval:
