@@ -590,3 +590,51 @@ def test_diagnostics_on_the_shipped_pool(tmp_path, make_cfg):
     assert lowest[0].startswith("| lobass | gsm8k | lowest | 40 |")
     for png in ("scores_lobass.png", "scores_rho.png", "losses_init_ref.png"):
         assert (sweep / png).stat().st_size > 1000
+
+
+# Eval sized to seconds on the tiny model: held-out losses (6 rows, per-row files kept) and the
+# 10 Vicuna coding/math reference answers; no generation, GSM8K, IFEval or AlpacaEval set.
+SMALL_EVAL = ["eval.gsm8k.enabled=false", "eval.ifeval.enabled=false",
+              "eval.generation.enabled=false",
+              "eval.reference_loss.alpaca_eval_gpt4_turbo.enabled=false",
+              "eval.reference_loss.mt_bench_math_reasoning_coding_ref.enabled=false"]
+
+
+@pytest.mark.slow
+def test_a_real_count_sweep_with_seeds_baselines_and_verdicts_end_to_end(tmp_path, models_dir):
+    # lobass and random at 4 and 8 rows over two training seeds, the full data and the initial
+    # model, all on the tiny model: the report must pool only seeds, and compare each lobass
+    # count with random at that count (hierarchical bootstrap: both sides have two seeds) and
+    # with full data
+    sweep = tmp_path / "sweep"
+    common = [*TINY, *SMALL_EVAL, f"models_dir={models_dir}",
+              f"artifacts_dir={tmp_path / 'artifacts'}"]
+    commands = [
+        ["-m", "selection=count", "selection.count=4,8", "selection.ratio=null",
+         "scorer=lobass,random", "seed=0,1", "stages=[eval]", f"hydra.sweep.dir={sweep / 'arms'}"],
+        ["selection.ratio=1.0", "stages=[eval]", f"hydra.run.dir={sweep / 'full'}"],
+        ["train=none", "stages=[eval]", f"hydra.run.dir={sweep / 'initial'}"],
+    ]
+    for extra in commands:
+        flags = [x for x in extra if x == "-m"]  # before the overrides, as argparse wants
+        overrides = [x for x in extra if x != "-m"]
+        out = subprocess.run([sys.executable, str(ROOT / "run.py"), *flags, *common, *overrides],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+    text = write_report(sweep).read_text()
+    runs = collect_runs(sweep)
+    table = pool_over_seeds(runs, ["eval/heldout/loss"])
+    assert list(zip(table["point"], table["seeds"], table["rows"].fillna(0), strict=True)) == [
+        ("initial model", 1, 0), ("full data", 1, 32), ("lobass 4 rows", 2, 4),
+        ("random 4 rows", 2, 4), ("lobass 8 rows", 2, 8), ("random 8 rows", 2, 8)]
+    assert "Every point: top, 3 steps, reference seed 0." in text
+    assert (table.set_index("point").loc["lobass 4 rows", "steps"]) == 3
+    line = next(x for x in text.splitlines() if x.startswith(
+        "| lobass 4 rows | eval/heldout/loss |") and "| random (2 seeds) |" in x)
+    assert "| hierarchical bootstrap (seeds, items), 6 items | 2 vs 2 |" in line
+    line = next(x for x in text.splitlines() if x.startswith(
+        "| lobass 8 rows | eval/heldout/loss |") and "| full data (1 seed) |" in x)
+    assert "| hierarchical bootstrap (seeds, items), 6 items | 2 vs 1 |" in line
+    # 2 arms x 2 baselines x 2 loss metrics, every one paired over items
+    assert "8 comparisons, 8 tested (Holm over 8), 0 not tested." in text
+    assert (sweep / "eval_heldout_loss.png").stat().st_size > 1000
