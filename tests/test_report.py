@@ -423,6 +423,8 @@ COUNT_SWEEP = [
     ("j", _point("rho", "ratio", 1.0), 5000, 0.80),  # the same rows and seed as i: one seed
     ("k", _point("lobass", "ratio", 1.0, max_steps=200), 5000, 0.85),
     ("l", INITIAL, math.nan, 1.60),
+    # random matched on the 800-row arms' response tokens (800 x 50), which fit 700 rows
+    ("m", _point("random", "tokens", 40000), 700, 1.04),
 ]
 
 
@@ -447,25 +449,27 @@ def test_a_count_sweep_gives_one_point_per_count_and_pools_only_seeds(tmp_path):
         ("initial model", 1, 1.60),
         ("full data · 200 steps", 1, 0.85),
         ("full data · 3 epochs", 1, 0.80),  # runs i and j share seed 0: one seed, not two
+        ("random 40000 tokens · top · 3 epochs · reference seed 0", 1, 1.04),
         ("lobass 800 rows · bottom · 3 epochs · reference seed 0", 1, 1.30),
         ("lobass 800 rows · top · 3 epochs · reference seed 0", 2, 1.01),
         ("lobass 800 rows · top · 3 epochs · reference seed 1", 1, 1.05),
         ("random 800 rows · top · 3 epochs · reference seed 0", 3, 1.02),
         ("lobass 3120 rows · top · 3 epochs · reference seed 0", 1, 0.90)]
-    assert list(table["kind"]) == ["initial", "full", "full"] + ["subset"] * 5
+    assert list(table["kind"]) == ["initial", "full", "full"] + ["subset"] * 6
     by_point = table.set_index("point")
     assert by_point.loc["lobass 800 rows · top · 3 epochs · reference seed 0",
                         "eval/heldout/loss_ci_kind"] == "t, n=2"
     assert by_point.loc["random 800 rows · top · 3 epochs · reference seed 0", "steps"] == 30
-    # baselines: random at the same count (order aside) and both full-data budgets; no random
-    # was run at 3120 rows
+    # baselines: random at the same count (order aside), random matched on the arm's response
+    # tokens, and both full-data budgets; no random was run at 3120 rows or 156000 tokens
     by_name = {row["point"]: row for _, row in table.iterrows()}
-    for arm, expected in (("lobass 800 rows · top · 3 epochs · reference seed 0", 3),
-                          ("lobass 800 rows · bottom · 3 epochs · reference seed 0", 3),
-                          ("lobass 3120 rows · top · 3 epochs · reference seed 0", 2)):
+    full = ["full data · 200 steps (1 seed)", "full data · 3 epochs (1 seed)"]
+    for arm, randoms in (
+            ("lobass 800 rows · top · 3 epochs · reference seed 0", 2),
+            ("lobass 800 rows · bottom · 3 epochs · reference seed 0", 2),
+            ("lobass 3120 rows · top · 3 epochs · reference seed 0", 0)):
         names = [name for name, _ in baselines_for(by_name[arm], table)]
-        assert names == (["random (3 seeds)"] * (expected == 3) +
-                         ["full data · 200 steps (1 seed)", "full data · 3 epochs (1 seed)"])
+        assert names == ["random (3 seeds)", "random, matched tokens (1 seed)"][:randoms] + full
 
 
 def test_verdicts_by_hand():
