@@ -29,6 +29,8 @@ def _line(point_key: str) -> tuple[str, str]:
     """(line key, legend label): a point's identity without its size, so a sweep draws a line."""
     key = json.loads(point_key)
     selection = {k: v for k, v in (key.get("selection") or {}).items() if k not in SIZE_FIELDS}
+    if selection.get("mode") in ("ratio", "count"):  # both are rows: the x axis is rows
+        selection["mode"] = "rows"
     label = str(key.get("scorer"))
     if selection.get("order") == "bottom":
         label += " bottom"
