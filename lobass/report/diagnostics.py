@@ -13,6 +13,7 @@ keeps the ids and says so.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -37,10 +38,18 @@ def read_scores(path: Path) -> pd.DataFrame:
     """A ``scores.jsonl`` as a frame indexed by id; ``score`` NaN where a row has none.
 
     ``n_response_tokens`` falls back to ``n_tokens`` and ``source`` to ``"all"`` for score files
-    written before those fields existed.
+    written before those fields existed. The frame is shared between callers (each plot and
+    table reads the same files; a 52k-row pool takes a while to parse): do not modify it.
     """
+    stat = path.stat()
+    return _read_scores(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_scores(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    # mtime and size in the key: a rewritten file is read again, never served stale
     rows = pd.DataFrame.from_records(
-        [json.loads(line) for line in path.read_text().splitlines() if line])
+        [json.loads(line) for line in Path(path).read_text().splitlines() if line])
     if "n_response_tokens" not in rows:
         rows["n_response_tokens"] = rows["n_tokens"]
     rows["n_response_tokens"] = rows["n_response_tokens"].fillna(rows["n_tokens"])
