@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from lobass import distributed
 from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
-from lobass.modeling import free_memory, load_model
-from lobass.training import train_lora
+from lobass.devices import check_device, free_memory, weight_sharding
+from lobass.modeling import load_model
+from lobass.training import train_lora, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,16 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
                        "recipe": weights_recipe(recipe), "seed": seed, "targets": targets})
 
     def build(work: Any) -> dict[str, Any]:
-        model = load_model(cfg.model, ctx.model_path)
+        device, sharding = check_device(cfg.model), weight_sharding(recipe)
+        # ZeRO-3 must see live TrainingArguments while the model is built (zero.Init shards the
+        # weights as they load); train_lora makes its own, equal ones.
+        zero3_args = (training_arguments(recipe, work / "checkpoints", seed, "none",
+                                         cfg.model.dtype, device) if sharding == "zero3" else None)
+        model = load_model(cfg.model, ctx.model_path, sharding=sharding)
         metrics = train_lora(model, ctx.tokenizer, [pool.features[i] for i in rows], recipe,
                              targets, work, seed=seed, report_to=ctx.tracker.report_to,
-                             dtype=cfg.model.dtype)
-        del model
+                             dtype=cfg.model.dtype, device=device)
+        del model, zero3_args
         free_memory()  # the next stage loads its own copy
         if distributed.is_main():
             atomic_write_json(work / "train_metrics.json", metrics)

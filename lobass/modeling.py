@@ -18,6 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import ensure_artifact, fingerprint
+from lobass.devices import (
+    SHARDINGS,
+    check_device,
+    device_map,
+)
 from lobass.distributed import init_from_env
 
 log = logging.getLogger(__name__)
@@ -138,82 +143,6 @@ def load_tokenizer(model_cfg: DictConfig, path: str) -> Any:
     return tokenizer
 
 
-DEVICES = ("auto", "cuda", "cpu")
-SHARDINGS = ("fsdp", "zero3")
-
-
-class DeviceUnavailableError(RuntimeError):
-    """``model.device=cuda`` on a machine where torch sees no CUDA device."""
-
-
-def check_device(model_cfg: DictConfig) -> str:
-    """The device the run's models use: ``model.device`` resolved, or a loud error.
-
-    ``auto`` takes CUDA when torch sees it, else the CPU; ``cuda`` never falls back, because a
-    7B recipe that quietly ran on the CPU would take weeks and compare its memory against host RAM.
-
-    Args:
-        model_cfg: the ``model`` config group (``device``: auto, cuda or cpu; absent = auto).
-
-    Returns:
-        ``"cuda"`` or ``"cpu"``.
-
-    Raises:
-        ValueError: an unknown ``model.device``, listing the valid ones.
-        DeviceUnavailableError: ``cuda`` asked for and unavailable, naming both fixes.
-
-    """
-    return resolve_device(str(model_cfg.get("device", "auto")), f"model={model_cfg.name}")
-
-
-def resolve_device(device: str, who: str) -> str:
-    """``auto``/``cuda``/``cpu`` resolved to ``cuda`` or ``cpu`` (see :func:`check_device`).
-
-    Raises:
-        ValueError: an unknown device, listing the valid ones.
-        DeviceUnavailableError: ``cuda`` asked for and unavailable, naming both fixes.
-
-    """
-    if device not in DEVICES:
-        raise ValueError(f"model.device must be one of {', '.join(DEVICES)}; got {device!r}")
-    available = torch.cuda.is_available()
-    if device == "cuda" and not available:
-        raise DeviceUnavailableError(
-            f"{who} asks for model.device=cuda, but torch {torch.__version__} "
-            f"(CUDA build: {torch.version.cuda}) sees no CUDA device. On a GPU machine, install "
-            "the CUDA build its driver runs (bash scripts/setup.sh picks it from nvidia-smi); to "
-            "run on this machine's CPU anyway (slow for GPU-sized models), add model.device=cpu.")
-    if device == "auto":
-        return "cuda" if available else "cpu"
-    return device
-
-
-def weight_sharding(train_cfg: DictConfig | None) -> str | None:
-    """``fsdp`` or ``zero3`` when a ``train``/``reference`` group shards the weights, else None.
-
-    ZeRO stages 1 and 2 shard only optimiser state and gradients, which for LoRA are small: the
-    frozen weights stay whole on every rank, so only stage 3 counts. A DeepSpeed JSON path is not
-    read here and counts as unsharded (the memory estimate's safe side).
-    """
-    if train_cfg is None:
-        return None
-    if bool(train_cfg.get("fsdp", False)):
-        return "fsdp"
-    deepspeed = train_cfg.get("deepspeed")
-    if isinstance(deepspeed, DictConfig):
-        stage = (deepspeed.get("zero_optimization") or {}).get("stage")
-        if stage is not None and int(stage) == 3:
-            return "zero3"
-    return None
-
-
-def _device_map(device: str) -> dict[str, Any] | None:
-    """Where ``from_pretrained`` puts every weight: this rank's own GPU, or None (the CPU)."""
-    if device != "cuda":
-        return None  # the CPU path loads as it always has (tests pin its numbers)
-    return {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
-
-
 def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None) -> Any:
     """Initial model in ``model.dtype`` and evaluation mode, loaded straight onto its device.
 
@@ -247,7 +176,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
     if sharding not in (None, *SHARDINGS):
         raise ValueError(f"sharding must be None or one of {SHARDINGS}, got {sharding!r}")
     device = check_device(model_cfg)
-    device_map = _device_map(device)
+    placement = device_map(device)
     announce: dict[str, str] = {}
     if sharding == "fsdp":
         # transformers loads real weights on local rank 0 only (empty ones elsewhere) when the
@@ -255,7 +184,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
         # the environment, for this load only (a later non-FSDP Trainer must not see it).
         init_from_env()
         announce = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
-        device_map = None
+        placement = None
     elif sharding == "zero3":
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -264,7 +193,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
                 "ZeRO-3 loading needs its TrainingArguments first: build them with "
                 "lobass.training.training_arguments and keep them alive while load_model runs, "
                 "so deepspeed.zero.Init partitions the weights as they load")
-        device_map = None
+        placement = None
     saved = {k: os.environ.get(k) for k in announce}
     os.environ.update(announce)
     try:
@@ -272,7 +201,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
             path,
             revision=model_cfg.get("revision"),
             dtype=DTYPES[model_cfg.dtype],
-            device_map=device_map,
+            device_map=placement,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights from a path we do not control
@@ -311,18 +240,3 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
         # peft would fall back to a pickled adapter_model.bin; we only load safetensors.
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-
-
-def free_memory() -> None:
-    """Give back the memory of models a stage has dropped, before the next stage loads its own.
-
-    A dropped model is not freed by ``del`` alone: accelerate rebinds ``model.forward`` (and
-    ``Trainer`` keeps the model in its state), which leaves reference cycles that only the cycle
-    collector breaks; then CUDA's caching allocator still holds the blocks until they are emptied.
-    Without this, a 13B stage's weights outlive it and the next stage runs out of memory.
-    """
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -27,11 +27,12 @@ from lobass.artifacts import atomic_write_json, atomic_write_text
 from lobass.config import check_lora_targets, check_secrets, validate, validate_pool_size
 from lobass.contamination import audit
 from lobass.context import Context, StageResult
+from lobass.devices import check_device
 from lobass.evaluation.stage import evaluate
 from lobass.evaluation.suite import preflight_judge
 from lobass.finetune import finetune, reference_rows
 from lobass.memory import check_memory
-from lobass.modeling import check_device, load_tokenizer, resolve_model_path
+from lobass.modeling import load_tokenizer, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score

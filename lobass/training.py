@@ -23,9 +23,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json
+from lobass.devices import resolve_device
 from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
-from lobass.modeling import lora_config, resolve_device
+from lobass.modeling import lora_config
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def train_lora(
     seed: int,
     report_to: str = "none",
     dtype: str = "float32",
+    device: str | None = None,
 ) -> dict[str, float]:
     """Fine-tune a fresh LoRA adapter on ``features`` and save it to ``work/adapter``.
 
@@ -221,6 +223,7 @@ def train_lora(
         seed: seeds LoRA init, data order and dropout.
         report_to: ``wandb`` to stream training curves into the active W&B run, else ``none``.
         dtype: model dtype name (bf16 mixed precision on GPU when ``bfloat16``).
+        device: ``check_device``'s answer (``cuda`` or ``cpu``); None = wherever CUDA is.
 
     Returns:
         ``train/loss`` (mean over the run), ``train/steps`` and ``train/examples``.
@@ -233,7 +236,7 @@ def train_lora(
     peft_model = get_peft_model(model, lora_config(train_cfg.lora, lora_targets))
     peft_model.train()
     checkpoints = work / "checkpoints"
-    args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype)
+    args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype, device)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
                       data_collator=collator)

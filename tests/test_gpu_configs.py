@@ -120,7 +120,7 @@ def test_trainer_options_from_hydra():
         gradient_accumulation(cfg.train, 3)
     assert gradient_accumulation(_compose().train, 3) == 1  # CPU configs: grad_accum as given
     # Loading for each: the groups name the sharding load_model must prepare for.
-    from lobass.modeling import weight_sharding
+    from lobass.devices import weight_sharding
 
     assert [weight_sharding(g) for g in (cfg.train, cfg.reference, plain)] == [
         "fsdp", "zero3", None]
@@ -149,12 +149,8 @@ def test_every_model_says_its_device_and_gpu_models_ask_for_cuda(name):
 
 
 def test_cuda_without_cuda_fails_naming_both_fixes(make_cfg, models_dir):
-    from lobass.modeling import (
-        DeviceUnavailableError,
-        check_device,
-        load_model,
-        resolve_model_path,
-    )
+    from lobass.devices import DeviceUnavailableError, check_device
+    from lobass.modeling import load_model, resolve_model_path
 
     assert not torch.cuda.is_available()  # this test describes a machine without CUDA
     assert check_device(_compose("model=tiny_random").model) == "cpu"  # auto
@@ -171,7 +167,7 @@ def test_cuda_without_cuda_fails_naming_both_fixes(make_cfg, models_dir):
 
 
 def test_gpu_recipe_without_cuda_fails_before_any_stage(make_cfg, tmp_path):
-    from lobass.modeling import DeviceUnavailableError
+    from lobass.devices import DeviceUnavailableError
 
     with pytest.raises(DeviceUnavailableError, match="model.device=cuda"):
         run(make_cfg("model=tiny_random", "model.device=cuda", "logger=none", "data.max_rows=8",
@@ -180,7 +176,7 @@ def test_gpu_recipe_without_cuda_fails_before_any_stage(make_cfg, tmp_path):
 
 
 def test_training_runs_where_the_model_is(tmp_path):
-    from lobass.modeling import DeviceUnavailableError
+    from lobass.devices import DeviceUnavailableError
     from lobass.training import training_arguments
 
     train = _compose(*GPU_GROUPS).train

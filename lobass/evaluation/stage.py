@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint, write_row_losses
 from lobass.context import Context, StageResult
+from lobass.devices import free_memory
 from lobass.evaluation import suite
 from lobass.evaluation.heldout import heldout_loss_metrics
 from lobass.formatting import Features, tokenize_example
-from lobass.modeling import free_memory, load_adapter, load_model, load_tokenizer, model_key
+from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
+from lobass.devices import check_device
 from lobass.memory.shape import Shape, architecture_config, model_shape
 from lobass.memory.stages import (
     BYTES,
@@ -49,7 +50,6 @@ from lobass.memory.stages import (
     scoring_activation_bytes,
     training_activation_bytes,
 )
-from lobass.modeling import check_device
 
 __all__ = [
     "BYTES", "GIB", "InsufficientMemoryError", "MemoryEstimate", "Shape", "StageEstimate",

@@ -7,8 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lobass.devices import weight_sharding
 from lobass.memory.shape import Shape
-from lobass.modeling import weight_sharding
 from lobass.scoring.engine import HEAD_CHUNK
 from lobass.scoring.scorers import get_scorer, needed_losses
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from lobass.artifacts import atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
-from lobass.modeling import free_memory, load_adapter, load_model
+from lobass.devices import free_memory
+from lobass.modeling import load_adapter, load_model
 from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
 from lobass.scoring.scorers import Scorer, get_scorer, needed_losses
 from lobass.scoring.store import ensure_losses
