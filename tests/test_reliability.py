@@ -295,7 +295,7 @@ def test_a_200_mb_row_is_read_and_truncated_in_bounded_memory(tmp_path, tiny, mo
 _HOLDER = r"""
 import os, sys, time
 from pathlib import Path
-from lobass.artifacts import file_lock
+from lobass.locks import file_lock
 
 path, orphan = Path(sys.argv[1]), sys.argv[2] == "orphan"
 with file_lock(path):
@@ -321,7 +321,7 @@ def _start_holder(path: Path, mode: str):
 def _lock_in_thread(path: Path):
     import threading
 
-    from lobass.artifacts import file_lock
+    from lobass.locks import file_lock
 
     acquired = threading.Event()
     release = threading.Event()
