@@ -252,7 +252,7 @@ def test_a_refused_secret_reaches_no_file_of_the_run(make_cfg, tmp_path):
 # Objects chosen by config are built from their _target_; the judge is checked before stage 1
 
 def test_judges_and_loggers_are_built_from_their_target(tiny, tmp_path):
-    from lobass.evaluation.judge import LocalHFJudge, OpenAICompatibleJudge
+    from lobass.evaluation.judges import LocalHFJudge, OpenAICompatibleJudge
     from lobass.evaluation.suite import make_judge
     from lobass.tracking import NullLogger, WandbLogger, make_logger
 

@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lobass.evaluation.generation import generate_batch
-from lobass.evaluation.judge import OpenAICompatibleJudge, judge_pairwise, render_prompt
+from lobass.evaluation.judge import judge_pairwise, render_prompt
+from lobass.evaluation.judges import OpenAICompatibleJudge
 from lobass.evaluation.suite import judge_prompt
 from lobass.formatting import format_prompt, prompt_token_ids
 

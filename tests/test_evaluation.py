@@ -20,13 +20,13 @@ from lobass.evaluation.harness import build_lm, build_task_manager
 from lobass.evaluation.heldout import heldout_loss_metrics
 from lobass.evaluation.ifeval import ifeval_missing
 from lobass.evaluation.judge import (
-    LocalHFJudge,
     combine_orders,
     find_baseline_generations,
     judge_pairwise,
     parse_verdict,
     render_prompt,
 )
+from lobass.evaluation.judges import LocalHFJudge
 from lobass.evaluation.prompts import read_prompts, read_reference_examples, read_reference_set
 from lobass.evaluation.suite import enabled_prompt_sets, judge_prompt, reference_sets
 from lobass.formatting import format_prompt, prompt_token_ids
