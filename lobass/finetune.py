@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
 from lobass.modeling import load_model
-from lobass.training import train_lora, training_arguments
+from lobass.training import gradient_accumulation, train_lora, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,23 @@ def reference_rows(cfg: DictConfig, n_pool: int) -> list[int]:
         k = max(1, round(cfg.reference.fraction * n_pool))
         rows = sorted(random.Random(cfg.reference.seed).sample(rows, k))
     return rows
+
+
+def response_tokens_trained(n_response: Sequence[int], steps: int, recipe: DictConfig) -> float:
+    """Response tokens a fine-tune trained on: what "matched in tokens" compares.
+
+    Whole epochs count every row's response tokens; the steps of an unfinished epoch (a
+    ``max_steps`` run) count their rows at the mean response length, because length-grouped
+    batches make the exact rows of a partial epoch a matter of the sampler's order.
+    """
+    world = distributed.world_size()
+    rows_per_step = int(recipe.batch_size) * gradient_accumulation(recipe, world) * world
+    micro_batches = math.ceil(len(n_response) / (int(recipe.batch_size) * world))
+    steps_per_epoch = math.ceil(micro_batches / gradient_accumulation(recipe, world))
+    epochs, rest = divmod(steps, steps_per_epoch)
+    partial_rows = min(len(n_response), rest * rows_per_step)
+    mean = sum(n_response) / len(n_response)
+    return float(epochs * sum(n_response) + partial_rows * mean)
 
 
 def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int,
@@ -81,6 +99,8 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
                              dtype=cfg.model.dtype, device=device)
         del model, zero3_args
         free_memory()  # the next stage loads its own copy
+        metrics["train/response_tokens"] = response_tokens_trained(
+            [pool.features[i].n_response for i in rows], int(metrics["train/steps"]), recipe)
         if distributed.is_main():
             atomic_write_json(work / "train_metrics.json", metrics)
         return {"rows": len(rows)}

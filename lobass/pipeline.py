@@ -204,7 +204,9 @@ def point_identity(cfg: DictConfig, selected: StageResult | None) -> dict[str, A
     return {"scorer": cfg.scorer.name,
             "selection": selected.identity if selected else None,
             "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
-            "seed": cfg.seed, "reference_seed": cfg.reference.seed}
+            "seed": cfg.seed,
+            # a scorer without L_ref does not depend on the reference: its seed is no identity
+            "reference_seed": cfg.reference.seed if needs_reference(cfg) else None}
 
 
 def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResult:

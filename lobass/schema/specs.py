@@ -298,6 +298,13 @@ LOGGER_SPECS: dict[str, type] = {"none": LoggerSpec, "wandb": WandbSpec}
 
 
 @dataclass(kw_only=True)
+class ReportSpec:
+    """``report``: how ``python -m lobass.report`` judges comparisons (read from config.yaml)."""
+
+    equivalence_margin: float = knob(0.02, gt=0)  # metric units: nats/token for losses
+
+
+@dataclass(kw_only=True)
 class RootSpec:
     """The whole composed config: run-level keys and every group."""
 
@@ -317,3 +324,4 @@ class RootSpec:
     train: TrainSpec = knob()
     eval: EvalSpec = knob()
     logger: dict[str, Any] = knob()  # checked against LOGGER_SPECS[kind]
+    report: ReportSpec = knob()
