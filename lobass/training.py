@@ -27,6 +27,7 @@ from lobass.devices import resolve_device
 from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.modeling import lora_config
+from lobass.response_loss import ResponseLoss, head_is_adapted
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ def train_lora(
     report_to: str = "none",
     dtype: str = "float32",
     device: str | None = None,
+    response_only: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, float]:
     """Fine-tune a fresh LoRA adapter on ``features`` and save it to ``work/adapter``.
 
@@ -224,6 +227,11 @@ def train_lora(
         report_to: ``wandb`` to stream training curves into the active W&B run, else ``none``.
         dtype: model dtype name (bf16 mixed precision on GPU when ``bfloat16``).
         device: ``check_device``'s answer (``cuda`` or ``cpu``); None = wherever CUDA is.
+        response_only: apply the LM head at response positions only (``ResponseLoss``); the
+            same training as the model's own loss, to float rounding. Off under FSDP or
+            DeepSpeed (their sharded LM head is gathered only inside the model's forward) and
+            when the head is a LoRA target; ``False`` is the plain loop (tests, benchmarks).
+        callbacks: extra ``TrainerCallback`` objects (benchmarks time and measure steps).
 
     Returns:
         ``train/loss`` (mean over the run), ``train/steps`` and ``train/examples``.
@@ -237,9 +245,16 @@ def train_lora(
     peft_model.train()
     checkpoints = work / "checkpoints"
     args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype, device)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    collator: Any = DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                           label_pad_token_id=IGNORE_INDEX)
+    loss = None
+    sharded = bool(train_cfg.get("fsdp", False) or train_cfg.get("deepspeed"))
+    if response_only and not sharded and not head_is_adapted(peft_model):
+        loss = ResponseLoss(peft_model)  # LM head at response positions only
+        collator = loss.collate(collator)
     trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
-                      data_collator=collator)
+                      data_collator=collator, compute_loss_func=loss,
+                      callbacks=list(callbacks) or None)
     # Length-grouped batches (less padding) in an order that a resume in any epoch replays
     # exactly; see EpochSeededLengthSampler for why transformers' own sampler does not.
     sampler = EpochSeededLengthSampler([len(f.input_ids) for f in features],
@@ -273,6 +288,8 @@ def train_lora(
                                        for e in trainer.state.log_history if "loss" in e]
     if trainer.args.should_save:
         atomic_write_json(work / "log_history.json", history)
+    if loss is not None:
+        loss.remove()
     peft_model.eval()
     return {
         "train/loss": _mean_loss(history, float(result.training_loss), result.global_step,
