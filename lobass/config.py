@@ -151,7 +151,13 @@ def _check_model(model: dict[str, Any]) -> None:
 
 
 def _check_selection(selection: dict[str, Any]) -> None:
-    """One size: ``band``, else ``budget=tokens`` (``tokens`` or ``match_tokens``), else rows."""
+    """One size: ``listed``, ``band``, ``budget=tokens`` (``tokens`` or ``match_tokens``), rows."""
+    listed = selection.get("listed")
+    if listed is not None:  # a peer's selection: exactly the pool rows the file holds
+        if not Path(listed).is_file():
+            raise ConfigError(f"selection.listed={listed}: no such file (a data file of the rows "
+                              "to keep, read with selection.listed_reader)")
+        return
     band = selection.get("band")
     if band is not None:  # quantiles of the score: replaces ratio and count
         if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
-from lobass.data import Example
+from lobass.data import Example, read_examples
 
 
 def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
@@ -94,10 +94,14 @@ class SelectionRule:
     order: str = "top"  # top: highest scores first | bottom: lowest first
     by_source: bool = False  # apply the size within each source (the paper's Alpaca + GSM8K mix)
     keep_sources: tuple[str, ...] = ()  # sources added in full, never ranked
+    listed: frozenset[str] | None = None  # content ids of another selection (e.g. AlpaGasus')
+    listed_from: str | None = None  # where ``listed`` came from (file name and content hash)
 
     @property
     def mode(self) -> str:
         """``ratio``, ``count``, ``tokens`` or ``band``: the kind of size."""
+        if self.listed is not None:
+            return "listed"
         if self.band is not None:
             return "band"
         if self.tokens is not None:
@@ -109,22 +113,35 @@ class SelectionRule:
         return {"mode": self.mode, "ratio": self.ratio, "count": self.count,
                 "tokens": self.tokens, "band": list(self.band) if self.band else None,
                 "order": self.order, "by_source": self.by_source,
-                "keep_sources": list(self.keep_sources)}
+                "keep_sources": list(self.keep_sources), "listed": self.listed_from}
 
 
 def rule_from_config(selection_cfg: Any, tokens: int | None = None) -> SelectionRule:
-    """The rule of a ``selection`` config group; ``tokens`` resolves ``match_tokens``."""
+    """The rule of a ``selection`` config group; ``tokens`` resolves ``match_tokens``.
+
+    ``selection.listed`` (a data file read with ``selection.listed_reader``) keeps exactly the
+    pool rows that file holds, matched by content id: a peer's selection (AlpaGasus' ChatGPT-
+    filtered rows) as an arm of its own.
+    """
     band = selection_cfg.get("band")
     budget = selection_cfg.get("budget", "rows")
+    listed, listed_from = None, None
+    if selection_cfg.get("listed"):
+        rows, _ = read_examples(selection_cfg.listed, selection_cfg.get("listed_reader", "alpaca"),
+                                on_bad_row="skip")
+        listed = frozenset(e.id for e in rows)
+        listed_from = f"{Path(selection_cfg.listed).name}@{fingerprint(sorted(listed))}"
+    sized = band is None and budget != "tokens" and listed is None
     return SelectionRule(
-        ratio=None if band is not None or budget == "tokens" else selection_cfg.ratio,
-        count=None if band is not None or budget == "tokens" else selection_cfg.count,
+        ratio=selection_cfg.ratio if sized else None,
+        count=selection_cfg.count if sized else None,
         tokens=(tokens if tokens is not None else selection_cfg.get("tokens"))
         if budget == "tokens" else None,
         band=(float(band[0]), float(band[1])) if band is not None else None,
         order=str(selection_cfg.get("order", "top")),
         by_source=bool(selection_cfg.get("by_source", False)),
-        keep_sources=tuple(selection_cfg.get("keep_sources") or ()))
+        keep_sources=tuple(selection_cfg.get("keep_sources") or ()),
+        listed=listed, listed_from=listed_from)
 
 
 def choose_rows(ids: Sequence[str], sources: Sequence[str], scores: np.ndarray,
@@ -147,7 +164,9 @@ def choose_rows(ids: Sequence[str], sources: Sequence[str], scores: np.ndarray,
         ranked = [i for i in rows if np.isfinite(scores[i])]
         sign = -1.0 if rule.order == "top" else 1.0
         ranked.sort(key=lambda i: (sign * float(scores[i]), ids[i]))
-        if rule.band is not None:
+        if rule.listed is not None:
+            chosen += [i for i in ranked if ids[i] in rule.listed]
+        elif rule.band is not None:
             chosen += _in_band(ranked, rule.band, rule.order)
         elif rule.tokens is not None:
             chosen += _within_tokens(ranked, n_response, rule.tokens)

@@ -34,7 +34,7 @@ def test_paper_mix_ranks_alpaca_alone_and_keeps_all_gsm8k(make_cfg, tmp_path):
     assert m["select/response_tokens"] == tokens
     assert summary["point"]["selection"] == {
         "mode": "ratio", "ratio": 0.25, "count": None, "tokens": None, "band": None,
-        "order": "top", "by_source": True, "keep_sources": ["gsm8k"]}
+        "order": "top", "by_source": True, "keep_sources": ["gsm8k"], "listed": None}
     meta = json.loads((Path(summary["artifacts"]["selected"]).parent / "meta.json").read_text())
     assert meta["composition"]["gsm8k"]["rows"] == 8 and meta["rule"]["by_source"] is True
 
@@ -69,3 +69,21 @@ def test_initial_model_is_a_point(make_cfg, tmp_path):
                                 "reference_seed": None}
     assert not (tmp_path / "artifacts" / "finetune").exists()
     assert 5 < summary["metrics"]["eval/heldout/loss"] < 15  # random init: about ln(49152)
+
+
+def test_listed_arm_keeps_exactly_the_pool_rows_a_peer_selected(make_cfg, tmp_path):
+    from lobass.config import package_data
+
+    # A peer's "filtered" file: 5 of the pool's Alpaca rows (re-ordered) and 2 rows not in it.
+    pool = json.loads(Path(package_data("alpaca/alpaca_pool_1k.json")).read_text())
+    peer = [pool[7], pool[2], pool[20], pool[11], pool[0], pool[500], pool[900]]
+    listed = tmp_path / "peer.json"
+    listed.write_text(json.dumps(peer))
+    summary = run(make_cfg(*SELECT, f"selection.listed={listed}"))
+    chosen = {r["id"] for r in _selected(summary)}
+    from lobass.data import read_examples
+
+    expected = {e.id for e in read_examples(listed, "alpaca")[0][:5]}  # the 5 in the 24-row pool
+    assert chosen == expected and summary["metrics"]["select/count"] == 5
+    assert summary["point"]["selection"]["mode"] == "listed"
+    assert summary["point"]["selection"]["listed"].startswith("peer.json@")

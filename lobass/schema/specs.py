@@ -102,6 +102,8 @@ class SelectionSpec:
     match_tokens: str | None = knob(None)  # a run dir or selection artifact to match in tokens
     by_source: bool = knob(False)
     keep_sources: list[str] = knob([])
+    listed: str | None = knob(None)  # a data file: keep exactly the pool rows it holds
+    listed_reader: str = knob("alpaca", choices=_readers)
 
 
 @dataclass(kw_only=True)
