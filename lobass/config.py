@@ -31,7 +31,6 @@ __all__ = ["ConfigError", "RefuseSecrets", "check_lora_targets", "check_secrets"
 
 RESOURCES = Path(__file__).parent / "resources"
 STAGES = ("reference", "score", "select", "train", "eval")
-MIN_MAX_LENGTH = 8  # tokens: the shortest data.max_length that leaves every row a response
 JUDGE_PROMPTS = Path(__file__).resolve().parents[1] / "conf" / "judge" / "prompts"
 
 

@@ -240,8 +240,3 @@ def read_examples(
         skipped = ", ".join(f"{v} {k}" for k, v in sorted(stats.skipped.items())) or "none"
         raise DataError(f"{path}: no usable rows (skipped: {skipped})")
     return examples, stats
-
-
-def pool_fingerprint(examples: list[Example]) -> str:
-    """Hash of the ordered example ids: changes whenever the pool's content or order changes."""
-    return fingerprint([e.id for e in examples])

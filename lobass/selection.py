@@ -43,22 +43,6 @@ def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
     return max(1, min(n_pool, math.floor(ratio * n_pool + 0.5)))
 
 
-def select_top(ids: Sequence[str], scores: np.ndarray, k: int) -> list[int]:
-    """Indices of the ``k`` highest finite scores; ties are broken by id so the result is stable.
-
-    Rows with a non-finite score are never selected.
-
-    Raises:
-        ValueError: fewer than ``k`` rows have a finite score.
-
-    """
-    finite = [i for i in range(len(ids)) if np.isfinite(scores[i])]
-    if len(finite) < k:
-        raise ValueError(f"only {len(finite)} rows have a finite score; cannot select {k}")
-    finite.sort(key=lambda i: (-float(scores[i]), ids[i]))
-    return finite[:k]
-
-
 def export_rows(examples: Sequence[Example]) -> str:
     """The selected rows as JSON Lines in their pool's own format (ready for other trainers)."""
     return "".join(json.dumps(e.raw, ensure_ascii=False) + "\n" for e in examples)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lobass.selection import select_top, selection_size
+from lobass.selection import SelectionRule, choose_rows, selection_size
 
 
 def test_selection_size_by_ratio_and_count():
@@ -19,13 +19,18 @@ def test_selection_size_by_ratio_and_count():
         selection_size(100, 0.5, 5)
 
 
-def test_select_top_breaks_ties_by_id_and_skips_nonfinite():
+def test_top_k_breaks_ties_by_id_and_skips_nonfinite():
     ids = ["d", "b", "a", "c", "e"]
     scores = np.array([0.5, 0.9, 0.5, np.nan, 0.5])
-    assert select_top(ids, scores, 3) == [1, 2, 0]  # 0.9, then the 0.5 ties by id: a, d
-    assert select_top(ids, scores, 4) == [1, 2, 0, 4]
+    sources, n = ["s"] * 5, [1] * 5
+
+    def top(k):
+        return choose_rows(ids, sources, scores, n, SelectionRule(count=k))
+
+    assert top(3) == [1, 2, 0]  # 0.9, then the 0.5 ties by id: a, d
+    assert top(4) == [1, 2, 0, 4]
     with pytest.raises(ValueError, match="finite"):
-        select_top(ids, scores, 5)
+        top(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +39,7 @@ def test_select_top_breaks_ties_by_id_and_skips_nonfinite():
 
 from lobass.config import package_data  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
-from lobass.selection import SelectionRule, choose_rows, composition  # noqa: E402
+from lobass.selection import composition  # noqa: E402
 
 
 def _real_pool():
