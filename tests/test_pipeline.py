@@ -80,7 +80,8 @@ def test_cli_help_cfg_job_and_unknown_key():
     out = subprocess.run([*env_run, "--cfg", "job"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "smollm2_135m" in out.stdout
     out = subprocess.run([*env_run, "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and "scorer: ifd, length, lobass, loss, random, rho" in out.stdout
+    assert out.returncode == 0
+    assert "scorer: ifd, ifd_chat, length, lobass, loss, random, rho" in out.stdout
     out = subprocess.run([*env_run, "no_such_key=1"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "no_such_key" in out.stderr
 

@@ -127,16 +127,19 @@ def test_scorers_on_known_losses():
     np.testing.assert_allclose(get_scorer("lobass").compute(losses, n, 0), [0.5, 0.1, 0.25, 0.0])
     np.testing.assert_allclose(get_scorer("rho").compute(losses, n, 0), [1.0, 0.1, 1.0, 0.0])
     np.testing.assert_allclose(get_scorer("loss").compute(losses, n, 0), losses["init"])
-    np.testing.assert_allclose(get_scorer("ifd").compute(losses, n, 0), [0.5, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(get_scorer("ifd_chat").compute(losses, n, 0), [0.5, 1.0, 2.0, 2.0])
     np.testing.assert_allclose(get_scorer("length").compute(losses, n, 0), n)
     a, b = (get_scorer("random").compute(losses, n, s) for s in (1, 2))
     assert not np.allclose(a, b)
     np.testing.assert_allclose(a, get_scorer("random").compute(losses, n, 1))
     assert SCORERS["lobass"].needs == ("init", "ref") and SCORERS["loss"].needs == ("init",)
-    assert SCORERS["ifd"].needs == ("init", "uncond")
+    assert SCORERS["ifd_chat"].needs == ("init", "uncond")
+    assert SCORERS["ifd"].needs == ("ifd_cond", "ifd_alone")  # Cherry's passes: test_ifd_cherry
     # Several scorers in one run: each loss once.
-    assert needed_losses([SCORERS[s] for s in ("lobass", "ifd", "rho", "length")]) == [
+    assert needed_losses([SCORERS[s] for s in ("lobass", "ifd_chat", "rho", "length")]) == [
         "init", "ref", "uncond"]
+    assert needed_losses([SCORERS[s] for s in ("ifd", "loss", "ifd_chat")]) == [
+        "ifd_cond", "ifd_alone", "init", "uncond"]
     with pytest.raises(ValueError, match="choose one of"):
         get_scorer("alpagasus")
 

@@ -83,7 +83,7 @@ def test_kill_9_then_rerun_computes_only_missing_shards_and_a_third_run_no_forwa
 @pytest.mark.slow
 def test_torchrun_two_ranks_writes_the_single_process_result(tmp_path, models_dir, tiny):
     # lobass needs both losses and the reference adapter: trained once here, single process.
-    args = ["scorer=lobass", "score.shard_rows=4", "score.extra_scorers=[ifd]"]
+    args = ["scorer=lobass", "score.shard_rows=4", "score.extra_scorers=[ifd_chat]"]
     single = _run(_args(tmp_path / "single", models_dir, tmp_path / "run0", *args))
     assert not single["stages"]["score"]["reused"]
     shutil.copytree(tmp_path / "single" / "finetune", tmp_path / "ranks" / "finetune")

@@ -28,7 +28,9 @@ from lobass.formatting import IGNORE_INDEX, Features
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("init", "ref", "uncond")  # initial model, reference adapter on, response alone (L(y))
+# initial model, reference adapter on, response alone (L(y)); Cherry LLM's L(y|x) and L(y)
+LOSSES = ("init", "ref", "uncond", "ifd_cond", "ifd_alone")
+INITIAL_MODEL_LOSSES = ("init", "uncond", "ifd_cond", "ifd_alone")  # the adapter disabled
 HEAD_CHUNK = 64  # response positions per LM-head call: bounds the (n, V) float32 logits
 # On CPU a forward over many more padded tokens than this is memory-bound: an idle 2-core run
 # measured 16384-token batches at 0.90x the per-row loop against 1.40x at 4096 and 1.64x at 1024
@@ -235,12 +237,12 @@ def compute_response_losses(
 def adapter_state(model: torch.nn.Module, loss: str) -> Iterator[None]:
     """Context in which ``model`` computes the named loss: only ``ref`` keeps the LoRA adapter on.
 
-    ``init`` and ``uncond`` are losses of the initial model, i.e. the same weights with the
-    adapter disabled, so one model in memory serves every loss.
+    ``init``, ``uncond`` and Cherry's ``ifd_cond``/``ifd_alone`` are losses of the initial model,
+    i.e. the same weights with the adapter disabled, so one model in memory serves every loss.
     """
     if loss == "ref":
         yield
-    elif loss in ("init", "uncond"):
+    elif loss in INITIAL_MODEL_LOSSES:
         disable = getattr(model, "disable_adapter", None)
         with disable() if callable(disable) else contextlib.nullcontext():
             yield

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from lobass.artifacts import fingerprint
+from lobass.context import Pool
 from lobass.formatting import Features, response_only
+from lobass.scoring.cherry import cherry_fields, cherry_passes
 from lobass.scoring.engine import adapter_state, compute_response_losses, shared_prefix_length
 from lobass.scoring.store import ComputeFn
 
@@ -40,11 +44,64 @@ class LazyModel:
         self._model = None
 
 
-def loss_features(features: Sequence[Features], loss: str, start_token_id: int) -> list[Features]:
-    """The inputs of a loss: the pool's rows, or their responses alone for ``uncond``."""
-    if loss == "uncond":
-        return [response_only(f, start_token_id) for f in features]
-    return list(features)
+CHERRY_LOSSES = ("ifd_cond", "ifd_alone")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """The rows each loss is computed on, and per-row facts the scorers need beside losses."""
+
+    features: dict[str, list[Features]]  # loss -> one Features per pool row
+    facts: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. ifd_fits: (N,) bool
+    # loss -> what its inputs depend on beyond the pool's content key (its cache key adds it)
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def expected_nan(self, loss: str) -> np.ndarray:
+        """Rows whose ``loss`` is NaN by construction: Cherry's passes with no answer token.
+
+        Cherry's ``data_by_IFD.py`` skips such rows (a prompt that fills ``max_length``); so does
+        ``scorer=ifd``, so their NaN is no fault for ``score.on_nonfinite`` to act on.
+        """
+        rows = self.features[loss]
+        if loss not in CHERRY_LOSSES:
+            return np.zeros(len(rows), dtype=bool)
+        return np.array([f.n_response == 0 for f in rows], dtype=bool)
+
+
+def loss_inputs(pool: Pool, losses: Sequence[str], tokenizer: Any) -> LossInputs:
+    """The inputs of each loss, built once for every loss of the run.
+
+    ``init`` and ``ref`` score the pool's rows, ``uncond`` their responses alone after one start
+    token, ``ifd_cond`` and ``ifd_alone`` Cherry LLM's two passes (:mod:`lobass.scoring.cherry`).
+
+    Raises:
+        ValueError: a Cherry loss is asked for while ``model.template`` is not ``alpaca``.
+
+    """
+    features: dict[str, list[Features]] = {}
+    facts: dict[str, np.ndarray] = {}
+    keys: dict[str, dict[str, Any]] = {}
+    if set(CHERRY_LOSSES) & set(losses):
+        if pool.tokens_key["template"] != "alpaca":
+            raise ValueError(
+                "scorer=ifd is Cherry LLM's IFD, computed on Cherry's Alpaca prompt, but "
+                f"model.template={pool.tokens_key['template']} trains on another; set "
+                "model.template=alpaca, or use scorer=ifd_chat (L(y|x) / L(y) in the model's "
+                f"own template). Scorers: {sorted(['ifd', 'ifd_chat'])}")
+        passes = cherry_passes(pool.examples, tokenizer, pool.tokens_key["max_length"])
+        features.update(ifd_cond=passes.cond, ifd_alone=passes.alone)
+        facts["ifd_fits"] = passes.fits
+        # Cherry reads a row's raw instruction/input split, which its content id does not hold.
+        fields = fingerprint([cherry_fields(e) for e in pool.examples])
+        keys = {loss: {"cherry_fields": fields} for loss in CHERRY_LOSSES}
+    # L(y) of ifd_chat: BOS gives the first response token something to be predicted from.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for loss in losses:
+        if loss == "uncond":
+            features[loss] = [response_only(f, start) for f in pool.features]
+        elif loss not in CHERRY_LOSSES:
+            features[loss] = list(pool.features)
+    return LossInputs(features, facts, keys)
 
 
 def loss_fn(model: LazyModel, loss: str, features: Sequence[Features], *, max_tokens_per_batch: int,
@@ -67,13 +124,16 @@ def loss_fn(model: LazyModel, loss: str, features: Sequence[Features], *, max_to
 
 
 def flag_nonfinite(losses: dict[str, np.ndarray], ids: Sequence[str],
-                   on_nonfinite: str) -> np.ndarray:
+                   on_nonfinite: str, expected: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Rows with a NaN or infinite loss, which must never be scored or selected silently.
 
     Args:
         losses: loss name -> ``(N,)`` values.
         ids: row ids (named in the message).
         on_nonfinite: ``error`` raises, ``drop`` logs a warning and lets the caller drop them.
+        expected: loss name -> ``(N,)`` bool rows whose NaN is by construction
+            (:meth:`LossInputs.expected_nan`): not flagged; the scorers that read them leave
+            those rows unscored.
 
     Returns:
         ``(N,)`` bool mask of flagged rows.
@@ -82,12 +142,15 @@ def flag_nonfinite(losses: dict[str, np.ndarray], ids: Sequence[str],
         ValueError: some row is non-finite and ``on_nonfinite`` is ``error``.
 
     """
+    expected = expected or {}
+    unexpected = {name: ~np.isfinite(v) & ~expected.get(name, np.zeros(len(v), dtype=bool))
+                  for name, v in losses.items()}
     bad = np.zeros(len(ids), dtype=bool)
-    for values in losses.values():
-        bad |= ~np.isfinite(values)
+    for rows in unexpected.values():
+        bad |= rows
     if bad.any():
         first = [ids[i] for i in np.flatnonzero(bad)[:5]]
-        which = {name: int((~np.isfinite(v)).sum()) for name, v in losses.items()}
+        which = {name: int(rows.sum()) for name, rows in unexpected.items()}
         if on_nonfinite == "error":
             raise ValueError(f"{int(bad.sum())} rows have a non-finite loss {which} (first ids: "
                              f"{first}); set score.on_nonfinite=drop to flag them, count them "
@@ -99,15 +162,17 @@ def flag_nonfinite(losses: dict[str, np.ndarray], ids: Sequence[str],
 
 def score_rows(ids: Sequence[str], sources: Sequence[str], features: Sequence[Features],
                losses: dict[str, np.ndarray], scorers: Sequence[Any], flagged: np.ndarray,
-               seed: int) -> list[dict[str, Any]]:
+               seed: int, facts: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """``scores.jsonl`` rows: lengths, every loss, the first scorer's ``score`` and the others'.
 
     Flagged (non-finite) rows keep their flag and get no score, so they are never selected.
+    ``facts`` (:attr:`LossInputs.facts`) reach the scorers beside the losses.
     """
     n_response = np.array([f.n_response for f in features])
+    inputs = {**losses, **(facts or {})}
     values = {}
     for scorer in scorers:
-        values[scorer.name] = np.asarray(scorer.compute(losses, n_response, seed), dtype=np.float64)
+        values[scorer.name] = np.asarray(scorer.compute(inputs, n_response, seed), dtype=np.float64)
         values[scorer.name][flagged] = np.nan
 
     def number(value: float) -> float | None:
@@ -117,8 +182,8 @@ def score_rows(ids: Sequence[str], sources: Sequence[str], features: Sequence[Fe
     for i, (row_id, source, f) in enumerate(zip(ids, sources, features, strict=True)):
         row: dict[str, Any] = {"id": row_id, "source": source, "n_tokens": len(f.input_ids),
                                "n_response_tokens": f.n_response, "truncated": f.truncated}
-        for loss in ("init", "ref", "uncond"):
-            if loss in losses or loss != "uncond":  # loss_init / loss_ref always present
+        for loss in ("init", "ref", "uncond", *CHERRY_LOSSES):
+            if loss in losses or loss in ("init", "ref"):  # loss_init / loss_ref always present
                 row[f"loss_{loss}"] = number(losses[loss][i]) if loss in losses else None
         row["score"] = number(values[scorers[0].name][i])
         row.update({f"score_{s.name}": number(values[s.name][i]) for s in scorers[1:]})

@@ -19,7 +19,7 @@ from lobass.artifacts import atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
 from lobass.modeling import load_adapter, load_model
-from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_features, loss_fn, score_rows
+from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_fn, loss_inputs, score_rows
 from lobass.scoring.scorers import Scorer, get_scorer, needed_losses
 from lobass.scoring.store import ensure_losses
 
@@ -61,7 +61,7 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
 
     model = LazyModel(load)  # loaded only if some shard is missing
     tok = ctx.tokenizer
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    inputs = loss_inputs(pool, needed_losses(scorers), tok)  # each loss's rows, built once
     losses: dict[str, np.ndarray] = {}
     loss_keys, all_reused = [], True
     metrics: dict[str, float] = {}
@@ -73,8 +73,8 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
             "adapter": reference_adapter.parent.name if loss == "ref" and reference_adapter
             else None,
             "max_tokens_per_batch": cfg.score.max_tokens_per_batch,
-            "share_prefix": cfg.score.share_prefix})
-        compute = loss_fn(model, loss, loss_features(pool.features, loss, start),
+            "share_prefix": cfg.score.share_prefix, **inputs.keys.get(loss, {})})
+        compute = loss_fn(model, loss, inputs.features[loss],
                           max_tokens_per_batch=cfg.score.max_tokens_per_batch,
                           pad_token_id=tok.pad_token_id, share_prefix=cfg.score.share_prefix)
         result = ensure_losses(directory, pool.ids, compute, shard_rows=cfg.score.shard_rows,
@@ -85,7 +85,8 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
             result.meta["shards_computed"])
     model.drop()
     free_memory()
-    flagged = flag_nonfinite(losses, pool.ids, cfg.score.on_nonfinite)
+    flagged = flag_nonfinite(losses, pool.ids, cfg.score.on_nonfinite,
+                             {loss: inputs.expected_nan(loss) for loss in losses})
     metrics.update({
         "score/rows": float(len(pool.ids)), "score/model_loads": float(model.loads),
         "score/truncated": float(sum(f.truncated for f in pool.features)),
@@ -97,7 +98,7 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
 
     def build(work: Path) -> dict[str, Any]:
         rows = score_rows(pool.ids, [e.source for e in pool.examples], pool.features, losses,
-                          scorers, flagged, cfg.seed)
+                          scorers, flagged, cfg.seed, inputs.facts)
         atomic_write_text(work / SCORES_FILE, "".join(json.dumps(r) + "\n" for r in rows))
         return {"scorers": [s.name for s in scorers], "flagged": int(flagged.sum())}
 
