@@ -266,13 +266,13 @@ def test_scoring_estimate_against_cuda_peak(tiny):
                                                "estimate_gib": estimate / GIB})
 
 
-def test_ifd_scoring_counts_the_cache_of_its_prefixless_pass():
+def test_ifd_chat_scoring_counts_the_cache_of_its_prefixless_pass():
     base = _compose("model=llama_7b", *RECIPE, "stages=[score]")
     shape = _shape(base)
     kv_token = 32 * 2 * 4096 * 2
-    ifd = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]", "scorer=ifd"),
+    ifd = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]", "scorer=ifd_chat"),
                           shape, 1, False).stages["score"].parts["activations"]
     extra = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]",
-                                     "score.extra_scorers=[ifd]"), shape, 1, False)
+                                     "score.extra_scorers=[ifd_chat]"), shape, 1, False)
     plain = estimate_memory(base, shape, 1, False).stages["score"].parts["activations"]
     assert ifd == extra.stages["score"].parts["activations"] == plain + 16384 * kv_token

@@ -192,8 +192,8 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
     budget = int(cfg.score.max_tokens_per_batch)
     scoring = scoring_activation_bytes(shape, dtype, budget,
                                        bool(cfg.score.get("share_prefix", True)))
-    # L(y) (ifd) scores responses alone: no prompt, hence no shared prefix, and the engine's
-    # no-prefix path lets the decoder keep every layer's keys and values for the batch.
+    # L(y) of ifd_chat (uncond) scores responses alone: no prompt, hence no shared prefix, and the
+    # engine's no-prefix path lets the decoder keep every layer's keys and values for the batch.
     names = [str(cfg.scorer.name), *(cfg.score.get("extra_scorers") or [])]
     if "uncond" in needed_losses([get_scorer(n) for n in names]):
         scoring = max(scoring, scoring_activation_bytes(shape, dtype, budget, False))
