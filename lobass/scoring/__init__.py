@@ -2,7 +2,8 @@
 
 Losses are batched, cached in shards and split across ranks: ``engine`` is the hot loop (one
 forward per batch of similar-length rows), ``store`` makes each loss a resumable, sharded
-artifact, ``runner`` ties them to the score stage, ``scorers`` maps losses to scores.
+artifact, ``runner`` ties them to the score stage, ``scorers`` maps losses to scores, ``cherry``
+builds the inputs of Cherry LLM's IFD (``scorer=ifd``) as its own code does.
 """
 
 from lobass.scoring.engine import (
