@@ -6,8 +6,9 @@ GGUF conversion (~20 s for SmolLM2) happens once per test session, not once per 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,24 @@ def tiny(models_dir: Path) -> tuple[object, object]:
 
     path, _ = resolve_model_path(cfg.model, models_dir)
     return load_model(cfg.model, path), load_tokenizer(cfg.model, path)
+
+
+@contextlib.contextmanager
+def local_http_server(handler: type) -> Iterator[str]:
+    """Serve ``handler`` (a ``BaseHTTPRequestHandler``) on 127.0.0.1; yields ``http://host:port``.
+
+    A real server on a free port, for the judge's OpenAI-style client: no mocked HTTP.
+    """
+    import threading
+    from http.server import HTTPServer
+
+    httpd = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+

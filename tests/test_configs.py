@@ -9,7 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, TINY
+from conftest import CONF, TINY, local_http_server
 from lobass.config import ConfigError, validate
 from lobass.pipeline import run
 from lobass.schema import find_secret
@@ -291,8 +291,7 @@ def test_judges_and_loggers_are_built_from_their_target(tiny, tmp_path):
 def models_endpoint():
     """A real OpenAI-style server on 127.0.0.1 answering ``GET /v1/models`` with ``status``."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     state = {"requests": [], "status": 200}
 
@@ -312,14 +311,9 @@ def models_endpoint():
         def log_message(self, *args):
             pass
 
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_http_server(Handler) as url:
+        state["base_url"] = f"{url}/v1"
+        yield state
 
 
 def _free_port() -> int:

@@ -9,11 +9,12 @@ real. The tiny model writes no verdict, so every order is ``unparsed`` and every
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import local_http_server
 from lobass.evaluation.generation import generate_batch
 from lobass.evaluation.judge import judge_pairwise, render_prompt
 from lobass.evaluation.judges import OpenAICompatibleJudge
@@ -64,14 +65,9 @@ def server(tiny) -> Iterator[dict]:
         def log_message(self, *args):  # keep the test output quiet
             pass
 
-    httpd = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["base_url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with local_http_server(Handler) as url:
+        state["base_url"] = f"{url}/v1"
+        yield state
 
 
 def test_openai_compatible_judge_end_to_end(server, tiny, monkeypatch):
