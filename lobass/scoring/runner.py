@@ -87,7 +87,7 @@ def loss_inputs(pool: Pool, losses: Sequence[str], tokenizer: Any) -> LossInputs
                 "scorer=ifd is Cherry LLM's IFD, computed on Cherry's Alpaca prompt, but "
                 f"model.template={pool.tokens_key['template']} trains on another; set "
                 "model.template=alpaca, or use scorer=ifd_chat (L(y|x) / L(y) in the model's "
-                f"own template). Scorers: {sorted(['ifd', 'ifd_chat'])}")
+                "own template)")
         passes = cherry_passes(pool.examples, tokenizer, pool.tokens_key["max_length"])
         features.update(ifd_cond=passes.cond, ifd_alone=passes.alone)
         facts["ifd_fits"] = passes.fits
