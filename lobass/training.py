@@ -8,6 +8,7 @@ work directory, so a killed run resumes from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -190,6 +191,10 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         data_seed=seed,
         train_sampling_strategy="group_by_length",  # less padding, same data per epoch
         bf16=on_gpu and dtype == "bfloat16",
+        # liger-kernel (`pip install .[liger]`, GPU only): fused RMSNorm, SwiGLU and RoPE, and,
+        # where the model's own loss runs (FSDP, DeepSpeed), a fused linear cross-entropy that
+        # never holds the (tokens x vocabulary) logits.
+        use_liger_kernel=on_gpu and importlib.util.find_spec("liger_kernel") is not None,
         use_cpu=not on_gpu,
         report_to=report_to,
         remove_unused_columns=False,

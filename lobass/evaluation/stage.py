@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,20 +76,24 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
             metrics.update(heldout_loss_metrics(losses, name))
             write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
         # b) greedy answers per prompt set, each its own resumable artifact
+        began = time.perf_counter()
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
             key={"adapter": evaluated, "model": model_key(cfg.model)})
+        metrics["eval/generate_seconds"] = time.perf_counter() - began  # sets reused: ~0
         metrics.update(suite.generation_set_metrics(generations))
         if ev.backend == "vllm":  # vLLM loads its own copy and wants the GPU memory free first
             del model
             model = None
             free_memory()
         # c) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
+        began = time.perf_counter()
         bench, skipped = suite.run_benchmarks(
             model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
             model_path=ctx.model_path, adapter_dir=adapter,
             max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.get("revision"))
         metrics.update(bench)
+        metrics["eval/benchmarks_seconds"] = time.perf_counter() - began  # GSM8K's generation
         del model  # the judge may load another model
         free_memory()
         # d) pairwise judge against the baseline's answers, both orders
