@@ -1,13 +1,18 @@
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from conftest import TINY
 from lobass.config import package_data
 from lobass.data import Example, read_examples
 from lobass.formatting import response_only, tokenize_example
+from lobass.pipeline import run
+from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import (
     SCORERS,
     adapter_state,
@@ -164,3 +169,36 @@ def test_nonfinite_losses_are_flagged_counted_and_fail_unless_dropped(tiny):
     rows = score_rows(ids, ["a"] * len(ids), features, losses, [SCORERS["loss"]], flagged, 0)
     assert rows[0]["score"] is None and rows[0]["nonfinite"] and rows[0]["loss_init"] is None
     assert rows[1]["score"] == 3.0 and "nonfinite" not in rows[1]
+
+
+def test_exclude_eos_leaves_the_end_token_out_of_the_mean_exactly(make_cfg, tiny):
+    """score.exclude_eos: each row's loss equals a slow per-row loss over the response tokens
+    without the last one (the end of turn), and truncated rows keep every token."""
+    import torch
+
+    from lobass.formatting import IGNORE_INDEX
+    from lobass.scoring.runner import without_end_token
+
+    model, tokenizer = tiny
+    plain = run(make_cfg(*TINY, "scorer=loss", "stages=[score]"))
+    dropped = run(make_cfg(*TINY, "scorer=loss", "stages=[score]", "score.exclude_eos=true"))
+    assert dropped["artifacts"]["scores"] != plain["artifacts"]["scores"]
+    rows = [json.loads(x) for x in Path(dropped["artifacts"]["scores"]).read_text().splitlines()]
+    cfg = make_cfg(*TINY)
+    examples, _ = read_pool(cfg.data)
+    pool, _ = tokenize_pool(cfg, examples, tokenizer)
+    by_id = {r["id"]: r for r in rows}
+    checked = 0
+    for example, f in zip(pool.examples, pool.features, strict=True):
+        g = without_end_token(f)
+        assert (g is f) == f.truncated  # untruncated rows lose exactly their last label
+        if g is f:
+            continue
+        assert g.labels[-1] == IGNORE_INDEX and g.labels[:-1] == f.labels[:-1]
+        with torch.no_grad():
+            logits = model(torch.tensor([g.input_ids])).logits[0, :-1]
+        targets = torch.tensor(g.labels[1:])
+        slow = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        assert by_id[example.id]["loss_init"] == pytest.approx(float(slow), abs=1e-4)
+        checked += 1
+    assert checked >= 10

@@ -115,6 +115,7 @@ class ScoreSpec:
     share_prefix: bool = knob()
     extra_scorers: list[str] = knob([], choices=_scorers)
     on_nonfinite: Literal["drop", "error"] = knob()
+    exclude_eos: bool = knob(False)  # leave the end-of-response token out of each mean loss
 
 
 @dataclass(kw_only=True)

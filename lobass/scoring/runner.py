@@ -16,7 +16,7 @@ import numpy as np
 
 from lobass.artifacts import fingerprint
 from lobass.context import Pool
-from lobass.formatting import Features, response_only
+from lobass.formatting import IGNORE_INDEX, Features, response_only
 from lobass.scoring.cherry import cherry_fields, cherry_passes
 from lobass.scoring.engine import adapter_state, compute_response_losses, shared_prefix_length
 from lobass.scoring.store import ComputeFn
@@ -68,11 +68,14 @@ class LossInputs:
         return np.array([f.n_response == 0 for f in rows], dtype=bool)
 
 
-def loss_inputs(pool: Pool, losses: Sequence[str], tokenizer: Any) -> LossInputs:
+def loss_inputs(pool: Pool, losses: Sequence[str], tokenizer: Any,
+                exclude_eos: bool = False) -> LossInputs:
     """The inputs of each loss, built once for every loss of the run.
 
     ``init`` and ``ref`` score the pool's rows, ``uncond`` their responses alone after one start
     token, ``ifd_cond`` and ``ifd_alone`` Cherry LLM's two passes (:mod:`lobass.scoring.cherry`).
+    With ``exclude_eos`` the pool's rows leave their end-of-response token out of the mean
+    (``score.exclude_eos``; see :func:`without_end_token`).
 
     Raises:
         ValueError: a Cherry loss is asked for while ``model.template`` is not ``alpaca``.
@@ -101,7 +104,24 @@ def loss_inputs(pool: Pool, losses: Sequence[str], tokenizer: Any) -> LossInputs
             features[loss] = [response_only(f, start) for f in pool.features]
         elif loss not in CHERRY_LOSSES:
             features[loss] = list(pool.features)
+        if exclude_eos and loss not in CHERRY_LOSSES:
+            features[loss] = [without_end_token(f) for f in features[loss]]
+            keys[loss] = {"exclude_eos": True}
     return LossInputs(features, facts, keys)
+
+
+def without_end_token(features: Features) -> Features:
+    """The row with its end-of-response token (EOS / end of turn) left out of the loss.
+
+    Why it matters: that token weighs 1/n in the mean loss of an n-token answer and is learned
+    first, so a short answer's loss falls fastest, which favours short rows under any loss-drop
+    score. A truncated row has no end token (its response was cut) and a one-token response would
+    be left with none, so both stay as they are.
+    """
+    if features.truncated or features.n_response < 2:
+        return features
+    labels = [*features.labels[:-1], IGNORE_INDEX]
+    return Features(features.input_ids, labels, features.n_prompt, features.truncated)
 
 
 def loss_fn(model: LazyModel, loss: str, features: Sequence[Features], *, max_tokens_per_batch: int,

@@ -61,7 +61,9 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
 
     model = LazyModel(load)  # loaded only if some shard is missing
     tok = ctx.tokenizer
-    inputs = loss_inputs(pool, needed_losses(scorers), tok)  # each loss's rows, built once
+    # each loss's rows, built once; score.exclude_eos leaves the end token out of the mean
+    inputs = loss_inputs(pool, needed_losses(scorers), tok,
+                         exclude_eos=bool(cfg.score.get("exclude_eos", False)))
     losses: dict[str, np.ndarray] = {}
     loss_keys, all_reused = [], True
     metrics: dict[str, float] = {}
