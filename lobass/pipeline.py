@@ -10,13 +10,9 @@ paths, flat metrics) into the run directory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,47 +33,10 @@ from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score
 from lobass.selection import select
+from lobass.summary import Summary, format_summary
 from lobass.tracking import NullLogger, make_logger
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Summary:
-    """What ``summary.json`` holds: stage timings and reuse, artifact paths, flat metrics."""
-
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    point: dict[str, Any] = field(default_factory=dict)  # what makes the run a point of a study
-
-    def stage(self, name: str, call: Callable[[], StageResult]) -> StageResult:
-        """Run one stage, timing it and keeping its reuse flag, metrics and artifact paths."""
-        with self._timed(name) as record:
-            result = call()
-            record["reused"] = result.reused
-        self.metrics.update(result.metrics)
-        self.artifacts.update(result.artifacts)
-        return result
-
-    @contextlib.contextmanager
-    def _timed(self, name: str) -> Iterator[dict[str, Any]]:
-        record: dict[str, Any] = {"seconds": 0.0, "reused": False}
-        _reset_peak_rss()
-        start = time.perf_counter()
-        try:
-            yield record
-        finally:  # a failed stage keeps its time in the partial summary
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            record["peak_rss_mb"] = _peak_rss_mb()
-            self.stages[name] = record
-            log.info("stage %s: %.1f s%s", name, record["seconds"],
-                     " (reused)" if record["reused"] else "")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON document."""
-        return {"stages": self.stages, "artifacts": self.artifacts, "metrics": self.metrics,
-                "point": self.point}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -230,27 +189,6 @@ def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResul
                        artifacts={"baseline_eval": str(ev.directory)})
 
 
-def _reset_peak_rss() -> None:
-    """Start a new high-water mark of resident memory (Linux: ``clear_refs`` 5 resets VmHWM).
-
-    So each stage's ``peak_rss_mb`` is its own peak, not the largest of the stages before it.
-    Where the kernel refuses, the figure stays the process's peak so far.
-    """
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float | None:
-    """The high-water mark of resident memory since the last reset, in MiB (``None``: no /proc)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    kib = next((int(line.split()[1]) for line in status.splitlines()
-                if line.startswith("VmHWM:")), None)
-    return round(kib / 1024, 1) if kib is not None else None
-
-
 def _record_failure(run_dir: Path) -> None:
     """Keep the traceback being handled in ``error.txt``, where the sweep report looks."""
     atomic_write_text(run_dir / "error.txt", traceback.format_exc())
@@ -271,15 +209,3 @@ def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     return {str(k): v for k, v in container.items()}
-
-
-def format_summary(summary: Summary) -> str:
-    """A short plain-text table of stage timings and metrics for the end of a run."""
-    lines = [f"{'stage':<12}{'seconds':>10}  reused"]
-    lines += [f"{name:<12}{rec['seconds']:>10.1f}  {'yes' if rec['reused'] else 'no'}"
-              for name, rec in summary.stages.items()]
-    shown = [k for k in summary.metrics if k.startswith(("eval/", "train/", "select/", "score/"))
-             and not k.endswith(("_stderr", "ci_low", "ci_high"))]
-    lines.append(f"\n{'metric':<32}{'value':>12}")
-    lines += [f"{k:<32}{summary.metrics[k]:>12.4f}" for k in shown]
-    return "\n".join(lines)
