@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lobass.schema.walk import BatchSize, knob
+from lobass.schema.eval_specs import JUDGE_SPECS, EvalSpec
+from lobass.schema.registries import attention, dtypes, readers, schedulers, scorers
+from lobass.schema.walk import knob
 
-
-def _registry(module: str, attr: str, extra: tuple[str, ...] = ()) -> Callable[[], list[str]]:
-    """The names of a registry (read when checking: the stage modules import torch)."""
-
-    def names() -> list[str]:
-        found = getattr(importlib.import_module(module), attr)
-        return sorted({*extra, *(getattr(n, "value", n) for n in found)})
-
-    return names
-
-
-_scorers = _registry("lobass.scoring", "SCORERS")
-_readers = _registry("lobass.data", "CONVERTERS")
-_prompt_readers = _registry("lobass.evaluation.prompts", "PROMPT_READERS")
-_dtypes = _registry("lobass.modeling", "DTYPES")
-_schedulers = _registry("transformers", "SchedulerType")  # an Enum: its values
-_attention = _registry("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS", ("eager",))
+__all__ = ["JUDGE_SPECS", "LOGGER_SPECS", "RootSpec"]
 
 
 @dataclass(kw_only=True)
@@ -34,11 +18,11 @@ class ModelSpec:
 
     name: str = knob(plain=True)  # a directory name under models_dir
     source: Literal["gguf", "hub", "random"] = knob()
-    dtype: str = knob(choices=_dtypes)
+    dtype: str = knob(choices=dtypes)
     template: Literal["alpaca", "chat"] = knob()
     trust_remote_code: bool = knob()
     lora_targets: list[str] = knob()
-    attn_implementation: str = knob("sdpa", choices=_attention)
+    attn_implementation: str = knob("sdpa", choices=attention)
     device: Literal["auto", "cpu", "cuda"] = knob("auto")
     hub_id: str | None = knob(None)
     revision: str | None = knob(None)
@@ -53,7 +37,7 @@ class MixSpec:
     """``data.mix.<name>``: one more file mixed into the pool."""
 
     path: str = knob()
-    reader: str = knob(choices=_readers)
+    reader: str = knob(choices=readers)
     max_rows: int | None = knob(None, ge=1)
     source: str | None = knob(None, plain=True)
 
@@ -71,7 +55,7 @@ class DataSpec:
 
     name: str = knob(plain=True)
     path: str = knob()
-    reader: str = knob(choices=_readers)
+    reader: str = knob(choices=readers)
     source: str = knob(plain=True)
     max_rows: int | None = knob(None, ge=1)
     mix: dict[str, MixSpec] = knob({})
@@ -86,7 +70,7 @@ class DataSpec:
 class ScorerSpec:
     """``scorer``: which score ranks the pool."""
 
-    name: str = knob(choices=_scorers)
+    name: str = knob(choices=scorers)
 
 
 @dataclass(kw_only=True)
@@ -103,7 +87,7 @@ class SelectionSpec:
     by_source: bool = knob(False)
     keep_sources: list[str] = knob([])
     listed: str | None = knob(None)  # a data file: keep exactly the pool rows it holds
-    listed_reader: str = knob("alpaca", choices=_readers)
+    listed_reader: str = knob("alpaca", choices=readers)
 
 
 @dataclass(kw_only=True)
@@ -113,7 +97,7 @@ class ScoreSpec:
     max_tokens_per_batch: int = knob(ge=1)
     shard_rows: int = knob(ge=1)
     share_prefix: bool = knob()
-    extra_scorers: list[str] = knob([], choices=_scorers)
+    extra_scorers: list[str] = knob([], choices=scorers)
     on_nonfinite: Literal["drop", "error"] = knob()
     exclude_eos: bool = knob(False)  # leave the end-of-response token out of each mean loss
 
@@ -137,7 +121,7 @@ class TrainSpec:
     batch_size: int = knob(ge=1)
     grad_accum: int = knob(ge=1)
     learning_rate: float = knob(gt=0)
-    lr_scheduler: str = knob(choices=_schedulers)
+    lr_scheduler: str = knob(choices=schedulers)
     warmup_ratio: float = knob(ge=0, le=1)
     weight_decay: float = knob(ge=0)
     max_grad_norm: float = knob(ge=0)
@@ -157,125 +141,6 @@ class ReferenceSpec(TrainSpec):
 
     fraction: float = knob(1.0, gt=0, le=1)
     seed: int = knob(0)
-
-
-@dataclass(kw_only=True)
-class BenchmarkSpec:
-    """An lm-eval benchmark's limits and batch."""
-
-    enabled: bool = knob()
-    limit: int | None = knob(None, ge=1)
-    max_gen_toks: int = knob(ge=1)
-    batch_size: BatchSize = knob(ge=1)
-    max_length: int = knob(ge=1)
-
-
-@dataclass(kw_only=True)
-class Gsm8kSpec(BenchmarkSpec):
-    """``eval.gsm8k``."""
-
-    test_path: str = knob("")
-    fewshot_path: str = knob("")
-    num_fewshot: int = knob(0, ge=0)
-
-
-@dataclass(kw_only=True)
-class IfevalSpec(BenchmarkSpec):
-    """``eval.ifeval``."""
-
-    path: str = knob("")
-
-
-@dataclass(kw_only=True)
-class HeldoutSpec:
-    """``eval.heldout``: response loss on a held-out slice."""
-
-    enabled: bool = knob()
-    path: str = knob()
-    reader: str = knob(choices=_readers)
-    max_rows: int | None = knob(None, ge=1)
-
-
-@dataclass(kw_only=True)
-class ReferenceLossSpec:
-    """``eval.reference_loss.<name>``: loss on other reference answers."""
-
-    enabled: bool = knob()
-    questions: str | None = knob(None)  # FastChat question file (reader=fastchat only)
-    answers: str = knob()  # FastChat answers, or an SFT file holding prompts and answers
-    reader: str = knob("fastchat", choices=_prompt_readers)
-    max_rows: int | None = knob(None, ge=1)
-
-
-@dataclass(kw_only=True)
-class PromptSetSpec:
-    """``eval.generation.sets.<name>``: a prompt file answered for the judge."""
-
-    enabled: bool = knob()
-    path: str = knob()
-    reader: str = knob(choices=_prompt_readers)
-    max_rows: int | None = knob(None, ge=1)
-
-
-@dataclass(kw_only=True)
-class GenerationSpec:
-    """``eval.generation``: greedy answers per prompt set."""
-
-    enabled: bool = knob()
-    max_new_tokens: int = knob(ge=1)
-    batch_size: int = knob(ge=1)
-    sets: dict[str, PromptSetSpec] = knob({})
-
-
-@dataclass(kw_only=True)
-class JudgeSpec:
-    """``eval.judge`` fields every judge has (the pairwise protocol's)."""
-
-    _target_: str = knob()  # the class hydra.utils.instantiate builds
-    name: Literal["local_hf", "openai_compatible"] = knob()
-    baseline: str | None = knob(None)  # full_data, a run dir, an eval artifact dir or a JSONL
-    prompt: str = knob("pairwise_v1.txt")
-    bootstrap_iters: int = knob(2000, ge=1)
-
-
-@dataclass(kw_only=True)
-class LocalJudgeSpec(JudgeSpec):
-    """``judge=local_hf``."""
-
-    model: str | None = knob(None)
-    tie_margin: float = knob(0.0, ge=0)
-    max_length: int = knob(2048, ge=1)
-
-
-@dataclass(kw_only=True)
-class OpenAIJudgeSpec(JudgeSpec):
-    """``judge=openai_compatible``."""
-
-    base_url: str = knob()
-    model: str = knob()
-    api_key_env: str | None = knob(None)
-    max_tokens: int = knob(512, ge=1)
-    temperature: float = knob(0.0, ge=0, le=2)
-    timeout_s: float = knob(120.0, gt=0)
-    retries: int = knob(3, ge=1)
-    max_workers: int = knob(4, ge=1)
-    probe_timeout_s: float | None = knob(None, gt=0)
-
-
-JUDGE_SPECS: dict[str, type] = {"local_hf": LocalJudgeSpec, "openai_compatible": OpenAIJudgeSpec}
-
-
-@dataclass(kw_only=True)
-class EvalSpec:
-    """``eval``: benchmarks, losses, generation and the judge."""
-
-    backend: Literal["hf", "vllm"] = knob()
-    gsm8k: Gsm8kSpec = knob()
-    ifeval: IfevalSpec = knob()
-    heldout: HeldoutSpec = knob()
-    generation: GenerationSpec = knob()
-    judge: dict[str, Any] = knob()  # checked against JUDGE_SPECS[name]
-    reference_loss: dict[str, ReferenceLossSpec] = knob({})
 
 
 @dataclass(kw_only=True)
