@@ -34,6 +34,23 @@ def main(shared: Path) -> None:
     shutil.copy(shared / "gsm8k" / "test.jsonl", OUT / "gsm8k" / "gsm8k_test.jsonl")
     shutil.copy(shared / "gsm8k" / "LICENSE", OUT / "gsm8k" / "LICENSE")
     _alpaca_eval_subset(shared / "alpaca_eval")
+    _alpagasus_in_pool(shared / "alpagasus", alpaca[:1000])
+
+
+def _alpagasus_in_pool(source: Path, pool: list[dict[str, str]]) -> None:
+    """The rows of AlpaGasus' Claude-filtered selection (score >= 4.5) that are in the 1k pool.
+
+    A peer's quality filter as an arm of its own (``selection.listed``): exactly these pool rows.
+    Matched on instruction, input and output; kept in the pool's order, unmodified.
+    """
+    def key(row: dict[str, str]) -> tuple[str, str, str]:
+        return row["instruction"], row.get("input", ""), row["output"]
+
+    filtered = {key(r) for r in json.loads((source / "claude_t45.json").read_text())}
+    out = OUT / "alpagasus"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "claude_t45_in_pool_1k.json", [r for r in pool if key(r) in filtered])
+    shutil.copy(source / "DATA_LICENSE", out / "DATA_LICENSE")
 
 
 def _alpaca_eval_subset(source: Path, n: int = 200) -> None:
