@@ -173,7 +173,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         before = matmul_flops(args.device)
         figures = {}
-        for name, fast in (("plain", False), ("lobass", True)):
+        ways = (("plain", False), ("lobass", True))
+        for name, fast in ways if repeat % 2 == 0 else ways[::-1]:  # alternate: drift cancels
             seconds, losses, rss, peak = train_once(
                 cfg, path, tokenizer, features, fast=fast, device=args.device,
                 profile=args.profile if repeat == 0 else 0)
@@ -191,7 +192,7 @@ def main() -> None:
               f"before / after; per-step loss max |plain - lobass| = {diff:.2e} over "
               f"{len(figures['plain'][1])} steps; load {os.getloadavg()[0]:.1f}")
         assert diff < 1e-4, f"plain and lobass per-step losses differ by {diff}"
-        for name, (seconds, _, rss, peak) in figures.items():
+        for name, (seconds, _, rss, peak) in sorted(figures.items(), reverse=True):
             rate = 4 * params * tokens / seconds
             print(f"  {name:<7} {seconds:8.2f} s {tokens / seconds:9.1f} tokens/s "
                   f"{rate / 1e9:7.1f} GFLOP/s effective = {rate / ceiling:.3f} of matmul; "
