@@ -48,12 +48,13 @@ from scoring import matmul_flops, reset_peak_rss, rss_kib, sync  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import lobass  # noqa: E402,F401
+from lobass.batches import EpochSeededLengthSampler  # noqa: E402
 from lobass.config import package_data  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
 from lobass.formatting import tokenize_example  # noqa: E402
 from lobass.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from lobass.response_loss import padding_share  # noqa: E402
-from lobass.training import EpochSeededLengthSampler, train_lora  # noqa: E402
+from lobass.training import train_lora  # noqa: E402
 
 
 class StepMeter(TrainerCallback):

@@ -13,18 +13,16 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
-import time
-import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json
+from lobass.batches import EpochSeededLengthSampler, FeatureDataset
+from lobass.checkpoints import last_complete_checkpoint
 from lobass.devices import resolve_device
 from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
@@ -35,57 +33,6 @@ log = logging.getLogger(__name__)
 
 # What peft writes for an adapter; Trainer.save_model adds the tokenizer and pickled arguments.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
-
-
-class FeatureDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
-    """Tokenised examples as the dicts that ``DataCollatorForSeq2Seq`` pads."""
-
-    def __init__(self, features: Sequence[Features]) -> None:
-        self.features = list(features)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        f = self.features[index]
-        return {"input_ids": f.input_ids, "labels": f.labels,
-                "attention_mask": [1] * len(f.input_ids)}
-
-
-class EpochSeededLengthSampler(torch.utils.data.Sampler[int]):
-    """Transformers' length-grouped order; after the first epoch, seeded by ``seed + epoch``.
-
-    transformers' ``LengthGroupedSampler`` draws each epoch's permutation from the global torch
-    RNG when the epoch starts. A resume inside epoch ``e > 0`` starts from a freshly seeded RNG
-    (the checkpoint's RNG state is restored only after the seen batches are skipped), so it
-    replays epoch ``e`` in another order than the uninterrupted run did: different batches from
-    the resumed step on. From the second epoch on, the order here depends only on
-    ``(seed, epoch)``, which the ``Trainer`` sets through :meth:`set_epoch` before every epoch,
-    resumed or not, and the sampler leaves the global RNG (dropout) alone, so the checkpoint's
-    RNG state is all a resume needs. The first epoch still draws from the global RNG as before:
-    there a resume starts from the same freshly seeded state as the uninterrupted run (exact),
-    and every result of a one-epoch run stays bit-identical to what transformers' sampler gave.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration yields (called by the ``Trainer``)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.epoch else None
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size,
-                                               generator=generator))
 
 
 def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
@@ -316,70 +263,6 @@ def _return_freed_heap() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` that was saved completely and loads, or ``None``.
-
-    ``Trainer`` writes a checkpoint's files in place and ``trainer_state.json`` last, so a run
-    killed while saving leaves a directory without a readable one; resuming from it would fail
-    (or load a half-written optimizer state), so it is deleted. ``save_total_limit`` deletes the
-    previous checkpoint only after the new one is complete, so an older complete one is still
-    there. A checkpoint that looks complete but whose files cannot be read (a truncated adapter,
-    a damaged optimizer state: a disk that filled up, a copy cut short) would make every rerun
-    die on it, so it is set aside beside the work directory, logged with both paths, and the
-    previous checkpoint (or the start) is used.
-    """
-    complete: list[tuple[int, Path]] = []
-    for directory in checkpoints.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", directory.name)
-        if not match or not directory.is_dir():
-            continue
-        try:
-            json.loads((directory / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("removing %s: incomplete (the run was stopped while saving it)", directory)
-            shutil.rmtree(directory, ignore_errors=True)  # other ranks may be removing it too
-            continue
-        complete.append((int(match[1]), directory))
-    for _, directory in sorted(complete, reverse=True):
-        problem = checkpoint_problem(directory)
-        if problem is None:
-            return directory
-        work = checkpoints.parent
-        aside = work.with_name(f"{work.name}.unusable-{directory.name}-{int(time.time())}")
-        with contextlib.suppress(OSError):  # another rank may have moved it already
-            os.replace(directory, aside)
-        log.warning("setting aside %s: it cannot be loaded (%s); moved to %s; resuming from the "
-                    "previous checkpoint, or from the start if there is none",
-                    directory, problem, aside)
-    return None
-
-
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why the files of a ``Trainer`` checkpoint cannot be loaded, or ``None`` when they can.
-
-    Checks what a resume reads, without unpickling anything: every safetensors file's header
-    (its tensors must cover the file exactly, so a cut file fails), and every ``torch.save``
-    file (``.pt``/``.pth``, zip archives) against its CRCs. Pickled arguments
-    (``training_args.bin``) are not loaded on resume and not checked.
-    """
-    from safetensors import safe_open
-
-    for path in sorted(directory.rglob("*")):
-        name = str(path.relative_to(directory))
-        try:
-            if path.suffix == ".safetensors":  # the header must cover the file exactly
-                with safe_open(str(path), framework="pt"):
-                    pass
-            elif path.suffix in (".pt", ".pth"):
-                with zipfile.ZipFile(path) as archive:
-                    bad = archive.testzip()
-                if bad is not None:
-                    return f"{name}: member {bad} fails its CRC check"
-        except Exception as err:  # any failure to read it means: do not resume from it
-            return f"{name}: {type(err).__name__}: {err}"
-    return None
 
 
 def _mean_loss(history: list[dict[str, float]], training_loss: float, steps: int,
