@@ -104,7 +104,8 @@ def _parts(run: pd.Series) -> dict[str, str | None]:
             "keep": (f"+ all {run['keep_sources']}" if run["keep_sources"] else "")
             if subset else None,
             "budget": _budget(run),
-            "reference": ("" if pd.isna(ref) else f"reference seed {ref}") if subset else None}
+            # a scorer without L_ref has no reference seed: not a difference between points
+            "reference": None if not subset or pd.isna(ref) else f"reference seed {ref:.0f}"}
 
 
 def _values(parts: list[dict[str, str | None]], key: str) -> set[str]:
