@@ -7,6 +7,7 @@ the pipeline passes one stage's result to the next. Nothing here does any work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ class Pool:
     # model, template, max_length: what turns a row's content into the same tokens
     tokens_key: dict[str, Any]
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
-        """Content ids in pool order."""
+        """Content ids in pool order (built once: stages index it row by row)."""
         return [e.id for e in self.examples]
 
     def content_key(self) -> dict[str, Any]:

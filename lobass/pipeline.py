@@ -115,7 +115,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # 4) train: LoRA fine-tune of the initial model on the selection (the reference itself
         #    when the selection is the whole pool and the recipes and seeds agree)
         if need_train:
-            rows = [i for i, row_id in enumerate(pool.ids) if row_id in set(selected.ids)]
+            chosen = set(selected.ids)
+            rows = [i for i, row_id in enumerate(pool.ids) if row_id in chosen]
             trained = summary.stage("train", lambda: finetune(ctx, rows, cfg.train,
                                                               seed=cfg.seed))
 
