@@ -172,13 +172,22 @@ def _in_band(ranked: list[int], band: tuple[float, float], order: str) -> list[i
 
 
 def _within_tokens(ranked: list[int], n_response: Sequence[int], budget: int) -> list[int]:
-    """The longest rank-order prefix whose response tokens add up to at most ``budget``."""
-    taken, total = [], 0
+    """The rank-order prefix whose response tokens come closest to ``budget`` (at least one row).
+
+    Why closest rather than "at most": a token-matched control for a selection of short rows
+    has a small budget (12 rows of ~10 tokens), and a random order whose first row alone is
+    longer would keep no row at all. The prefix sums grow, so the distance to the budget falls
+    then rises: stop where it would rise (ties keep the shorter prefix). The match is then
+    within half a row's tokens either way.
+    """
+    taken: list[int] = []
+    total = 0
     for i in ranked:
-        if total + n_response[i] > budget:
+        after = total + n_response[i]
+        if taken and abs(after - budget) >= abs(total - budget):
             break
         taken.append(i)
-        total += n_response[i]
+        total = after
     return taken
 
 
