@@ -31,7 +31,7 @@ from lobass.memory import check_memory
 from lobass.modeling import load_tokenizer, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
-from lobass.scoring.stage import needs_reference, score
+from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select
 from lobass.summary import Summary, format_summary
 from lobass.tracking import NullLogger, make_logger
@@ -154,14 +154,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def point_identity(cfg: DictConfig, selected: StageResult | None) -> dict[str, Any]:
     """What makes this run a point of a study; the report groups runs by it, pooling only seeds.
 
-    Scorer and selection rule (its mode, size, order or band, per-source settings, as the select
-    stage resolved them), training budget, training seed and reference seed. ``train=none`` (the
-    initial model) has no scorer, selection or budget.
+    Scorer (marked when ``score.exclude_eos`` changed its losses), selection rule (its mode,
+    size, order or band, per-source settings, as the select stage resolved them), training
+    budget, training seed and reference seed. ``train=none`` (the initial model) has no scorer,
+    selection or budget.
     """
     if not cfg.train.get("enabled", True):
         return {"scorer": None, "selection": None, "train": None, "seed": cfg.seed,
                 "reference_seed": None}
-    return {"scorer": cfg.scorer.name,
+    return {"scorer": scorer_label(cfg),
             "selection": selected.identity if selected else None,
             "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
             "seed": cfg.seed,

@@ -4,6 +4,8 @@ budget matched to another selection, and the initial model evaluated as a point 
 import json
 from pathlib import Path
 
+import numpy as np
+
 from conftest import TINY
 from lobass.pipeline import run
 
@@ -52,13 +54,15 @@ def test_bottom_k_and_a_random_arm_matched_in_response_tokens(make_cfg, tmp_path
                            f"selection.match_tokens={tmp_path / 'run'}"))
     budget = bottom["metrics"]["select/response_tokens"]  # the last run in tmp_path/run
     got = matched["metrics"]["select/response_tokens"]
-    assert got <= budget and matched["point"]["selection"]["tokens"] == budget
+    assert matched["point"]["selection"]["tokens"] == budget
     random_scores = _scores(matched)
     order = sorted(random_scores.values(), key=lambda r: (-r["score"], r["id"]))
     taken = len(_selected(matched))
-    # a prefix of the random order, stopped by the first row that would exceed the budget
+    # a prefix of the random order: the one whose token total comes closest to the budget
     assert [r["id"] for r in _selected(matched)] == [r["id"] for r in order[:taken]]
-    assert got + order[taken]["n_response_tokens"] > budget
+    totals = np.cumsum([r["n_response_tokens"] for r in order])
+    distances = np.abs(totals - budget)
+    assert taken == int(np.argmin(distances)) + 1 and got == totals[taken - 1]
 
 
 def test_initial_model_is_a_point(make_cfg, tmp_path):
@@ -87,3 +91,13 @@ def test_listed_arm_keeps_exactly_the_pool_rows_a_peer_selected(make_cfg, tmp_pa
     assert chosen == expected and summary["metrics"]["select/count"] == 5
     assert summary["point"]["selection"]["mode"] == "listed"
     assert summary["point"]["selection"]["listed"].startswith("peer.json@")
+
+
+def test_scores_without_the_end_token_are_a_point_of_their_own(make_cfg):
+    plain = run(make_cfg(*SELECT))
+    no_eos = run(make_cfg(*SELECT, "score.exclude_eos=true"))
+    unaffected = run(make_cfg(*TINY, "scorer=random", "stages=[select]", "score.exclude_eos=true"))
+    assert plain["point"]["scorer"] == "loss"
+    assert no_eos["point"]["scorer"] == "loss (EOS excluded)"
+    assert unaffected["point"]["scorer"] == "random"  # reads no loss: nothing changed
+    assert no_eos["point"]["selection"] == plain["point"]["selection"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ def plot_scores(runs: pd.DataFrame, out: Path) -> tuple[list[str], pd.DataFrame]
             axes[row, 1].set_title(f"{scorer}, {source}: Spearman vs length {rho:.2f}")
             axes[row, 1].set_xlabel("response tokens")
         fig.tight_layout()
-        names.append(f"scores_{scorer}.png")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(scorer)).strip("_")  # "lobass (EOS excluded)"
+        names.append(f"scores_{slug}.png")
         fig.savefig(out / names[-1], dpi=120)
         plt.close(fig)
     return names, pd.DataFrame.from_records(records,

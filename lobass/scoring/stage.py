@@ -19,7 +19,14 @@ from lobass.artifacts import atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
 from lobass.modeling import load_adapter, load_model
-from lobass.scoring.runner import LazyModel, flag_nonfinite, loss_fn, loss_inputs, score_rows
+from lobass.scoring.runner import (
+    CHERRY_LOSSES,
+    LazyModel,
+    flag_nonfinite,
+    loss_fn,
+    loss_inputs,
+    score_rows,
+)
 from lobass.scoring.scorers import Scorer, get_scorer, needed_losses
 from lobass.scoring.store import ensure_losses
 
@@ -37,6 +44,17 @@ def run_scorers(cfg: DictConfig) -> list[Scorer]:
 def needs_reference(cfg: DictConfig) -> bool:
     """Whether any of the run's scorers needs ``L_ref``, hence the reference model."""
     return "ref" in needed_losses(run_scorers(cfg))
+
+
+def scorer_label(cfg: DictConfig) -> str:
+    """The scorer's name in a point's identity, marked when ``score.exclude_eos`` changed a loss.
+
+    Why: with the end token left out the scores differ, so the run is a point of its own (never
+    pooled over seeds with the plain scorer's runs); a scorer that reads no loss is unchanged.
+    """
+    name = str(cfg.scorer.name)
+    changed = set(needed_losses(run_scorers(cfg))) - set(CHERRY_LOSSES)
+    return f"{name} (EOS excluded)" if cfg.score.get("exclude_eos", False) and changed else name
 
 
 def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
