@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from scoring import matmul_flops, reset_peak_rss, rss_kib, sync  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -99,8 +100,12 @@ class Profiled(TrainerCallback):
             print(self.prof.key_averages().table(sort_by=key, row_limit=14))
 
 
-def train_once(cfg, path, tokenizer, features, *, fast: bool, device: str, profile: int):
+def train_once(cfg, path, tokenizer, features, *, fast: bool, device: str, profile: int,
+               micro: int | None = None):
     """One fresh model trained one way: (seconds, per-step losses, per-step RSS MiB, peak)."""
+    recipe = cfg.reference
+    if fast and micro:  # lobass's micro-batches: the same optimiser steps in smaller passes
+        recipe = OmegaConf.merge(recipe, {"micro_batch_size": micro})
     model = load_model(cfg.model, path)
     with torch.no_grad():  # page in every weight (safetensors loads lazily through mmap)
         sum(float(p.sum()) for p in model.parameters())
@@ -110,7 +115,7 @@ def train_once(cfg, path, tokenizer, features, *, fast: bool, device: str, profi
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        train_lora(model, tokenizer, features, cfg.reference, list(cfg.model.lora_targets),
+        train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets),
                    Path(tmp), seed=0, dtype=cfg.model.dtype, response_only=fast,
                    callbacks=callbacks)
         losses = [e["loss"] for e in json.loads((Path(tmp) / "log_history.json").read_text())]
@@ -131,6 +136,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=0,
+                        help="lobass trains each batch in passes of N rows (0 = whole batch); "
+                        "LoRA dropout is then off both ways, so the losses still compare exactly")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
@@ -150,6 +158,7 @@ def main() -> None:
         cfg = compose(config_name="config", overrides=[
             f"model={args.model}", *gpu, "reference.epochs=1", f"reference.max_steps={args.steps}",
             f"reference.batch_size={args.batch_size}", "reference.logging_steps=1",
+            *(["reference.lora.dropout=0.0"] if args.micro_batch_size else []),
             "reference.save_steps=100000", "logger=none"])
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
@@ -165,7 +174,8 @@ def main() -> None:
     print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
           f"rows={len(features)} tokens={tokens} "
           f"response_tokens={sum(f.n_response for f in features)} "
-          f"batch={args.batch_size} steps={args.steps} "
+          f"batch={args.batch_size} micro_batch={args.micro_batch_size or args.batch_size} "
+          f"steps={args.steps} "
           f"padding_share={padding_share(lengths, batches):.3f} load={os.getloadavg()[0]:.1f}")
 
     params = 0
@@ -178,7 +188,7 @@ def main() -> None:
         for name, fast in ways if repeat % 2 == 0 else ways[::-1]:  # alternate: drift cancels
             seconds, losses, rss, peak = train_once(
                 cfg, path, tokenizer, features, fast=fast, device=args.device,
-                profile=args.profile if repeat == 0 else 0)
+                profile=args.profile if repeat == 0 else 0, micro=args.micro_batch_size or None)
             figures[name] = (seconds, losses, rss, peak)
         after = matmul_flops(args.device)
         ceiling = (before + after) / 2

@@ -37,6 +37,8 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
     """The ``train``/``reference`` group without its bookkeeping fields: the fine-tune's recipe."""
     container = OmegaConf.to_container(recipe, resolve=True)
     assert isinstance(container, dict)
+    if container.get("micro_batch_size") in (None, container.get("batch_size")):
+        container.pop("micro_batch_size", None)  # no split: the keys of unsplit fine-tunes stay
     return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
 
 

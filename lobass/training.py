@@ -58,6 +58,20 @@ def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
     return int(global_batch) // per_step
 
 
+def micro_batching(train_cfg: DictConfig, world: int) -> tuple[int, int]:
+    """``(rows per forward pass, forward passes per optimiser step)`` on one process.
+
+    ``micro_batch_size`` splits each ``batch_size`` batch into equal micro-batches whose
+    gradients accumulate: activation memory falls with the micro-batch while every optimiser
+    step still sees the same ``batch_size x grad_accum`` rows (the sampler groups by the
+    optimiser batch, and the loss divides by the whole step's response tokens), so the
+    training is the same up to float rounding and the LoRA dropout masks drawn per pass.
+    """
+    accumulation = gradient_accumulation(train_cfg, world)
+    micro = train_cfg.get("micro_batch_size") or train_cfg.batch_size
+    return int(micro), accumulation * int(train_cfg.batch_size) // int(micro)
+
+
 def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
     """FSDP / DeepSpeed / DDP keyword arguments for ``TrainingArguments`` from the config group.
 
@@ -116,6 +130,7 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
 
     on_gpu = resolve_device(device or "auto", "training") == "cuda"
     parallel = parallel_arguments(train_cfg)
+    micro, passes = micro_batching(train_cfg, world_size())
     if parallel.get("fsdp"):
         # load_model(sharding="fsdp") leaves the weights on the CPU, real on rank 0 only: FSDP2
         # broadcasts them while it shards, so no rank ever holds the whole model on its GPU.
@@ -124,8 +139,8 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         output_dir=str(output_dir),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
-        per_device_train_batch_size=train_cfg.batch_size,
-        gradient_accumulation_steps=gradient_accumulation(train_cfg, world_size()),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=passes,
         learning_rate=train_cfg.learning_rate,
         lr_scheduler_type=train_cfg.lr_scheduler,
         warmup_steps=train_cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps

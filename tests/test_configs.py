@@ -77,12 +77,14 @@ def test_shipped_data_paths_exist():
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 REFERENCE_CPU = {
     "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
+    "micro_batch_size": None,
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,
     "lora": LORA}
 REFERENCE_GPU = {
     "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
-    "global_batch_size": 128, "grad_accum": 16, "learning_rate": 2.0e-4, "lr_scheduler": "cosine",
+    "micro_batch_size": None, "global_batch_size": 128, "grad_accum": 16,
+    "learning_rate": 2.0e-4, "lr_scheduler": "cosine",
     "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
     "gradient_checkpointing": True, "logging_steps": 10, "save_steps": 100, "fsdp": False,
     "fsdp_config": {}, "deepspeed": None, "lora": LORA}
@@ -146,6 +148,8 @@ BAD = [  # (overrides, message); one or more per group
     (["score.extra_scorers=[rho,ppl]"], "unknown value(s) ['ppl'] in score.extra_scorers=; "
                                         "choose from"),
     (["reference.lora.r=0"], "reference.lora.r must be an integer >= 1, got 0"),
+    (["train.micro_batch_size=3"], "train.micro_batch_size=3 does not divide train.batch_size=4"),
+    (["reference.micro_batch_size=0"], "reference.micro_batch_size must be an integer >= 1"),
     (["reference.epochs=0", "reference.max_steps=-1"],
      "reference.epochs=0 with reference.max_steps=-1 trains nothing"),
     (["train.lora.r=0"], "train.lora.r must be an integer >= 1, got 0"),

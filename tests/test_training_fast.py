@@ -113,3 +113,36 @@ def test_response_loss_refuses_an_adapted_head(setup):
 def test_padding_share_counts_padded_positions():
     assert padding_share([4, 2, 3, 3], [[0, 1], [2, 3]]) == pytest.approx(2 / 14)
     assert padding_share([], []) == 0.0
+
+
+def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(setup, tmp_path):
+    """``micro_batch_size`` splits each step's rows (less activation memory), same training.
+
+    LoRA dropout is off, so the only difference left is float rounding: the per-step losses and
+    the trained adapters must agree, while no forward pass holds more than the micro-batch.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    cfg, path, tokenizer, features = setup
+    widths: dict[str, set[int]] = {}
+    losses, weights = {}, {}
+    for micro in (None, 2, 1):
+        recipe = OmegaConf.merge(cfg.reference, {"batch_size": 4, "micro_batch_size": micro,
+                                                 "max_steps": 6, "lora": {"dropout": 0.0}})
+        model = load_model(cfg.model, path)
+        seen = widths.setdefault(str(micro), set())
+        model.register_forward_pre_hook(
+            lambda _m, _args, kwargs, seen=seen: seen.add(int(kwargs["input_ids"].shape[0])),
+            with_kwargs=True)
+        work = tmp_path / f"micro{micro}"
+        train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets), work,
+                   seed=0)
+        losses[micro] = [e["loss"] for e in json.loads((work / "log_history.json").read_text())]
+        weights[micro] = load_file(str(work / "adapter" / "adapter_model.safetensors"))
+    assert widths == {"None": {4}, "2": {2}, "1": {1}}
+    assert len(losses[None]) == 6 and losses[None][0] != losses[None][-1]
+    for micro in (2, 1):
+        assert losses[micro] == pytest.approx(losses[None], abs=1e-5)
+        for name, tensor in weights[None].items():
+            torch.testing.assert_close(weights[micro][name], tensor, atol=1e-5, rtol=1e-4)

@@ -77,10 +77,12 @@ def visible_memory(device: str) -> tuple[str, int]:
 
 
 FIXES = {  # what lowers each stage's estimate
-    "reference": "reference.batch_size (global_batch_size keeps the optimiser step), "
+    "reference": "reference.batch_size or reference.micro_batch_size (passes of fewer rows, "
+                 "the same optimiser step), "
                  "reference.gradient_checkpointing=true, data.max_length, or shard the weights "
                  "(reference=lora_gpu_fsdp under torchrun)",
-    "train": "train.batch_size (global_batch_size keeps the optimiser step), "
+    "train": "train.batch_size or train.micro_batch_size (passes of fewer rows, the same "
+             "optimiser step), "
              "train.gradient_checkpointing=true, data.max_length, or shard the weights "
              "(train=lora_gpu_fsdp under torchrun)",
     "score": "score.max_tokens_per_batch",

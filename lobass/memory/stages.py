@@ -186,7 +186,8 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
             "weights": _weights(shape, dtype, sharding, world),
             "LoRA state": shape.n_lora * LORA_BYTES_PER_PARAM // split,
             "activations": training_activation_bytes(
-                shape, dtype, int(g.batch_size), int(cfg.data.max_length),
+                shape, dtype, int(g.get("micro_batch_size") or g.batch_size),
+                int(cfg.data.max_length),
                 bool(g.gradient_checkpointing), float(g.lora.dropout)),
             "runtime": runtime})
     budget = int(cfg.score.max_tokens_per_batch)
