@@ -18,6 +18,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
         "count": math.nan if selection.get("count") is None else float(selection["count"]),
         "tokens": math.nan if selection.get("tokens") is None else float(selection["tokens"]),
         "band": f"{band[0]:g}-{band[1]:g}" if band else "",
+        "listed": Path(str(selection.get("listed") or "")).name,
         "order": selection.get("order") or "", "by_source": bool(selection.get("by_source")),
         "keep_sources": ",".join(selection.get("keep_sources") or ()),
         "epochs": None if train is None else train.get("epochs"),
@@ -88,7 +90,9 @@ def _parts(run: pd.Series) -> dict[str, str | None]:
     """The name and each part of a point's name (None: the part does not apply to this kind)."""
     if run["kind"] == "initial":
         return dict.fromkeys(PARTS, None) | {"name": "initial model"}
-    if run["mode"] == "band":
+    if run["mode"] == "listed":  # a peer's selection (selection.listed): the file names it
+        size = f"listed {run['listed']}"
+    elif run["mode"] == "band":
         size = f"band {run['band']}"
     elif run["mode"] == "tokens":
         size = f"{run['tokens']:.0f} tokens"

@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 # The run table's fixed columns; every metric of every summary.json is a further column (NaN
 # where a run lacks it), so pooling is a pandas groupby on ``point_key``.
 RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "scorer", "mode", "ratio", "count",
-               "tokens", "band", "order", "by_source", "keep_sources", "epochs", "max_steps",
-               "seed", "reference_seed", "status", "error", "scores_path", "selected_path",
-               "eval_dir", "config"]
+               "tokens", "band", "listed", "order", "by_source", "keep_sources", "epochs",
+               "max_steps", "seed", "reference_seed", "status", "error", "scores_path",
+               "selected_path", "eval_dir", "config"]
 
 # Metric families shown in the table and plotted when present, in this order: response losses on
 # held-out data and reference answers, pairwise judge win rates, benchmark accuracies. Intervals
