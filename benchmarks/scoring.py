@@ -64,6 +64,17 @@ from lobass.scoring.runner import LazyModel, loss_fn  # noqa: E402
 from lobass.scoring.store import ensure_losses  # noqa: E402
 
 
+def use_device(device: str, threads: int) -> None:
+    """Apply ``--device`` and ``--threads``: fail when CUDA is asked for and absent; on the CPU,
+    hide any GPU (``load_model`` moves to CUDA when it sees one)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -203,12 +214,7 @@ def main() -> None:
                         help="bf16 peak of the device for MFU; default: known GPUs by name")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # load_model moves to CUDA when it sees one
+    use_device(args.device, args.threads)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         # bf16 on CUDA: float32 there would time a configuration no GPU recipe uses.

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from scoring import matmul_flops, reset_peak_rss, rss_kib, sync  # noqa: E402
+from scoring import matmul_flops, reset_peak_rss, rss_kib, sync, use_device  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import lobass  # noqa: E402,F401
@@ -146,12 +146,7 @@ def main() -> None:
     parser.add_argument("--models-dir", default=str(ROOT / "artifacts" / "models"))
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # load_model moves to CUDA when it sees one
+    use_device(args.device, args.threads)
 
     gpu = ["model.dtype=bfloat16", "model.device=cuda"] if args.device == "cuda" else []
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

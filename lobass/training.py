@@ -67,9 +67,13 @@ def micro_batching(train_cfg: DictConfig, world: int) -> tuple[int, int]:
     optimiser batch, and the loss divides by the whole step's response tokens), so the
     training is the same up to float rounding and the LoRA dropout masks drawn per pass.
     """
-    accumulation = gradient_accumulation(train_cfg, world)
-    micro = train_cfg.get("micro_batch_size") or train_cfg.batch_size
-    return int(micro), accumulation * int(train_cfg.batch_size) // int(micro)
+    micro = rows_per_pass(train_cfg)
+    return micro, gradient_accumulation(train_cfg, world) * int(train_cfg.batch_size) // micro
+
+
+def rows_per_pass(train_cfg: DictConfig) -> int:
+    """Rows in one forward pass: ``micro_batch_size``, or ``batch_size`` when it is unset."""
+    return int(train_cfg.get("micro_batch_size") or train_cfg.batch_size)
 
 
 def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:

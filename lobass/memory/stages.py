@@ -11,6 +11,7 @@ from lobass.devices import weight_sharding
 from lobass.memory.shape import Shape
 from lobass.scoring.engine import HEAD_CHUNK
 from lobass.scoring.scorers import get_scorer, needed_losses
+from lobass.training import rows_per_pass
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -186,7 +187,7 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
             "weights": _weights(shape, dtype, sharding, world),
             "LoRA state": shape.n_lora * LORA_BYTES_PER_PARAM // split,
             "activations": training_activation_bytes(
-                shape, dtype, int(g.get("micro_batch_size") or g.batch_size),
+                shape, dtype, rows_per_pass(g),
                 int(cfg.data.max_length),
                 bool(g.gradient_checkpointing), float(g.lora.dropout)),
             "runtime": runtime})
