@@ -145,6 +145,9 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95,
     return mean, float(low), float(high)
 
 
+BOOTSTRAP_CHUNK = 4000  # resamples drawn at once; up to this many, one draw as before chunking
+
+
 def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, iters: int = 2000,
                                       seed: int = 0, level: float = 0.95,
                                       ) -> tuple[float, float, float, float]:
@@ -181,12 +184,16 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
     if not n_items:
         return math.nan, math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
-    # items first, in bootstrap_interval's shape, so that one seed per side reproduces it
-    items = rng.integers(0, n_items, size=(iters, n_items))  # (iters, N)
-    ours_seeds = rng.integers(0, len(ours), size=(iters, len(ours)))  # (iters, S_ours)
-    base_seeds = rng.integers(0, len(base), size=(iters, len(base)))  # (iters, S_base)
-    per_item = ours[ours_seeds].mean(axis=1) - base[base_seeds].mean(axis=1)  # (iters, N)
-    means = np.take_along_axis(per_item, items, axis=1).mean(axis=1)  # (iters,)
+    chunks = []
+    for start in range(0, iters, BOOTSTRAP_CHUNK):  # bounded memory for many resamples
+        size = min(BOOTSTRAP_CHUNK, iters - start)
+        # items first, in bootstrap_interval's shape, so that one seed per side reproduces it
+        items = rng.integers(0, n_items, size=(size, n_items))  # (size, N)
+        ours_seeds = rng.integers(0, len(ours), size=(size, len(ours)))  # (size, S_ours)
+        base_seeds = rng.integers(0, len(base), size=(size, len(base)))  # (size, S_base)
+        per_item = ours[ours_seeds].mean(axis=1) - base[base_seeds].mean(axis=1)  # (size, N)
+        chunks.append(np.take_along_axis(per_item, items, axis=1).mean(axis=1))
+    means = np.concatenate(chunks)  # (iters,)
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(diff.mean()), float(low), float(high), bootstrap_p_value(means)

@@ -22,8 +22,19 @@ from lobass.report import (
     pool_over_seeds,
     write_report,
 )
-from lobass.report.compare import baselines_for, compare_to_baselines, verdict
-from lobass.stats import bootstrap_interval, holm_adjust, rank_correlation, t_interval
+from lobass.report.compare import (
+    baselines_for,
+    bootstrap_resamples,
+    compare_to_baselines,
+    verdict,
+)
+from lobass.stats import (
+    bootstrap_interval,
+    hierarchical_bootstrap_difference,
+    holm_adjust,
+    rank_correlation,
+    t_interval,
+)
 
 # A fixed sweep: lobass and random at two ratios, random over three seeds, one full-data run and
 # one failed point. Held-out losses chosen so the pooled means are easy to check by hand.
@@ -187,6 +198,28 @@ def test_rank_correlation_and_bootstrap_against_hand_values():
     assert (low, high) == bootstrap_interval([1.0, 2.0, 3.0, 4.0])  # seeded: reproducible
 
 
+def test_many_comparisons_get_enough_resamples_for_holm_to_decide():
+    """A bootstrap p cannot fall below 2 / (B + 1): with B = 2000 fixed, Holm over 66 comparisons
+    (the first Gemma study's table) left every difference "not after Holm", however large."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(2.0, 0.3, size=(3, 100))  # three seeds, 100 items
+    ours = base[:1] + 0.2 + rng.normal(0, 0.02, size=(1, 100))  # clearly higher on every item
+    iters = bootstrap_resamples(66)
+    assert iters == 26_400 and bootstrap_resamples(2) == 2000
+    _, low, high, p = hierarchical_bootstrap_difference(ours, base, iters=iters)
+    assert p == pytest.approx(2 / (iters + 1)) and low > 0.05
+    adjusted = holm_adjust([p] * 66).max()
+    assert adjusted == pytest.approx(66 * 2 / (iters + 1)) and adjusted < 0.05 / 9
+    assert holm_adjust([hierarchical_bootstrap_difference(ours, base)[3]] * 66).max() > 0.05
+    # drawn in chunks (bounded memory) past 4000 resamples; the slow path: one draw of them all
+    draws = np.random.default_rng(7)
+    items = draws.integers(0, 100, size=(iters, 100))
+    seeds = draws.integers(0, 3, size=(iters, 3))
+    slow = np.quantile(np.take_along_axis(ours[0] - base[seeds].mean(axis=1), items, axis=1)
+                       .mean(axis=1), [0.025, 0.975])
+    assert (low, high) == pytest.approx(tuple(slow), abs=0.004)  # Monte Carlo error ~0.001
+
+
 def test_pooling_uses_a_t_interval_over_seeds_and_one_runs_own_interval(tmp_path):
     _write_runs(tmp_path / "sweep", tmp_path / "no_scores.jsonl")
     runs = collect_runs(tmp_path / "sweep")
@@ -210,6 +243,33 @@ def test_pooling_uses_a_t_interval_over_seeds_and_one_runs_own_interval(tmp_path
     assert lobass["eval/heldout/loss_ci_kind"] == "items"
     assert math.isnan(lobass["eval/vicuna/win_rate_ci_low"])  # the run kept no interval
     assert lobass["rows"] == pytest.approx(6)
+
+
+def test_runs_from_two_pools_are_refused_naming_both(tmp_path):
+    """A point does not name its pool: seeds from two pools would pool into one point."""
+    _write_runs(tmp_path / "sweep", tmp_path / "no_scores.jsonl")
+    write_report(tmp_path / "sweep", out=tmp_path / "no_pool")  # legacy configs: no data block
+
+    def set_pool(run: str, name: str, rows: int) -> None:
+        config = tmp_path / "sweep" / run / "config.yaml"
+        values = yaml.safe_load(config.read_text()) | {"data": {"name": name, "max_rows": rows}}
+        config.write_text(yaml.safe_dump(values))
+
+    for run in map(str, range(8)):
+        set_pool(run, "alpaca200", 200)
+    initial = tmp_path / "sweep" / "initial"  # trains on no pool: its config's pool is moot
+    initial.mkdir()
+    (initial / "summary.json").write_text(json.dumps({
+        "point": {"scorer": None, "selection": None, "train": None, "seed": 0},
+        "metrics": {"eval/heldout/loss": 2.5}}))
+    (initial / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "other"}}))
+    text = write_report(tmp_path / "sweep", out=tmp_path / "one_pool").read_text()
+    assert "| initial model |" in text  # one pool and the initial model: reported
+    set_pool("3", "alpaca200", 400)  # random ratio 0.06, seed 1: the same name, more rows
+    with pytest.raises(ValueError, match=r"2 pools: alpaca200 \(max_rows=200\), e\.g\. .*/0; "
+                                         r"alpaca200 \(max_rows=400\), e\.g\. .*/3\."):
+        write_report(tmp_path / "sweep", out=tmp_path / "two_pools")
+    assert not (tmp_path / "two_pools" / "report.md").exists()
 
 
 @pytest.mark.slow

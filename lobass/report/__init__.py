@@ -32,7 +32,7 @@ from lobass.report.compare import DEFAULT_MARGIN, compare_to_baselines, differen
 from lobass.report.plots import plot_losses, plot_metrics, plot_scores
 from lobass.report.points import common_settings, pool_over_seeds
 from lobass.report.render import Diagnostics, render_csv, render_markdown
-from lobass.report.runs import RUN_COLUMNS, collect_runs, headline_metrics
+from lobass.report.runs import RUN_COLUMNS, check_one_pool, collect_runs, headline_metrics
 
 __all__ = ["collect_runs", "difference", "equivalence_margin", "main", "pool_over_seeds",
            "write_report"]
@@ -87,6 +87,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
 
     Raises:
         FileNotFoundError: no run directory under ``root``.
+        ValueError: the trained runs come from more than one pool (:func:`check_one_pool`).
 
     """
     out = out or root
@@ -94,6 +95,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     runs = collect_runs(root)
     if runs.empty:
         raise FileNotFoundError(f"no summary.json under {root}")
+    check_one_pool(runs)
     margin, margin_source = equivalence_margin(runs, margin)
     metrics = headline_metrics({c for c in runs.columns if c not in RUN_COLUMNS})
     table = pool_over_seeds(runs, metrics)

@@ -15,6 +15,8 @@ The verdict reads the difference's 95% interval against ``margin`` (same units a
 ``equivalent`` when the whole interval lies inside ``[-margin, margin]``; ``better``/``worse`` when
 it excludes 0 and the Holm-adjusted p-value over every tested comparison of the report is below
 0.05 (``(not after Holm)`` when only the unadjusted test passes); ``inconclusive`` otherwise.
+Each bootstrap draws enough resamples for Holm over the whole table to be able to decide
+(:func:`bootstrap_resamples`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lobass.stats import hierarchical_bootstrap_difference, holm_adjust, seed_di
 
 DEFAULT_MARGIN = 0.02  # nats of mean response loss; 2 percentage points of accuracy or win rate
 ALPHA = 0.05  # family-wise error rate the Holm column is read at
+BOOTSTRAP_ITERS = 2000  # resamples per comparison when few comparisons share the Holm family
 
 COLUMNS = ["point", "metric", "value", "baseline", "base_value", "method", "difference",
            "diff_low", "diff_high", "n_items", "seeds", "p", "p_holm", "verdict"]
@@ -97,19 +100,18 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
         rests on, raw and Holm-adjusted p-values, and the verdict.
 
     """
-    records = []
-    for _, entry in table.iterrows():
-        if entry["kind"] != "subset" or entry["scorer"] == "random":
-            continue
-        ours = members_of(runs, entry["point_key"])
-        for metric in metrics:
-            for name, base in baselines_for(entry, table):
-                if pd.isna(entry[metric]) or pd.isna(base[metric]):
-                    continue
-                records.append({"point": entry["point"], "metric": metric,
-                                "value": entry[metric], "baseline": name,
-                                "base_value": base[metric],
-                                **difference(ours, members_of(runs, base["point_key"]), metric)})
+    planned = [(entry, metric, name, base)
+               for _, entry in table.iterrows()
+               if entry["kind"] == "subset" and entry["scorer"] != "random"
+               for metric in metrics
+               for name, base in baselines_for(entry, table)
+               if not (pd.isna(entry[metric]) or pd.isna(base[metric]))]
+    iters = bootstrap_resamples(len(planned))
+    records = [{"point": entry["point"], "metric": metric, "value": entry[metric],
+                "baseline": name, "base_value": base[metric],
+                **difference(members_of(runs, entry["point_key"]),
+                             members_of(runs, base["point_key"]), metric, iters=iters)}
+               for entry, metric, name, base in planned]
     frame = pd.DataFrame.from_records(records, columns=COLUMNS[:-2])
     tested = frame["p"].notna()
     frame["p_holm"] = math.nan
@@ -118,13 +120,26 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
     return frame[COLUMNS]
 
 
-def difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict[str, Any]:
+def bootstrap_resamples(comparisons: int) -> int:
+    """Bootstrap resamples per comparison, enough for Holm over ``comparisons`` to decide.
+
+    A bootstrap p-value cannot fall below ``2 / (B + 1)`` (:func:`lobass.stats.bootstrap_p_value`)
+    and Holm multiplies the smallest p by the number of comparisons ``m``: with a fixed
+    ``B = 2000``, a report of more than 50 comparisons could call nothing better or worse after
+    Holm however large the difference. ``B`` grows so that the smallest adjusted p is ALPHA / 10.
+    """
+    return max(BOOTSTRAP_ITERS, math.ceil(20 * comparisons / ALPHA))
+
+
+def difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str, *,
+               iters: int = BOOTSTRAP_ITERS) -> dict[str, Any]:
     """The difference ours - baseline with the one statistic that fits (module docstring).
 
     Args:
         ours: the runs (training seeds) of one point.
         base: the runs of the baseline point.
         metric: a metric column.
+        iters: bootstrap resamples (:func:`bootstrap_resamples` for a table of comparisons).
 
     Returns:
         ``method`` (empty when no statistic applies), ``difference``, ``diff_low``,
@@ -136,7 +151,7 @@ def difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str) -> dict[str,
     paired = _paired_matrices(ours, base, metric)
     if paired is not None:
         a, b = paired
-        mean, low, high, p = hierarchical_bootstrap_difference(a, b)
+        mean, low, high, p = hierarchical_bootstrap_difference(a, b, iters=iters)
         method = ("paired bootstrap over items" if len(a) == len(b) == 1 else
                   "hierarchical bootstrap (seeds, items)")
         return {"method": method, "difference": mean, "diff_low": low, "diff_high": high,

@@ -28,7 +28,9 @@ VERDICT_NOTE = (
     "seed spread then comes from the other side); `not tested` where neither exists (no "
     "per-row values, and no seed spread). `seeds` is arm vs baseline. p-values come from the "
     "same bootstrap (twice the smaller tail) or the t-test; `p (Holm)` adjusts them over "
-    "every tested row of this table. Verdict: "
+    "every tested row of this table. Each bootstrap draws max(2000, 400 x comparisons) "
+    "resamples, so that the smallest p it can give, 2 / (resamples + 1), survives Holm as "
+    "0.005. Verdict: "
     "`equivalent` when the whole 95% interval lies within ± the margin, `better`/`worse` when "
     "it excludes 0 and the Holm-adjusted p < 0.05 (`not after Holm` when only the raw test "
     "passes), else `inconclusive`.")

@@ -65,6 +65,31 @@ def collect_runs(root: Path) -> pd.DataFrame:
     return label_points(frame)
 
 
+def check_one_pool(runs: pd.DataFrame) -> None:
+    """Refuse a run table whose trained runs come from different pools.
+
+    A point's identity (scorer, selection rule, budget, reference seed) does not name the pool,
+    so "random ratio 0.06" on two pools would pool as seeds of one point and be compared with
+    baselines trained on another pool. The pool is read from each run's config (``data.name``
+    and ``data.max_rows``); the initial model trains on nothing and runs without a config (legacy)
+    say nothing, so both are left out.
+
+    Raises:
+        ValueError: two pools, naming each with one run directory that used it.
+
+    """
+    pools: dict[str, Path] = {}
+    for _, run in runs[runs["kind"] != "initial"].iterrows():
+        data = (run["config"] or {}).get("data") or {}
+        if data.get("name") is not None:
+            pools.setdefault(f"{data['name']} (max_rows={data.get('max_rows')})", run["path"])
+    if len(pools) > 1:
+        named = "; ".join(f"{pool}, e.g. {path}" for pool, path in pools.items())
+        raise ValueError(
+            f"the runs come from {len(pools)} pools: {named}. A point does not name its pool, so "
+            "their seeds would pool into one point: report each pool's runs from its own folder")
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     config = _run_config(run_dir)
     summary = _load_json(run_dir / "summary.json")
