@@ -3,7 +3,7 @@
 # in order, then the reports and the pre-registered decisions. Config:
 # conf/experiment/cpu_gemma_learnability.yaml (Gemma 3 270M base, 200 Alpaca rows, k = 12, S = 9).
 #
-#   bash experiments/cpu_gemma_learnability.sh            # the study (~100 min on 2 idle cores)
+#   bash experiments/cpu_gemma_learnability.sh            # the study (88.5 min measured on 2 idle cores)
 #   DRY=1 bash experiments/cpu_gemma_learnability.sh      # the same arms on a tiny random model
 #
 # Resumable: every reference, scoring, fine-tune and evaluation is a content-addressed artifact
