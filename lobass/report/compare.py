@@ -100,18 +100,20 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
         rests on, raw and Holm-adjusted p-values, and the verdict.
 
     """
-    planned = [(entry, metric, name, base)
-               for _, entry in table.iterrows()
-               if entry["kind"] == "subset" and entry["scorer"] != "random"
-               for metric in metrics
-               for name, base in baselines_for(entry, table)
-               if not (pd.isna(entry[metric]) or pd.isna(base[metric]))]
+    # every comparison first: the resamples per comparison depend on how many there are
+    planned = []
+    for _, entry in table.iterrows():
+        if entry["kind"] != "subset" or entry["scorer"] == "random":
+            continue
+        ours = members_of(runs, entry["point_key"])  # once per arm, not per comparison
+        planned += [(entry, ours, metric, name, base) for metric in metrics
+                    for name, base in baselines_for(entry, table)
+                    if not (pd.isna(entry[metric]) or pd.isna(base[metric]))]
     iters = bootstrap_resamples(len(planned))
     records = [{"point": entry["point"], "metric": metric, "value": entry[metric],
                 "baseline": name, "base_value": base[metric],
-                **difference(members_of(runs, entry["point_key"]),
-                             members_of(runs, base["point_key"]), metric, iters=iters)}
-               for entry, metric, name, base in planned]
+                **difference(ours, members_of(runs, base["point_key"]), metric, iters=iters)}
+               for entry, ours, metric, name, base in planned]
     frame = pd.DataFrame.from_records(records, columns=COLUMNS[:-2])
     tested = frame["p"].notna()
     frame["p_holm"] = math.nan
