@@ -80,7 +80,7 @@ REFERENCE_CPU = {
     "micro_batch_size": None,
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,
-    "lora": LORA}
+    "lora": {**LORA, "dropout": 0.0}}  # lora_cpu without LoRA dropout since issue 14
 REFERENCE_GPU = {
     "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
     "micro_batch_size": None, "global_batch_size": 128, "grad_accum": 16,
@@ -104,6 +104,14 @@ def test_reference_recipes_derive_from_train_and_compose_as_before(train):
     for path in sorted((CONF / "reference").glob("*.yaml")):
         defaults = yaml.safe_load(path.read_text())["defaults"]
         assert defaults == [f"/train/{path.stem}@_here_", "_self_"], path.name
+
+
+@pytest.mark.parametrize("experiment", ["cpu_alpaca_mix", "cpu_gemma_learnability"])
+def test_committed_cpu_studies_keep_the_lora_dropout_they_ran_with(experiment):
+    """lora_cpu's dropout went 0.05 -> 0 after these studies ran: they pin 0.05 to reproduce."""
+    cfg = _compose(f"experiment={experiment}")
+    assert cfg.train.lora.dropout == cfg.reference.lora.dropout == 0.05
+    assert _compose().train.lora.dropout == 0.0
 
 
 def test_13b_experiment_is_the_7b_one_with_another_model():
