@@ -100,6 +100,33 @@ class Profiled(TrainerCallback):
             print(self.prof.key_averages().table(sort_by=key, row_limit=14))
 
 
+def layer_gemm_flops(model: torch.nn.Module, rows: int, device: str,
+                     seconds: float = 3.0) -> float:
+    """FLOP/s of a decoder layer's own matmuls at ``rows`` tokens: the shapes a step runs.
+
+    For every linear of the first decoder layer, the two products a frozen-base LoRA step does
+    per projection (forward ``x W^T`` and the input gradient ``g W``), timed over a window. The
+    big square matmul of ``matmul_flops`` is the machine's ceiling; these narrow shapes (576 wide
+    for SmolLM2) are the ceiling of *this* model's training, whatever the training loop does.
+    """
+    layer = model.get_decoder().layers[0]
+    weights = [m.weight.detach().to(device) for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, w.shape[1], device=device) for w in weights]
+    grads = [torch.randn(rows, w.shape[0], device=device) for w in weights]
+    flops_per_pass = sum(4 * rows * w.shape[0] * w.shape[1] for w in weights)
+    passes = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - start < seconds:
+            for w, x, g in zip(weights, inputs, grads, strict=True):
+                torch.matmul(x, w.t())
+                torch.matmul(g, w)
+            sync(device)
+            passes += 1
+    return flops_per_pass * passes / (time.perf_counter() - start)
+
+
 def train_once(cfg, path, tokenizer, features, *, fast: bool, device: str, profile: int,
                micro: int | None = None):
     """One fresh model trained one way: (seconds, per-step losses, per-step RSS MiB, peak)."""
@@ -139,6 +166,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=0,
                         help="lobass trains each batch in passes of N rows (0 = whole batch); "
                         "LoRA dropout is then off both ways, so the losses still compare exactly")
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="LoRA dropout of both ways (default: the recipe's, 0 on the CPU; "
+                        "0.05 is the GPU recipe's and what the CPU recipe had before issue 14)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
@@ -153,7 +183,8 @@ def main() -> None:
         cfg = compose(config_name="config", overrides=[
             f"model={args.model}", *gpu, "reference.epochs=1", f"reference.max_steps={args.steps}",
             f"reference.batch_size={args.batch_size}", "reference.logging_steps=1",
-            *(["reference.lora.dropout=0.0"] if args.micro_batch_size else []),
+            *([f"reference.lora.dropout={args.lora_dropout}"] if args.lora_dropout is not None
+              else ["reference.lora.dropout=0.0"] if args.micro_batch_size else []),
             "reference.save_steps=100000", "logger=none"])
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
@@ -170,10 +201,11 @@ def main() -> None:
           f"rows={len(features)} tokens={tokens} "
           f"response_tokens={sum(f.n_response for f in features)} "
           f"batch={args.batch_size} micro_batch={args.micro_batch_size or args.batch_size} "
+          f"lora_dropout={cfg.reference.lora.dropout} "
           f"steps={args.steps} "
           f"padding_share={padding_share(lengths, batches):.3f} load={os.getloadavg()[0]:.1f}")
 
-    params = 0
+    params, gemm_fraction = 0, float("nan")
     runs: list[dict[str, float]] = []
     ceilings: list[float] = []
     for repeat in range(args.repeats):
@@ -191,6 +223,12 @@ def main() -> None:
         if not params:
             model = load_model(cfg.model, path)
             params = sum(p.numel() for p in model.parameters())
+            rows = round(sum(len(b) * max(lengths[i] for i in b) for b in batches) / len(batches))
+            gemm = layer_gemm_flops(model, rows, args.device)
+            gemm_fraction = gemm / ceiling
+            print(f"a decoder layer's own matmuls at {rows} tokens (a padded batch): "
+                  f"{gemm / 1e9:.1f} GFLOP/s = {gemm / ceiling:.3f} of the square matmul "
+                  "(the ceiling of train_matmul_fraction for this model's shapes)")
             del model
         diff = max(abs(a - b) for a, b in zip(figures["plain"][1], figures["lobass"][1],
                                               strict=True))
@@ -218,6 +256,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device,
                                                "tokens": tokens, "params": params,
+                                               "layer_gemm_fraction": gemm_fraction,
                                                "runs": runs}, indent=1) + "\n")
     print(f"train_speedup={statistics.median(speedups):.3f} "
           f"train_matmul_fraction={statistics.median(fractions):.3f}")

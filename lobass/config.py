@@ -183,11 +183,6 @@ def _check_recipe(group: str, recipe: dict[str, Any]) -> None:
         raise ConfigError(f"{group}.epochs={recipe['epochs']} with {group}.max_steps="
                           f"{recipe['max_steps']} trains nothing; set {group}.epochs > 0 or "
                           f"{group}.max_steps > 0")
-    micro = recipe.get("micro_batch_size")
-    if micro is not None and recipe["batch_size"] % micro:
-        raise ConfigError(f"{group}.micro_batch_size={micro} does not divide {group}.batch_size="
-                          f"{recipe['batch_size']}: each step's rows are split into equal "
-                          "micro-batches; choose a divisor (or null for no split)")
     if recipe.get("fsdp") and recipe.get("deepspeed"):
         raise ConfigError(f"set at most one of {group}.fsdp and {group}.deepspeed")
 

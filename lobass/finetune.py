@@ -23,7 +23,7 @@ from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
 from lobass.modeling import load_model
-from lobass.training import gradient_accumulation, train_lora, training_arguments
+from lobass.training import gradient_accumulation, rows_per_pass, train_lora, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
     """The ``train``/``reference`` group without its bookkeeping fields: the fine-tune's recipe."""
     container = OmegaConf.to_container(recipe, resolve=True)
     assert isinstance(container, dict)
-    if container.get("micro_batch_size") in (None, container.get("batch_size")):
+    rows = rows_per_pass(recipe)
+    if rows == container.get("batch_size"):
         container.pop("micro_batch_size", None)  # no split: the keys of unsplit fine-tunes stay
+    else:  # the rows per pass a cap resolves to (a divisor keeps the key it had before)
+        container["micro_batch_size"] = rows
     return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
 
 

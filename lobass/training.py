@@ -61,7 +61,8 @@ def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
 def micro_batching(train_cfg: DictConfig, world: int) -> tuple[int, int]:
     """``(rows per forward pass, forward passes per optimiser step)`` on one process.
 
-    ``micro_batch_size`` splits each ``batch_size`` batch into equal micro-batches whose
+    ``micro_batch_size`` splits each ``batch_size`` batch into equal micro-batches (of
+    :func:`rows_per_pass` rows) whose
     gradients accumulate: activation memory falls with the micro-batch while every optimiser
     step still sees the same ``batch_size x grad_accum`` rows (the sampler groups by the
     optimiser batch, and the loss divides by the whole step's response tokens), so the
@@ -72,8 +73,17 @@ def micro_batching(train_cfg: DictConfig, world: int) -> tuple[int, int]:
 
 
 def rows_per_pass(train_cfg: DictConfig) -> int:
-    """Rows in one forward pass: ``micro_batch_size``, or ``batch_size`` when it is unset."""
-    return int(train_cfg.get("micro_batch_size") or train_cfg.batch_size)
+    """Rows in one forward pass: the largest divisor of ``batch_size`` <= ``micro_batch_size``.
+
+    ``micro_batch_size`` is a cap, not a divisor that must be chosen to fit: the CPU recipe's
+    default (2) then still works for any ``batch_size`` a user sets (3 gives passes of 1 row, 1
+    gives 1), and every pass of a step holds the same number of rows. Unset: ``batch_size``.
+    """
+    batch = int(train_cfg.batch_size)
+    cap = train_cfg.get("micro_batch_size")
+    if not cap:
+        return batch
+    return max(d for d in range(1, min(int(cap), batch) + 1) if batch % d == 0)
 
 
 def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:

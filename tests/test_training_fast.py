@@ -148,3 +148,20 @@ def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(s
         assert losses[micro] == pytest.approx(losses[None], abs=1e-5)
         for name, tensor in weights[None].items():
             torch.testing.assert_close(weights[micro][name], tensor, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("batch", "cap", "rows"), [
+    (8, None, 8), (4, 2, 2), (8, 2, 2), (3, 2, 1), (1, 2, 1), (8, 3, 2), (6, 4, 3), (4, 8, 4)])
+def test_micro_batch_size_caps_the_rows_per_pass_at_a_divisor_of_the_batch(batch, cap, rows):
+    """A cap, so the CPU default (2) works with any batch size; passes of a step stay equal."""
+    from omegaconf import OmegaConf
+
+    from lobass.finetune import weights_recipe
+    from lobass.training import micro_batching, rows_per_pass
+
+    recipe = OmegaConf.create({"batch_size": batch, "micro_batch_size": cap, "grad_accum": 1,
+                               "logging_steps": 1})
+    assert rows_per_pass(recipe) == rows
+    assert micro_batching(recipe, 1) == (rows, batch // rows)
+    # The artifact key names the rows a pass holds, and nothing when the batch is not split.
+    assert weights_recipe(recipe).get("micro_batch_size") == (None if rows == batch else rows)

@@ -119,7 +119,7 @@ class TrainSpec:
     epochs: float = knob(ge=0)  # 0 only with max_steps > 0 (checked across fields)
     max_steps: int = knob()  # > 0 overrides epochs; -1 = off
     batch_size: int = knob(ge=1)
-    micro_batch_size: int | None = knob(None, ge=1)  # rows per forward (memory); divides batch_size
+    micro_batch_size: int | None = knob(None, ge=1)  # most rows per forward pass (memory)
     grad_accum: int = knob(ge=1)
     learning_rate: float = knob(gt=0)
     lr_scheduler: str = knob(choices=schedulers)
