@@ -185,7 +185,9 @@ def test_kill_9_in_either_epoch_of_the_reference_then_rerun_matches_uninterrupte
     history_a = json.loads((a / "log_history.json").read_text())
     history_b = json.loads((b / "log_history.json").read_text())
     assert [h["step"] for h in history_b] == list(range(1, 7))
-    assert [h["epoch"] for h in history_b][2:4] == [1.0, pytest.approx(4 / 3)]
+    # Step 3 ends epoch 1 (20 rows: steps of 8, 8, 4); step 4 is inside epoch 2 (its fraction
+    # is counted in forward passes, 1.4 with the CPU recipe's passes of 2 rows, 4/3 without).
+    assert history_b[2]["epoch"] == 1.0 and 1 < history_b[3]["epoch"] < 2
     assert history_a == history_b  # bit-identical per-step losses, grad norms, lr
     _assert_same_adapter(a, b)
     a, b = _artifact(killed, "scores"), _artifact(clean, "scores")
