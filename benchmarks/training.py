@@ -1,27 +1,33 @@
-"""Training speed: a plain Trainer + peft loop vs lobass's training stage, same rows, one process.
+"""Training speed: what a user writes vs lobass's training stage, same rows, one process.
 
 run: .venv/bin/python benchmarks/training.py [--model smollm2_135m|gemma3_270m] [--steps 12]
+     .venv/bin/python benchmarks/training.py --compile              # with train.compile
      .venv/bin/python benchmarks/training.py --device cuda          # bf16 on a GPU
 
 Trains a fresh LoRA adapter (r16 on all projections, ``reference=lora_cpu``'s recipe, float32 on
-the CPU) on the first ``--steps x --batch-size`` real Alpaca rows shipped in lobass/resources, two
-ways, interleaved ``--repeats`` times in one process so both see the same machine conditions:
+the CPU) on the first ``--steps x --batch-size`` real Alpaca rows shipped in lobass/resources,
+three ways, interleaved ``--repeats`` times in one process so all see the same machine conditions:
 
-1. plain: ``lobass.training.train_lora(response_only=False)``: transformers ``Trainer`` with
-   peft, ``DataCollatorForSeq2Seq`` padding and the model's own ``model(labels=...)`` loss (full
-   vocabulary logits at every position), i.e. what a user writes and what lobass ran before;
-2. lobass: ``train_lora`` as the train and reference stages run it (LM head at response
-   positions only, ``lobass.response_loss``).
+1. user: what a user writes: peft + ``Trainer`` with its defaults (rows shuffled, whole batches
+   of ``--batch-size``), ``DataCollatorForSeq2Seq`` padding and the model's own
+   ``model(labels=...)`` loss (full-vocabulary logits at every position). The baseline of
+   ``train_speedup``.
+2. plain: ``lobass.training.train_lora(response_only=False)``: lobass's batches (length-grouped
+   order, passes of the recipe's ``micro_batch_size`` rows) with the model's own loss. It trains
+   exactly what lobass trains: the per-step losses are compared (they must agree within 1e-4).
+3. lobass: ``train_lora`` as the train and reference stages run it (LM head at response
+   positions only, ``lobass.response_loss``; compiled decoder layers with ``--compile``).
 
-Both use lobass's length-grouped sampler, so they train the same batches in the same order: the
-per-step losses are compared (they must agree within 1e-4). For each way it prints tokens/s
-(real tokens, no padding, over the whole ``trainer.train`` call), the effective FLOP rate
-``4 x params x tokens / time`` (forward plus the gradient with respect to activations of a frozen
-base, every token at full cost as if all work were done) as a fraction of a large float32
+For each way it prints the loop's time (the whole ``trainer.train`` call, compilation included)
+and real tokens/s (padding not counted), the rate after the first step (what is left once
+warm-up and compilation are paid), the padding it ran (counted by a forward pre-hook), the
+effective FLOP rate ``4 x params x tokens / time`` (forward plus the gradient with respect to
+activations of a frozen base, every token at full cost) as a fraction of a large float32
 ``torch.matmul`` measured in the same process before and after each repeat, and the peak
 resident memory (per step and over the run; ``torch.cuda.max_memory_allocated`` on CUDA). The
-last line is exactly ``train_speedup=<x> train_matmul_fraction=<y>`` (medians over repeats).
-``--profile N`` prints a torch.profiler table of N steps of each way.
+last line is exactly ``train_speedup=<x> train_matmul_fraction=<y>``: medians over repeats of
+user time / lobass time and of lobass's fraction. ``--profile N`` prints a torch.profiler table
+of N steps of each way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,33 +56,62 @@ from scoring import matmul_flops, reset_peak_rss, rss_kib, sync, use_device  # n
 from transformers import TrainerCallback  # noqa: E402
 
 import lobass  # noqa: E402,F401
-from lobass.batches import EpochSeededLengthSampler  # noqa: E402
+from lobass.batches import FeatureDataset  # noqa: E402
 from lobass.config import package_data  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
-from lobass.formatting import tokenize_example  # noqa: E402
-from lobass.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from lobass.response_loss import padding_share  # noqa: E402
-from lobass.training import train_lora  # noqa: E402
+from lobass.formatting import IGNORE_INDEX, tokenize_example  # noqa: E402
+from lobass.modeling import (  # noqa: E402
+    load_model,
+    load_tokenizer,
+    lora_config,
+    resolve_model_path,
+)
+from lobass.training import rows_per_pass, train_lora, training_arguments  # noqa: E402
 
 
 class StepMeter(TrainerCallback):
-    """Wall time of the training loop and resident memory after every step."""
+    """Wall time of the training loop and of every step, resident memory after every step."""
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self.start = self.seconds = 0.0
+        self.start = self.seconds = self.last = 0.0
         self.rss_mib: list[float] = []
+        self.step_s: list[float] = []
+        self.log_history: list[dict[str, float]] = []
+        # Filled by count(), a forward pre-hook on the model: what each way really ran.
+        self.positions = self.passes = self.tokens = 0
+        self.step_tokens: list[int] = []
+
+    def count(self, _module, _args, kwargs) -> None:
+        """Forward pre-hook: positions (padding included), passes and real tokens."""
+        self.positions += int(kwargs["input_ids"].numel())
+        self.passes += 1
+        self.tokens += int(kwargs["attention_mask"].sum())
 
     def on_train_begin(self, args, state, control, **kwargs):
         sync(self.device)
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        now = time.perf_counter()
+        self.step_s.append(now - self.last)
+        self.step_tokens.append(self.tokens - sum(self.step_tokens))
+        self.last = now
         self.rss_mib.append(rss_kib() / 1024)
 
     def on_train_end(self, args, state, control, **kwargs):
         sync(self.device)
         self.seconds = time.perf_counter() - self.start
+        self.log_history = [e for e in state.log_history if "loss" in e]
+
+    def steady_rate(self) -> float:
+        """Real tokens/s without the first step (warm-up; compilation when asked)."""
+        return sum(self.step_tokens[1:]) / sum(self.step_s[1:])
+
+    def padding(self) -> float:
+        """Share of the positions run that were padding."""
+        return 1 - self.tokens / self.positions
 
 
 class Profiled(TrainerCallback):
@@ -127,33 +163,58 @@ def layer_gemm_flops(model: torch.nn.Module, rows: int, device: str,
     return flops_per_pass * passes / (time.perf_counter() - start)
 
 
-def train_once(cfg, path, tokenizer, features, *, fast: bool, device: str, profile: int,
-               micro: int | None = None):
-    """One fresh model trained one way: (seconds, per-step losses, per-step RSS MiB, peak)."""
-    recipe = cfg.reference
-    if fast and micro:  # lobass's micro-batches: the same optimiser steps in smaller passes
-        recipe = OmegaConf.merge(recipe, {"micro_batch_size": micro})
+def user_loop(model, tokenizer, features, recipe, targets, work: Path, dtype: str,
+              callbacks) -> None:
+    """What a user writes: peft + ``Trainer`` defaults (shuffled rows, whole batches of
+    ``batch_size``), ``DataCollatorForSeq2Seq`` padding and the model's own loss."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    set_seed(0)
+    peft_model = get_peft_model(model, lora_config(recipe.lora, targets))
+    whole = OmegaConf.merge(recipe, {"micro_batch_size": None, "compile": False})
+    args = replace(training_arguments(whole, work, 0, "none", dtype),
+                   train_sampling_strategy="random")  # the Trainer's default order
+    Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                 label_pad_token_id=IGNORE_INDEX),
+            callbacks=callbacks).train()
+
+
+def train_once(cfg, path, tokenizer, features, way: str, *, device: str, profile: int,
+               recipe):
+    """One fresh model trained one way (``user``, ``plain`` or ``lobass``).
+
+    Returns the meter (loop seconds, per-step seconds, tokens and RSS, padding), the per-step
+    losses and the peak memory.
+    """
     model = load_model(cfg.model, path)
     with torch.no_grad():  # page in every weight (safetensors loads lazily through mmap)
         sum(float(p.sum()) for p in model.parameters())
     meter = StepMeter(device)
+    model.register_forward_pre_hook(meter.count, with_kwargs=True)
     callbacks = [meter] + ([Profiled(profile)] if profile else [])
     reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    targets = list(cfg.model.lora_targets)
     with tempfile.TemporaryDirectory() as tmp:
-        train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets),
-                   Path(tmp), seed=0, dtype=cfg.model.dtype, response_only=fast,
-                   callbacks=callbacks)
-        losses = [e["loss"] for e in json.loads((Path(tmp) / "log_history.json").read_text())]
-        if fast:  # the saved adapter loads in plain peft
+        if way == "user":
+            user_loop(model, tokenizer, features, recipe, targets, Path(tmp), cfg.model.dtype,
+                      callbacks)
+            losses = [e["loss"] for e in meter.log_history]
+        else:
+            train_lora(model, tokenizer, features, recipe, targets, Path(tmp), seed=0,
+                       dtype=cfg.model.dtype, response_only=way == "lobass", callbacks=callbacks)
+            losses = [e["loss"] for e in json.loads((Path(tmp) / "log_history.json").read_text())]
+        if way == "lobass":  # the saved adapter loads in plain peft
             from peft import PeftModel
 
             PeftModel.from_pretrained(load_model(cfg.model, path), str(Path(tmp) / "adapter"))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else rss_kib("VmHWM") / 1024)
     del model
-    return meter.seconds, losses, meter.rss_mib, peak
+    return meter, losses, peak
 
 
 def main() -> None:
@@ -163,12 +224,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=0,
-                        help="lobass trains each batch in passes of N rows (0 = whole batch); "
-                        "LoRA dropout is then off both ways, so the losses still compare exactly")
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="plain and lobass train each batch in passes of at most N rows "
+                        "(default: the recipe's, 2 on the CPU; 0 = whole batches)")
     parser.add_argument("--lora-dropout", type=float, default=None,
-                        help="LoRA dropout of both ways (default: the recipe's, 0 on the CPU; "
+                        help="LoRA dropout of every way (default: the recipe's, 0 on the CPU; "
                         "0.05 is the GPU recipe's and what the CPU recipe had before issue 14)")
+    parser.add_argument("--compile", action="store_true",
+                        help="lobass with train.compile (decoder layers through torch.compile)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
@@ -178,86 +241,88 @@ def main() -> None:
     args = parser.parse_args()
     use_device(args.device, args.threads)
 
-    gpu = ["model.dtype=bfloat16", "model.device=cuda"] if args.device == "cuda" else []
+    overrides = [f"model={args.model}", "reference.epochs=1", f"reference.max_steps={args.steps}",
+                 f"reference.batch_size={args.batch_size}", "reference.logging_steps=1",
+                 "reference.save_steps=100000", "logger=none"]
+    if args.device == "cuda":
+        overrides += ["model.dtype=bfloat16", "model.device=cuda"]
+    if args.lora_dropout is not None:
+        overrides.append(f"reference.lora.dropout={args.lora_dropout}")
+    if args.micro_batch_size is not None:
+        overrides.append(f"reference.micro_batch_size={args.micro_batch_size or 'null'}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"model={args.model}", *gpu, "reference.epochs=1", f"reference.max_steps={args.steps}",
-            f"reference.batch_size={args.batch_size}", "reference.logging_steps=1",
-            *([f"reference.lora.dropout={args.lora_dropout}"] if args.lora_dropout is not None
-              else ["reference.lora.dropout=0.0"] if args.micro_batch_size else []),
-            "reference.save_steps=100000", "logger=none"])
+        cfg = compose(config_name="config", overrides=overrides)
+    recipes = {"user": cfg.reference, "plain": cfg.reference,
+               "lobass": OmegaConf.merge(cfg.reference, {"compile": args.compile})}
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
                                 max_rows=args.steps * args.batch_size)
     features = [tokenize_example(e, tokenizer, cfg.model.template, args.max_length)
                 for e in examples]
-    lengths = [len(f.input_ids) for f in features]
-    tokens = sum(lengths)
-    torch.manual_seed(0)  # the sampler's first epoch draws from the global RNG, as in training
-    order = list(EpochSeededLengthSampler(lengths, args.batch_size, 0))
-    batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    tokens = sum(len(f.input_ids) for f in features)
     print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
           f"rows={len(features)} tokens={tokens} "
           f"response_tokens={sum(f.n_response for f in features)} "
-          f"batch={args.batch_size} micro_batch={args.micro_batch_size or args.batch_size} "
-          f"lora_dropout={cfg.reference.lora.dropout} "
-          f"steps={args.steps} "
-          f"padding_share={padding_share(lengths, batches):.3f} load={os.getloadavg()[0]:.1f}")
+          f"batch={args.batch_size} rows_per_pass={rows_per_pass(cfg.reference)} "
+          f"lora_dropout={cfg.reference.lora.dropout} compile={args.compile} "
+          f"steps={args.steps} load={os.getloadavg()[0]:.1f}")
 
-    params, gemm_fraction = 0, float("nan")
+    params = sum(p.numel() for p in load_model(cfg.model, path).parameters())
+    gemm_fraction = float("nan")
     runs: list[dict[str, float]] = []
-    ceilings: list[float] = []
+    ways = ("user", "plain", "lobass")
     for repeat in range(args.repeats):
         before = matmul_flops(args.device)
         figures = {}
-        ways = (("plain", False), ("lobass", True))
-        for name, fast in ways if repeat % 2 == 0 else ways[::-1]:  # alternate: drift cancels
-            seconds, losses, rss, peak = train_once(
-                cfg, path, tokenizer, features, fast=fast, device=args.device,
-                profile=args.profile if repeat == 0 else 0, micro=args.micro_batch_size or None)
-            figures[name] = (seconds, losses, rss, peak)
+        for way in ways if repeat % 2 == 0 else ways[::-1]:  # alternate: drift cancels
+            figures[way] = train_once(cfg, path, tokenizer, features, way, device=args.device,
+                                      profile=args.profile if repeat == 0 else 0,
+                                      recipe=recipes[way])
         after = matmul_flops(args.device)
         ceiling = (before + after) / 2
-        ceilings.append(ceiling)
-        if not params:
-            model = load_model(cfg.model, path)
-            params = sum(p.numel() for p in model.parameters())
-            rows = round(sum(len(b) * max(lengths[i] for i in b) for b in batches) / len(batches))
-            gemm = layer_gemm_flops(model, rows, args.device)
-            gemm_fraction = gemm / ceiling
-            print(f"a decoder layer's own matmuls at {rows} tokens (a padded batch): "
-                  f"{gemm / 1e9:.1f} GFLOP/s = {gemm / ceiling:.3f} of the square matmul "
-                  "(the ceiling of train_matmul_fraction for this model's shapes)")
-            del model
+        if repeat == 0:
+            meter = figures["lobass"][0]
+            width = round(meter.positions / meter.passes)
+            gemm_fraction = layer_gemm_flops(load_model(cfg.model, path), width,
+                                             args.device) / ceiling
+            print(f"a decoder layer's own matmuls at {width} positions (lobass's mean pass): "
+                  f"{gemm_fraction:.3f} of the square matmul (the ceiling of "
+                  "train_matmul_fraction for this model's shapes)")
         diff = max(abs(a - b) for a, b in zip(figures["plain"][1], figures["lobass"][1],
                                               strict=True))
         print(f"repeat {repeat}: matmul {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s "
               f"before / after; per-step loss max |plain - lobass| = {diff:.2e} over "
               f"{len(figures['plain'][1])} steps; load {os.getloadavg()[0]:.1f}")
         assert diff < 1e-4, f"plain and lobass per-step losses differ by {diff}"
-        for name, (seconds, _, rss, peak) in sorted(figures.items(), reverse=True):
-            rate = 4 * params * tokens / seconds
-            print(f"  {name:<7} {seconds:8.2f} s {tokens / seconds:9.1f} tokens/s "
-                  f"{rate / 1e9:7.1f} GFLOP/s effective = {rate / ceiling:.3f} of matmul; "
-                  f"peak memory {peak:.0f} MiB; RSS per step (MiB) "
-                  + " ".join(f"{r:.0f}" for r in rss))
-        runs.append({"plain_s": figures["plain"][0], "lobass_s": figures["lobass"][0],
-                     "speedup": figures["plain"][0] / figures["lobass"][0],
-                     "matmul_fraction": 4 * params * tokens / figures["lobass"][0] / ceiling,
-                     "plain_matmul_fraction": 4 * params * tokens / figures["plain"][0] / ceiling,
-                     "plain_peak_mib": figures["plain"][3], "lobass_peak_mib": figures["lobass"][3],
-                     "max_loss_diff": diff, "matmul_gflops": ceiling / 1e9})
+        run: dict[str, float] = {"matmul_gflops": ceiling / 1e9, "max_loss_diff": diff}
+        for way in ways:
+            meter, _, peak = figures[way]
+            rate = 4 * params * tokens / meter.seconds
+            run.update({f"{way}_s": meter.seconds, f"{way}_matmul_fraction": rate / ceiling,
+                        f"{way}_steady_tokens_per_s": meter.steady_rate(),
+                        f"{way}_padding": meter.padding(), f"{way}_peak_mib": peak})
+            print(f"  {way:<7} {meter.seconds:8.2f} s {tokens / meter.seconds:7.1f} tokens/s "
+                  f"(after step 1: {meter.steady_rate():7.1f}) {rate / ceiling:.3f} of matmul; "
+                  f"padding {meter.padding():.3f} over {meter.passes} passes; peak memory "
+                  f"{peak:.0f} MiB; RSS per step (MiB) "
+                  + " ".join(f"{r:.0f}" for r in meter.rss_mib))
+        run["speedup"] = run["user_s"] / run["lobass_s"]
+        run["speedup_same_batches"] = run["plain_s"] / run["lobass_s"]
+        print(f"  lobass vs user {run['speedup']:.3f}x, vs plain (same batches) "
+              f"{run['speedup_same_batches']:.3f}x")
+        runs.append(run)
     speedups = [r["speedup"] for r in runs]
-    fractions = [r["matmul_fraction"] for r in runs]
-    print("speedup over repeats: " + " ".join(f"{s:.3f}" for s in speedups) + "; matmul fraction: "
-          + " ".join(f"{f:.3f}" for f in fractions) + " (plain: "
-          + " ".join(f"{r['plain_matmul_fraction']:.3f}" for r in runs) + ")")
+    fractions = [r["lobass_matmul_fraction"] for r in runs]
+    print("speedup over repeats: " + " ".join(f"{s:.3f}" for s in speedups)
+          + "; same batches: " + " ".join(f"{r['speedup_same_batches']:.3f}" for r in runs)
+          + "; matmul fraction: " + " ".join(f"{f:.3f}" for f in fractions))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "device": args.device,
                                                "tokens": tokens, "params": params,
                                                "layer_gemm_fraction": gemm_fraction,
-                                               "runs": runs}, indent=1) + "\n")
+                                               "compile": args.compile, "runs": runs},
+                                              indent=1) + "\n")
     print(f"train_speedup={statistics.median(speedups):.3f} "
           f"train_matmul_fraction={statistics.median(fractions):.3f}")
 

@@ -42,6 +42,8 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
         container.pop("micro_batch_size", None)  # no split: the keys of unsplit fine-tunes stay
     else:  # the rows per pass a cap resolves to (a divisor keeps the key it had before)
         container["micro_batch_size"] = rows
+    if not container.get("compile"):  # eager: the keys fine-tunes had before the option
+        container.pop("compile", None)
     return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
 
 

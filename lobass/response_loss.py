@@ -16,7 +16,7 @@ mean without it), so per-step losses agree with the model's own loss to float ro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,8 +115,3 @@ class ResponseLoss:
         self.hook.remove()
         self.hidden = None
 
-
-def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
-    """Share of padded positions in right-padded ``batches`` of rows with ``lengths``."""
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-    return 1 - sum(lengths[i] for b in batches for i in b) / padded if padded else 0.0

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from lobass.artifacts import atomic_write_json
 from lobass.batches import EpochSeededLengthSampler, FeatureDataset
 from lobass.checkpoints import last_complete_checkpoint
+from lobass.compilation import compiled_layers
 from lobass.devices import resolve_device
 from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
@@ -248,7 +249,8 @@ def train_lora(
     if resume is not None:
         resumed_step = int(json.loads((resume / "trainer_state.json").read_text())["global_step"])
         log.info("resuming training from %s (step %d)", resume, resumed_step)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with compiled_layers(peft_model, bool(train_cfg.get("compile", False))):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only, so every
     # rank calls it; only the peft adapter files are kept (not the tokenizer or pickled arguments).
     staging = work / "adapter.staging"

@@ -2,7 +2,9 @@
 # The GPU path in one prepared run, for a machine with one CUDA GPU, no hub access, ~9 minutes:
 #   1) set-up (scripts/setup.sh: the torch build the driver runs, the gpu extra, a CUDA check);
 #   2) the CUDA scoring benchmark on the embedded SmolLM2-135M (bf16) and on a random-initialised
-#      LLaMA-7B shape (bf16): speed-up over the naive loop, MFU against the card's bf16 peak;
+#      LLaMA-7B shape (bf16): speed-up over the naive loop, MFU against the card's bf16 peak; and
+#      the training benchmark (bf16, liger-kernel when installed): lobass's training stage against
+#      what a user writes, the matmul fraction, peak GPU memory;
 #   3) a short run of the whole pipeline on the embedded model with the GPU config groups
 #      (model.device=cuda, reference/train=lora_gpu, score=gpu, eval=gpu, small sizes);
 #   4) the CUDA-only tests (pytest -m gpu).
@@ -15,7 +17,7 @@
 #   bash scripts/gpu_check.sh --dry-run    # print the steps and their limits, run nothing
 #   PYTHON=/opt/torch/.venv/bin/python3 bash scripts/gpu_check.sh   # an interpreter that already
 #                                          # has torch (CUDA) and lobass's dependencies
-#   GPU_CHECK_LIMITS="setup=150 bench_embedded=60 bench_llama7b=120 pipeline=150 gpu_tests=60"
+#   GPU_CHECK_LIMITS="setup=150 bench_training=90 pipeline=150"   # seconds per step
 #   GPU_CHECK_SKIP="setup"                 # steps not to run (recorded with rc "skipped")
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/.."
@@ -24,8 +26,8 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 WORK=${GPU_CHECK_WORK:-/tmp/lobass-gpu-check}
 OUT_DIR=${OUT:-$WORK/out}
-declare -A LIMIT=([setup]=150 [bench_embedded]=60 [bench_llama7b]=120 [pipeline]=150
-                  [gpu_tests]=60)
+declare -A LIMIT=([setup]=120 [bench_embedded]=60 [bench_llama7b]=120 [bench_training]=60
+                  [pipeline]=120 [gpu_tests]=60)
 for pair in ${GPU_CHECK_LIMITS:-}; do LIMIT[${pair%%=*}]=${pair#*=}; done
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -88,6 +90,8 @@ step bench_embedded "$PY" benchmarks/scoring.py --device cuda --rows 512 --max-t
   --models-dir "$WORK/models" --json "$OUT_DIR/bench_embedded.json"
 step bench_llama7b "$PY" benchmarks/scoring.py --device cuda --shape llama_7b --rows 512 \
   --max-tokens 16384 --models-dir "$WORK/models" --json "$OUT_DIR/bench_llama7b.json"
+step bench_training "$PY" benchmarks/training.py --device cuda --steps 8 --repeats 1 --micro-batch-size 0 \
+  --models-dir "$WORK/models" --json "$OUT_DIR/bench_training.json"
 
 # 3) the whole pipeline on the embedded model with the GPU groups, sized to a minute or two
 PIPELINE=(

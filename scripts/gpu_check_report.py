@@ -5,8 +5,10 @@ run: python scripts/gpu_check_report.py OUT_DIR        (gpu_check.sh calls it la
 Reads ``steps.tsv`` (one line per step: name, exit status, seconds, time limit), the benchmark
 figures (``bench_*.json``), the pipeline's ``pipeline_summary.json`` and ``nvidia_smi.txt``, and
 writes ``gpu_check.json``: every step's status, the scoring figures (speed-up over the naive loop,
-MFU, tokens/s; issue 4's goal is 5x the naive loop on a GPU), the pipeline's stage times and
-metrics. Missing files are recorded as missing, never guessed: a step that failed shows as such.
+MFU, tokens/s; issue 4's goal is 5x the naive loop on a GPU), the training figures (lobass's
+stage against what a user writes, its matmul fraction, peak memory: issue 14), the pipeline's
+stage times and metrics. Missing files are recorded as missing, never guessed: a step that
+failed shows as such.
 Standard library only, so it runs whatever state the set-up left.
 """
 
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 GOAL_SPEEDUP = 5.0  # issue 4: scoring at least 5x the naive per-row loop on a GPU
+TRAIN_KEYS = ("speedup", "speedup_same_batches", "lobass_matmul_fraction", "user_peak_mib",
+              "lobass_peak_mib", "user_s", "lobass_s", "max_loss_diff")
 BENCH_KEYS = ("device", "model", "dtype", "rows", "tokens", "speedup_vs_naive", "tokens_per_s",
               "engine_tflops", "mfu", "naive_mfu", "max_abs_diff", "peak_memory_vs_model")
 
@@ -71,6 +75,11 @@ def assemble(out: Path) -> dict[str, Any]:
     embedded = report["scoring"]["embedded"]
     if isinstance(embedded, dict) and embedded.get("speedup_vs_naive") is not None:
         report["issue4_goal_5x_naive_met"] = embedded["speedup_vs_naive"] >= GOAL_SPEEDUP
+    training = _read_json(out / "bench_training.json")
+    runs = training.get("runs") if training else None
+    report["training"] = ({k: runs[-1].get(k) for k in TRAIN_KEYS}
+                          if isinstance(runs, list) and runs
+                          else "missing: the training benchmark step failed (see the log)")
     summary = _read_json(out / "pipeline_summary.json")
     if summary is None:
         report["pipeline"] = "missing: the pipeline step failed (see the log)"

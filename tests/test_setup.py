@@ -116,10 +116,12 @@ def _dry_run():
 
 def test_gpu_check_dry_run_lists_every_step_within_nine_minutes():
     steps = _dry_run()
-    assert list(steps) == ["setup", "bench_embedded", "bench_llama7b", "pipeline", "gpu_tests"]
+    assert list(steps) == ["setup", "bench_embedded", "bench_llama7b", "bench_training",
+                           "pipeline", "gpu_tests"]
     assert sum(limit for limit, _ in steps.values()) <= 9 * 60
     assert "--device cuda --shape llama_7b" in steps["bench_llama7b"][1]
     assert "--json /tmp/lobass-gpu-check/out/bench_llama7b.json" in steps["bench_llama7b"][1]
+    assert "benchmarks/training.py --device cuda" in steps["bench_training"][1]
     assert steps["gpu_tests"][1].endswith("-m pytest -m gpu -q -p no:cacheprovider tests")
 
 
@@ -156,10 +158,16 @@ def test_gpu_check_report_reads_steps_benchmarks_and_summary(tmp_path):
     assert report["steps"]["bench_llama7b"]["timed_out"] and not report["all_ok"]
     assert report["scoring"]["embedded"]["speedup_vs_naive"] == 7.5
     assert report["scoring"]["llama7b"].startswith("missing")
+    assert report["training"].startswith("missing")
     assert report["issue4_goal_5x_naive_met"] is True
     assert report["pipeline"] == {"stages": {"score": 3.2}, "metrics": {"train/loss": 1.5}}
     assert main([str(tmp_path)]) == 0
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
+    (tmp_path / "bench_training.json").write_text(
+        '{"runs": [{"speedup": 3.1, "lobass_matmul_fraction": 0.4, "lobass_peak_mib": 900}]}')
+    training = assemble(tmp_path)["training"]
+    assert (training["speedup"], training["lobass_matmul_fraction"], training["user_s"]) == (
+        3.1, 0.4, None)
     (tmp_path / "steps.tsv").write_text("setup\t0\n")
     with pytest.raises(ValueError, match=r"steps.tsv:1: expected name, rc, seconds, limit"):
         assemble(tmp_path)

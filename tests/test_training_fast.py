@@ -20,7 +20,7 @@ from lobass.config import package_data
 from lobass.data import read_examples
 from lobass.formatting import IGNORE_INDEX, tokenize_example
 from lobass.modeling import load_model, load_tokenizer, resolve_model_path
-from lobass.response_loss import ResponseLoss, padding_share
+from lobass.response_loss import ResponseLoss
 from lobass.training import train_lora
 
 STEPS, BATCH = 24, 2
@@ -112,11 +112,6 @@ def test_response_loss_refuses_an_adapted_head(setup):
         ResponseLoss(model)
 
 
-def test_padding_share_counts_padded_positions():
-    assert padding_share([4, 2, 3, 3], [[0, 1], [2, 3]]) == pytest.approx(2 / 14)
-    assert padding_share([], []) == 0.0
-
-
 def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(setup, tmp_path):
     """``micro_batch_size`` splits each step's rows (less activation memory), same training.
 
@@ -165,3 +160,48 @@ def test_micro_batch_size_caps_the_rows_per_pass_at_a_divisor_of_the_batch(batch
     assert micro_batching(recipe, 1) == (rows, batch // rows)
     # The artifact key names the rows a pass holds, and nothing when the batch is not split.
     assert weights_recipe(recipe).get("micro_batch_size") == (None if rows == batch else rows)
+
+
+def test_compiled_decoder_layers_train_the_same_steps_and_are_handed_back_eager(setup, tmp_path):
+    """``train.compile``: the loop runs compiled decoder layers, and the same training.
+
+    After the loop the layers are eager again, so scoring and generation in the same process
+    never meet a compiled layer; compiled or not, the per-step
+    losses and the adapters agree to float rounding, and only ``compile: true`` enters the key.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from lobass.compilation import decoder_layers
+    from lobass.finetune import weights_recipe
+
+    class Seen(TrainerCallback):
+        def __init__(self, model: torch.nn.Module) -> None:
+            self.model, self.states = model, set()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            layers = decoder_layers(self.model)
+            self.states.add(all(la._compiled_call_impl is not None for la in layers))
+
+    cfg, path, tokenizer, features = setup
+    losses, weights, seen = {}, {}, {}
+    for compiled in (False, True):
+        recipe = OmegaConf.merge(cfg.reference, {"batch_size": 4, "micro_batch_size": 2,
+                                                 "max_steps": 6, "compile": compiled,
+                                                 "lora": {"dropout": 0.0}})
+        assert ("compile" in weights_recipe(recipe)) is compiled
+        model = load_model(cfg.model, path)
+        callback = Seen(model)
+        work = tmp_path / f"compiled{compiled}"
+        train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets), work,
+                   seed=0, callbacks=[callback])
+        seen[compiled] = callback.states
+        assert all(la._compiled_call_impl is None for la in decoder_layers(model))
+        losses[compiled] = [e["loss"] for e in json.loads((work / "log_history.json").read_text())]
+        weights[compiled] = load_file(str(work / "adapter" / "adapter_model.safetensors"))
+    assert seen == {False: {False}, True: {True}}
+    assert len(losses[True]) == 6 and losses[False][0] != losses[False][-1]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    for name, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][name], tensor, atol=1e-5, rtol=1e-4)

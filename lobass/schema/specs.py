@@ -127,6 +127,7 @@ class TrainSpec:
     weight_decay: float = knob(ge=0)
     max_grad_norm: float = knob(ge=0)
     gradient_checkpointing: bool = knob()
+    compile: bool = knob(False)  # torch.compile the decoder layers (lobass.compilation)
     logging_steps: int = knob(ge=1)
     save_steps: int = knob(ge=1)
     lora: LoraSpec = knob()
