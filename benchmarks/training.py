@@ -268,8 +268,7 @@ def main() -> None:
           f"lora_dropout={cfg.reference.lora.dropout} compile={args.compile} "
           f"steps={args.steps} load={os.getloadavg()[0]:.1f}")
 
-    params = sum(p.numel() for p in load_model(cfg.model, path).parameters())
-    gemm_fraction = float("nan")
+    params, gemm_fraction = 0, float("nan")
     runs: list[dict[str, float]] = []
     ways = ("user", "plain", "lobass")
     for repeat in range(args.repeats):
@@ -281,11 +280,13 @@ def main() -> None:
                                       recipe=recipes[way])
         after = matmul_flops(args.device)
         ceiling = (before + after) / 2
-        if repeat == 0:
+        if repeat == 0:  # loaded after the timed ways, so it never adds to their memory
+            model = load_model(cfg.model, path)
+            params = sum(p.numel() for p in model.parameters())
             meter = figures["lobass"][0]
             width = round(meter.positions / meter.passes)
-            gemm_fraction = layer_gemm_flops(load_model(cfg.model, path), width,
-                                             args.device) / ceiling
+            gemm_fraction = layer_gemm_flops(model, width, args.device) / ceiling
+            del model
             print(f"a decoder layer's own matmuls at {width} positions (lobass's mean pass): "
                   f"{gemm_fraction:.3f} of the square matmul (the ceiling of "
                   "train_matmul_fraction for this model's shapes)")

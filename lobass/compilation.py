@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
+
+from lobass.response_loss import base_model
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers of a (peft-wrapped) causal LM, in order."""
-    get_base = getattr(model, "get_base_model", None)
-    base: Any = get_base() if callable(get_base) else model
-    return list(base.get_decoder().layers)
+    return list(base_model(model).get_decoder().layers)
 
 
 @contextlib.contextmanager

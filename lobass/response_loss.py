@@ -27,7 +27,7 @@ from lobass.formatting import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def _unwrap(model: torch.nn.Module) -> Any:
+def base_model(model: torch.nn.Module) -> Any:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -35,7 +35,7 @@ def _unwrap(model: torch.nn.Module) -> Any:
 
 def head_is_adapted(model: torch.nn.Module) -> bool:
     """Whether the LM head carries trainable parameters (a LoRA target or unfrozen)."""
-    head = _unwrap(model).get_output_embeddings()
+    head = base_model(model).get_output_embeddings()
     return head is None or any(p.requires_grad for p in head.parameters())
 
 
@@ -59,7 +59,7 @@ class ResponseLoss:
         if head_is_adapted(model):
             raise ValueError("the LM head is trainable (lm_head in model.lora_targets?): "
                              "the response-only loss needs a frozen head")
-        base = _unwrap(model)
+        base = base_model(model)
         self.head = base.get_output_embeddings()
         self.softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         self.hidden: torch.Tensor | None = None

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from lobass.formatting import IGNORE_INDEX, Features
+from lobass.response_loss import base_model
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,6 @@ def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tenso
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
 
 
-def _unwrap(model: torch.nn.Module) -> Any:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 @dataclass
 class PrefixCache:
     """Key/value states of the shared prefix, computed once, broadcast to every batch."""
@@ -127,7 +122,7 @@ def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCa
     """Encode the shared prefix once; ``None`` when there is none to share."""
     if not prefix_ids:
         return None
-    base = _unwrap(model)
+    base = base_model(model)
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], device=device)
     out = base.get_decoder()(input_ids=ids, use_cache=True)
@@ -154,7 +149,7 @@ def batch_response_losses(
         ``(B,)`` float32 losses; rows without response tokens get NaN (caught by the caller).
 
     """
-    base = _unwrap(model)
+    base = base_model(model)
     decoder = base.get_decoder()
     start = 0
     if prefix is None:
