@@ -23,7 +23,13 @@ from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
 from lobass.modeling import load_model
-from lobass.training import gradient_accumulation, rows_per_pass, train_lora, training_arguments
+from lobass.training import (
+    gradient_accumulation,
+    rows_per_pass,
+    shares_prefix,
+    train_lora,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
         container["micro_batch_size"] = rows
     if not container.get("compile"):  # eager: the keys fine-tunes had before the option
         container.pop("compile", None)
+    if not shares_prefix(recipe):  # not applied (off, LoRA dropout, checkpointing): keys as before
+        container.pop("share_prefix", None)
     return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
 
 

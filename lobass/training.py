@@ -29,6 +29,7 @@ from lobass.distributed import world_size
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.modeling import lora_config
 from lobass.response_loss import ResponseLoss, head_is_adapted
+from lobass.shared_prefix import shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,18 @@ def rows_per_pass(train_cfg: DictConfig) -> int:
     if not cap:
         return batch
     return max(d for d in range(1, min(int(cap), batch) + 1) if batch % d == 0)
+
+
+def shares_prefix(train_cfg: DictConfig) -> bool:
+    """Whether ``train_cfg`` asks for the shared prefix and it is exact for that recipe.
+
+    Exact needs the same prefix states in every row (no LoRA dropout: its masks are drawn per
+    row) and a cache that reaches the layers (transformers drops it under gradient
+    checkpointing); ``train_lora`` also needs one process (``lobass.prefix_trainer``).
+    """
+    return (bool(train_cfg.get("share_prefix", False))
+            and float(train_cfg.lora.dropout) == 0.0
+            and not bool(train_cfg.get("gradient_checkpointing", False)))
 
 
 def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
@@ -214,6 +227,9 @@ def train_lora(
             same training as the model's own loss, to float rounding. Off under FSDP or
             DeepSpeed (their sharded LM head is gathered only inside the model's forward) and
             when the head is a LoRA target; ``False`` is the plain loop (tests, benchmarks).
+            With it, ``share_prefix`` encodes the rows' shared prefix once per optimiser step
+            (``SharedPrefixTrainer``) where that is exact: no LoRA dropout, no gradient
+            checkpointing, one process.
         callbacks: extra ``TrainerCallback`` objects (benchmarks time and measure steps).
 
     Returns:
@@ -222,6 +238,8 @@ def train_lora(
     """
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    from lobass.prefix_trainer import SharedPrefixTrainer
 
     set_seed(seed)  # LoRA's random init happens in get_peft_model, before Trainer seeds anything
     peft_model = get_peft_model(model, lora_config(train_cfg.lora, lora_targets))
@@ -235,9 +253,15 @@ def train_lora(
     if response_only and not sharded and not head_is_adapted(peft_model):
         loss = ResponseLoss(peft_model)  # LM head at response positions only
         collator = loss.collate(collator)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=FeatureDataset(features),
-                      data_collator=collator, compute_loss_func=loss,
-                      callbacks=list(callbacks) or None)
+    common = {"model": peft_model, "args": args, "train_dataset": FeatureDataset(features),
+              "data_collator": collator, "compute_loss_func": loss,
+              "callbacks": list(callbacks) or None}
+    prefix = (shared_prefix_length(features)
+              if loss is not None and shares_prefix(train_cfg) and world_size() == 1 else 0)
+    trainer = (SharedPrefixTrainer(**common, prefix_ids=list(features[0].input_ids[:prefix]))
+               if prefix else Trainer(**common))
+    log.info("training %d rows; shared prefix encoded once per step: %d tokens", len(features),
+             prefix)
     # Length-grouped batches (less padding) in an order that a resume in any epoch replays
     # exactly; see EpochSeededLengthSampler for why transformers' own sampler does not.
     sampler = EpochSeededLengthSampler([len(f.input_ids) for f in features],

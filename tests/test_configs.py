@@ -81,13 +81,15 @@ REFERENCE_CPU = {
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,
     "compile": False,  # an option since issue 14; off, it leaves the artifact keys as they were
+    "share_prefix": True,  # since issue 14; in the key only where applied (no LoRA dropout)
     "lora": {**LORA, "dropout": 0.0}}  # lora_cpu without LoRA dropout since issue 14
 REFERENCE_GPU = {
     "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
     "micro_batch_size": None, "global_batch_size": 128, "grad_accum": 16,
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine",
     "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
-    "gradient_checkpointing": True, "compile": False, "logging_steps": 10, "save_steps": 100,
+    "gradient_checkpointing": True, "compile": False, "share_prefix": True,  # not applied here
+    "logging_steps": 10, "save_steps": 100,
     "fsdp": False,
     "fsdp_config": {}, "deepspeed": None, "lora": LORA}
 

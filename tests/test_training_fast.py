@@ -126,7 +126,8 @@ def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(s
     losses, weights = {}, {}
     for micro in (None, 2, 1):
         recipe = OmegaConf.merge(cfg.reference, {"batch_size": 4, "micro_batch_size": micro,
-                                                 "max_steps": 6, "lora": {"dropout": 0.0}})
+                                                 "max_steps": 6, "lora": {"dropout": 0.0},
+                                                 "share_prefix": False})  # whole rows per pass
         model = load_model(cfg.model, path)
         seen = widths.setdefault(str(micro), set())
         model.register_forward_pre_hook(
@@ -205,3 +206,53 @@ def test_compiled_decoder_layers_train_the_same_steps_and_are_handed_back_eager(
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
     for name, tensor in weights[False].items():
         torch.testing.assert_close(weights[True][name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup, tmp_path):
+    """``share_prefix``: each optimiser step encodes the rows' common prefix once, same training.
+
+    Steps of 4 rows in passes of 2 (the prefix's gradient collects over two passes), 20 steps
+    on real rows, no LoRA dropout: the per-step losses equal the plain loop's (the model's own
+    loss over whole rows) within 1e-4 and the adapters agree; the decoder ran the prefix alone
+    once per step and every pass without it. Only an applied ``share_prefix`` enters the key.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from lobass.finetune import weights_recipe
+    from lobass.shared_prefix import shared_prefix_length
+
+    cfg, path, tokenizer, features = setup
+    prefix = shared_prefix_length(features)
+    assert prefix >= 8  # the chat template's system prompt: the test shares something
+    steps = 20
+    losses, weights, widths = {}, {}, {}
+    for way in ("plain", "shared", "unshared"):
+        recipe = OmegaConf.merge(cfg.reference, {
+            "batch_size": 4, "micro_batch_size": 2, "max_steps": steps,
+            "lora": {"dropout": 0.0}, "share_prefix": way == "shared"})
+        model = load_model(cfg.model, path)
+        seen = widths.setdefault(way, [])
+        model.get_decoder().register_forward_pre_hook(
+            lambda _m, _args, kwargs, seen=seen: seen.append(tuple(kwargs["input_ids"].shape)),
+            with_kwargs=True)
+        work = tmp_path / way
+        train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets), work,
+                   seed=0, response_only=way != "plain")
+        losses[way] = [e["loss"] for e in json.loads((work / "log_history.json").read_text())]
+        weights[way] = load_file(str(work / "adapter" / "adapter_model.safetensors"))
+    assert widths["shared"].count((1, prefix)) == steps  # the prefix alone, once per step
+    passes = [w for w in widths["shared"] if w != (1, prefix)]
+    assert len(passes) == 2 * steps and len(widths["plain"]) == 2 * steps
+    for short, whole in zip(passes, widths["plain"], strict=True):  # same batches, prefix cut
+        assert short == (whole[0], whole[1] - prefix)
+    assert len(losses["shared"]) == steps and losses["plain"][0] != losses["plain"][-1]
+    for way in ("shared", "unshared"):
+        assert losses[way] == pytest.approx(losses["plain"], abs=1e-4)
+    for name, tensor in weights["unshared"].items():
+        torch.testing.assert_close(weights["shared"][name], tensor, atol=1e-5, rtol=1e-4)
+    on = OmegaConf.merge(cfg.reference, {"lora": {"dropout": 0.0}, "share_prefix": True})
+    assert weights_recipe(on)["share_prefix"] is True
+    for off in ({"share_prefix": False}, {"lora": {"dropout": 0.05}},
+                {"gradient_checkpointing": True}):
+        assert "share_prefix" not in weights_recipe(OmegaConf.merge(on, off))

@@ -128,6 +128,7 @@ class TrainSpec:
     max_grad_norm: float = knob(ge=0)
     gradient_checkpointing: bool = knob()
     compile: bool = knob(False)  # torch.compile the decoder layers (lobass.compilation)
+    share_prefix: bool = knob(False)  # encode the rows' shared prefix once per step
     logging_steps: int = knob(ge=1)
     save_steps: int = knob(ge=1)
     lora: LoraSpec = knob()

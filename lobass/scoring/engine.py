@@ -14,11 +14,8 @@ numbers beyond float rounding (tests hold it to 1e-4 of that slow path):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ from torch.nn import functional as F
 
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.response_loss import base_model
+from lobass.shared_prefix import PrefixCache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -60,62 +58,9 @@ def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[li
     return batches
 
 
-def shared_prefix_length(features: Sequence[Features]) -> int:
-    """Length of the token prefix common to every row that can be encoded once for all.
-
-    It stops one token short of the shortest prompt: the state of the last prompt token predicts
-    the first response token, so it must come out of the per-batch pass.
-    """
-    if not features:
-        return 0
-    first = features[0].input_ids
-    limit = min(f.n_prompt for f in features) - 1
-    length = 0
-    while length < limit and all(f.input_ids[length] == first[length] for f in features):
-        length += 1
-    return max(length, 0)
-
-
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
-
-
-@dataclass
-class PrefixCache:
-    """Key/value states of the shared prefix, computed once, broadcast to every batch."""
-
-    length: int
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, P, head_dim)
-
-    def for_batch(self, rows: int) -> Any:
-        """A fresh ``DynamicCache`` holding the prefix for ``rows`` rows (views, no copy)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(self.layers):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
-            cache.layers[index].__class__ = _prefix_layer_class()
-        return cache
-
-
-@functools.cache
-def _prefix_layer_class() -> type:
-    """A cache layer that lends its prefix to attention but keeps none of the batch's own keys.
-
-    A plain ``DynamicLayer`` would store the key/value states of every scored token, which no one
-    reads again: 190 MB per 4096-token batch on SmolLM2, a third of the model's own size.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class PrefixLayer(DynamicLayer):
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            assert self.keys is not None and self.values is not None  # set by for_batch
-            return (torch.cat([self.keys, key_states], dim=-2),
-                    torch.cat([self.values, value_states], dim=-2))
-
-    return PrefixLayer
 
 
 def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCache | None:

@@ -18,8 +18,9 @@ from lobass.artifacts import fingerprint
 from lobass.context import Pool
 from lobass.formatting import IGNORE_INDEX, Features, response_only
 from lobass.scoring.cherry import cherry_fields, cherry_passes
-from lobass.scoring.engine import adapter_state, compute_response_losses, shared_prefix_length
+from lobass.scoring.engine import adapter_state, compute_response_losses
 from lobass.scoring.store import ComputeFn
+from lobass.shared_prefix import shared_prefix_length
 
 log = logging.getLogger(__name__)
 
