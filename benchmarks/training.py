@@ -16,7 +16,9 @@ three ways, interleaved ``--repeats`` times in one process so all see the same m
    order, passes of the recipe's ``micro_batch_size`` rows) with the model's own loss. It trains
    exactly what lobass trains: the per-step losses are compared (they must agree within 1e-4).
 3. lobass: ``train_lora`` as the train and reference stages run it (LM head at response
-   positions only, ``lobass.response_loss``; compiled decoder layers with ``--compile``).
+   positions only, ``lobass.response_loss``; the rows' shared prefix encoded once per step,
+   ``lobass.prefix_trainer``, unless ``--no-share-prefix``; compiled decoder layers with
+   ``--compile``).
 
 For each way it prints the loop's time (the whole ``trainer.train`` call, compilation included)
 and real tokens/s (padding not counted), the rate after the first step (what is left once
@@ -66,7 +68,13 @@ from lobass.modeling import (  # noqa: E402
     lora_config,
     resolve_model_path,
 )
-from lobass.training import rows_per_pass, train_lora, training_arguments  # noqa: E402
+from lobass.shared_prefix import shared_prefix_length  # noqa: E402
+from lobass.training import (  # noqa: E402
+    rows_per_pass,
+    shares_prefix,
+    train_lora,
+    training_arguments,
+)
 
 
 class StepMeter(TrainerCallback):
@@ -79,14 +87,25 @@ class StepMeter(TrainerCallback):
         self.step_s: list[float] = []
         self.log_history: list[dict[str, float]] = []
         # Filled by count(), a forward pre-hook on the model: what each way really ran.
-        self.positions = self.passes = self.tokens = 0
+        self.positions = self.passes = self.tokens = self.real_run = self.prefix_positions = 0
         self.step_tokens: list[int] = []
 
     def count(self, _module, _args, kwargs) -> None:
-        """Forward pre-hook: positions (padding included), passes and real tokens."""
-        self.positions += int(kwargs["input_ids"].numel())
+        """Forward pre-hook: positions run (padding included), passes, the rows' real tokens.
+
+        With ``share_prefix`` a step's prefix runs alone (no attention mask: not a pass over rows)
+        and every pass runs its rows' tokens after the prefix, while its attention mask still
+        covers the whole rows: the rows' tokens are the mask's, the positions run the ids'.
+        """
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        self.positions += int(ids.numel())
+        if mask is None:  # the shared prefix, once per step
+            self.prefix_positions += int(ids.numel())
+            self.real_run += int(ids.numel())
+            return
         self.passes += 1
-        self.tokens += int(kwargs["attention_mask"].sum())
+        self.tokens += int(mask.sum())
+        self.real_run += int(mask[:, -ids.shape[1]:].sum())
 
     def on_train_begin(self, args, state, control, **kwargs):
         sync(self.device)
@@ -111,7 +130,11 @@ class StepMeter(TrainerCallback):
 
     def padding(self) -> float:
         """Share of the positions run that were padding."""
-        return 1 - self.tokens / self.positions
+        return 1 - self.real_run / self.positions
+
+    def pass_width(self) -> int:
+        """Mean positions of a pass over rows (the shared prefix's own pass left out)."""
+        return round((self.positions - self.prefix_positions) / self.passes)
 
 
 class Profiled(TrainerCallback):
@@ -232,6 +255,9 @@ def main() -> None:
                         "0.05 is the GPU recipe's and what the CPU recipe had before issue 14)")
     parser.add_argument("--compile", action="store_true",
                         help="lobass with train.compile (decoder layers through torch.compile)")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="lobass without train.share_prefix (the rows' shared template "
+                        "prefix encoded in every row, as before it)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
@@ -253,7 +279,8 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     recipes = {"user": cfg.reference, "plain": cfg.reference,
-               "lobass": OmegaConf.merge(cfg.reference, {"compile": args.compile})}
+               "lobass": OmegaConf.merge(cfg.reference, {"compile": args.compile,
+                                                         "share_prefix": not args.no_share_prefix})}
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
@@ -261,11 +288,13 @@ def main() -> None:
     features = [tokenize_example(e, tokenizer, cfg.model.template, args.max_length)
                 for e in examples]
     tokens = sum(len(f.input_ids) for f in features)
+    prefix = shared_prefix_length(features) if shares_prefix(recipes["lobass"]) else 0
     print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
           f"rows={len(features)} tokens={tokens} "
           f"response_tokens={sum(f.n_response for f in features)} "
           f"batch={args.batch_size} rows_per_pass={rows_per_pass(cfg.reference)} "
           f"lora_dropout={cfg.reference.lora.dropout} compile={args.compile} "
+          f"shared_prefix={prefix} "
           f"steps={args.steps} load={os.getloadavg()[0]:.1f}")
 
     params, gemm_fraction = 0, float("nan")
@@ -284,7 +313,7 @@ def main() -> None:
             model = load_model(cfg.model, path)
             params = sum(p.numel() for p in model.parameters())
             meter = figures["lobass"][0]
-            width = round(meter.positions / meter.passes)
+            width = meter.pass_width()
             gemm_fraction = layer_gemm_flops(model, width, args.device) / ceiling
             del model
             print(f"a decoder layer's own matmuls at {width} positions (lobass's mean pass): "

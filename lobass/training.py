@@ -8,6 +8,7 @@ work directory, so a killed run resumes from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import importlib.util
 import json
@@ -246,18 +247,24 @@ def train_lora(
     peft_model.train()
     checkpoints = work / "checkpoints"
     args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype, device)
+    sharded = bool(train_cfg.get("fsdp", False) or train_cfg.get("deepspeed"))
+    response_only = response_only and not sharded and not head_is_adapted(peft_model)
+    prefix = (shared_prefix_length(features)
+              if response_only and shares_prefix(train_cfg) and world_size() == 1 else 0)
+    if prefix and tokenizer.padding_side != "right":
+        # The prefix must open every row of a batch (Gemma's tokenizer pads on the left); the
+        # caller's tokenizer is left as it is for generation.
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "right"
     collator: Any = DataCollatorForSeq2Seq(tokenizer, padding=True,
                                            label_pad_token_id=IGNORE_INDEX)
     loss = None
-    sharded = bool(train_cfg.get("fsdp", False) or train_cfg.get("deepspeed"))
-    if response_only and not sharded and not head_is_adapted(peft_model):
+    if response_only:
         loss = ResponseLoss(peft_model)  # LM head at response positions only
         collator = loss.collate(collator)
     common = {"model": peft_model, "args": args, "train_dataset": FeatureDataset(features),
               "data_collator": collator, "compute_loss_func": loss,
               "callbacks": list(callbacks) or None}
-    prefix = (shared_prefix_length(features)
-              if loss is not None and shares_prefix(train_cfg) and world_size() == 1 else 0)
     trainer = (SharedPrefixTrainer(**common, prefix_ids=list(features[0].input_ids[:prefix]))
                if prefix else Trainer(**common))
     log.info("training %d rows; shared prefix encoded once per step: %d tokens", len(features),

@@ -8,6 +8,7 @@ adapters that load in plain peft and agree, and the LM head must see exactly the
 predict a response token.
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -225,6 +226,8 @@ def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup,
     cfg, path, tokenizer, features = setup
     prefix = shared_prefix_length(features)
     assert prefix >= 8  # the chat template's system prompt: the test shares something
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "left"  # as Gemma's: the shared path pads its own batches right
     steps = 20
     losses, weights, widths = {}, {}, {}
     for way in ("plain", "shared", "unshared"):
@@ -251,6 +254,7 @@ def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup,
         assert losses[way] == pytest.approx(losses["plain"], abs=1e-4)
     for name, tensor in weights["unshared"].items():
         torch.testing.assert_close(weights["shared"][name], tensor, atol=1e-5, rtol=1e-4)
+    assert tokenizer.padding_side == "left"  # the caller's tokenizer is not changed
     on = OmegaConf.merge(cfg.reference, {"lora": {"dropout": 0.0}, "share_prefix": True})
     assert weights_recipe(on)["share_prefix"] is True
     for off in ({"share_prefix": False}, {"lora": {"dropout": 0.05}},
