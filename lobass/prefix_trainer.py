@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from lobass.formatting import IGNORE_INDEX
 from lobass.shared_prefix import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class SharedPrefixTrainer(Trainer):
         prefix = self.prefix_ids.to(ids.device)
         if ids.shape[1] <= start or not bool((ids[:, :start] == prefix).all()):
             raise RuntimeError("a training batch does not open with the dataset's shared prefix")
+        if bool((inputs["labels"][:, :start + 1] != IGNORE_INDEX).any()):
+            # The tokens the prefix's states predict would carry a loss no pass computes.
+            raise RuntimeError("a training row labels a token inside its shared prefix")
         cache = self._step_prefix(model, prefix).cache
         suffix = dict(inputs)
         suffix["input_ids"] = ids[:, start:]  # (B, T-P)

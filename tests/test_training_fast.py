@@ -260,3 +260,18 @@ def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup,
     for off in ({"share_prefix": False}, {"lora": {"dropout": 0.05}},
                 {"gradient_checkpointing": True}):
         assert "share_prefix" not in weights_recipe(OmegaConf.merge(on, off))
+
+
+def test_shared_prefix_refuses_rows_that_label_a_prefix_token(setup, tmp_path):
+    """A row whose labels reach into the shared prefix would lose that loss: it is refused."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    cfg, path, tokenizer, features = setup
+    labelled = [replace(f, labels=list(f.input_ids)) for f in features[:4]]  # prompt labelled
+    recipe = OmegaConf.merge(cfg.reference, {"batch_size": 4, "max_steps": 1,
+                                             "lora": {"dropout": 0.0}, "share_prefix": True})
+    with pytest.raises(RuntimeError, match="labels a token inside its shared prefix"):
+        train_lora(load_model(cfg.model, path), tokenizer, labelled, recipe,
+                   list(cfg.model.lora_targets), tmp_path, seed=0)
