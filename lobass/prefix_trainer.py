@@ -40,14 +40,14 @@ class _StepPrefix:
     """The prefix encoded for one optimiser step: its graph, and the leaves the passes use."""
 
     step: int
-    states: list[torch.Tensor]  # keys and values of every layer, attached to the LoRA weights
-    leaves: list[torch.Tensor]  # the same tensors detached: they collect the passes' gradient
-    cache: PrefixCache
+    encoded: PrefixCache  # keys and values of every layer, attached to the LoRA weights
+    cache: PrefixCache  # the same tensors detached: they collect the passes' gradient
 
     def backward(self) -> None:
         """Send the gradient the step's passes put on the prefix through the prefix's graph."""
-        pairs = [(s, leaf.grad) for s, leaf in zip(self.states, self.leaves, strict=True)
-                 if leaf.grad is not None]
+        pairs = [(state, leaf.grad)
+                 for states, leaves in zip(self.encoded.layers, self.cache.layers, strict=True)
+                 for state, leaf in zip(states, leaves, strict=True) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
 
@@ -114,9 +114,6 @@ class SharedPrefixTrainer(Trainer):
             # head: logits_to_keep selects no position.
             out = model(input_ids=prefix[None], use_cache=True,
                         logits_to_keep=torch.zeros(0, dtype=torch.long))
-            states = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
-            leaves = [s.detach().requires_grad_() for s in states]
-            pairs = list(zip(leaves[::2], leaves[1::2], strict=True))
-            self._prefix = _StepPrefix(self.state.global_step, states, leaves,
-                                       PrefixCache(len(prefix), pairs))
+            encoded = PrefixCache.of(out.cache, len(prefix))
+            self._prefix = _StepPrefix(self.state.global_step, encoded, encoded.detached())
         return self._prefix

@@ -42,6 +42,16 @@ class PrefixCache:
     length: int
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, P, head_dim)
 
+    @classmethod
+    def of(cls, cache: Any, length: int) -> PrefixCache:
+        """The keys and values a forward over the prefix alone left in ``cache``."""
+        return cls(length, [(layer.keys, layer.values) for layer in cache.layers])
+
+    def detached(self) -> PrefixCache:
+        """The same states cut from their graph, as leaves that collect their own gradient."""
+        return PrefixCache(self.length, [(k.detach().requires_grad_(), v.detach().requires_grad_())
+                                         for k, v in self.layers])
+
     def for_batch(self, rows: int) -> Any:
         """A fresh ``DynamicCache`` holding the prefix for ``rows`` rows (views, no copy).
 

@@ -71,9 +71,7 @@ def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCa
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], device=device)
     out = base.get_decoder()(input_ids=ids, use_cache=True)
-    cache = out.cache
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    return PrefixCache(len(prefix_ids), layers)
+    return PrefixCache.of(out.cache, len(prefix_ids))
 
 
 def batch_response_losses(
