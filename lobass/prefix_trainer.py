@@ -111,9 +111,12 @@ class SharedPrefixTrainer(Trainer):
                                "was added (was training_step bypassed?)")
         if self._prefix is None:
             # Through the model's own forward (peft, and accelerate's autocast on a GPU); no LM
-            # head: logits_to_keep selects no position.
-            out = model(input_ids=prefix[None], use_cache=True,
-                        logits_to_keep=torch.zeros(0, dtype=torch.long))
+            # head: logits_to_keep selects no position. Eager under train.compile: a pass that
+            # fills an empty cache would compile a second graph for every layer (see
+            # lobass.compilation), for a pass of a few tokens once per step.
+            with torch.compiler.set_stance("force_eager"):
+                out = model(input_ids=prefix[None], use_cache=True,
+                            logits_to_keep=torch.zeros(0, dtype=torch.long))
             encoded = PrefixCache.of(out.cache, len(prefix))
             self._prefix = _StepPrefix(self.state.global_step, encoded, encoded.detached())
         return self._prefix

@@ -209,6 +209,43 @@ def test_compiled_decoder_layers_train_the_same_steps_and_are_handed_back_eager(
         torch.testing.assert_close(weights[True][name], tensor, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_layers_with_a_shared_prefix_compile_every_layer(setup, models_dir, tmp_path):
+    """``compile`` with ``share_prefix`` on more layers than dynamo's default limit (8 graphs).
+
+    Each pass reads the prefix's cache at the layer's own index, a constant to dynamo, so each
+    layer compiles its own graph. Every layer must run compiled: a layer that would fall back to
+    eager at the limit fails the test (``fail_on_recompile_limit_hit``). The prefix's own pass
+    runs eager (no second graph per layer), and the losses are the eager loop's.
+    """
+    from omegaconf import OmegaConf
+    from torch._dynamo.utils import counters
+
+    _, _, tokenizer, features = setup
+    layers = 10
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=tiny_random", f"model.random_init.llama.num_hidden_layers={layers}",
+            "reference.logging_steps=1", "reference.save_steps=1000"])
+    path, _ = resolve_model_path(cfg.model, models_dir)
+    losses, graphs = {}, {}
+    for compiled in (False, True):
+        recipe = OmegaConf.merge(cfg.reference, {
+            "batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "compile": compiled,
+            "share_prefix": True, "lora": {"dropout": 0.0}})
+        model = load_model(cfg.model, path)
+        assert model.config.num_hidden_layers == layers
+        before = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            train_lora(model, tokenizer, features, recipe, list(cfg.model.lora_targets),
+                       tmp_path / f"compiled{compiled}", seed=0)
+        graphs[compiled] = counters["stats"]["unique_graphs"] - before
+        log = json.loads((tmp_path / f"compiled{compiled}" / "log_history.json").read_text())
+        losses[compiled] = [e["loss"] for e in log]
+    assert graphs[False] == 0
+    assert layers <= graphs[True] <= layers + 4  # one per layer (and none for the prefix pass)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
 def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup, tmp_path):
     """``share_prefix``: each optimiser step encodes the rows' common prefix once, same training.
 
