@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=88,
                         help="positions per row (a shipped Alpaca row after the shared prefix)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none)")
     parser.add_argument("--models-dir", default=str(ROOT / "artifacts" / "models"))
     args = parser.parse_args()
     from peft import get_peft_model
@@ -146,7 +148,7 @@ def main() -> None:
     times["one_node"] = seconds_per_call(through(layers))
     if not args.no_compile:
         for layer in layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, mode=args.compile_mode)
         with torch._dynamo.config.patch(recompile_limit=64):
             times["one_node_compiled"] = seconds_per_call(through(layers))
             for m in adapted:
