@@ -8,7 +8,8 @@ time) to show what separates ``train_matmul_fraction`` from the layer's own prod
 layers run forward and backward with respect to their input (a frozen base: the gradient that
 LoRA training sends down every layer) at lobass's pass width, six ways:
 
-1. products: only the layer's linear products, forward ``x W^T`` and input gradient ``g W``;
+1. products: only the layer's linear products, forward ``x W^T`` and input gradient ``g W``
+   (``training.layer_gemm_flops``, the ceiling ``training.py`` prints);
 2. no adapter: the layer as transformers runs it, without LoRA (norms, RoPE, attention, SwiGLU);
 3. peft LoRA: the layer with peft's LoRA (the recipe's rank, on the recipe's targets), as
    lobass trains it;
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from scoring import matmul_flops  # noqa: E402
+from training import layer_gemm_flops  # noqa: E402
 
 from lobass.memory.shape import architecture_config  # noqa: E402
 from lobass.modeling import lora_config, resolve_model_path  # noqa: E402
@@ -125,17 +127,8 @@ def main() -> None:
     weights = [m.weight for m in model.get_decoder().layers[0].modules()
                if isinstance(m, torch.nn.Linear)]
     tokens = rows * args.positions
-    inputs = [torch.randn(tokens, w.shape[1]) for w in weights]
-    grads = [torch.randn(tokens, w.shape[0]) for w in weights]
-
-    def products() -> None:
-        for _ in range(args.layers):
-            for w, a, g in zip(weights, inputs, grads, strict=True):
-                torch.mm(a, w.t())
-                torch.mm(g, w)
-
-    flops = sum(4 * tokens * w.shape[0] * w.shape[1] for w in weights)
-    times = {"products": seconds_per_call(products),
+    flops = sum(4 * tokens * w.shape[0] * w.shape[1] for w in weights)  # per layer
+    times = {"products": args.layers * flops / layer_gemm_flops(model, tokens, "cpu"),
              "no_adapter": seconds_per_call(through(list(model.get_decoder().layers)))}
     peft_model = get_peft_model(model, lora_config(cfg.train.lora, list(cfg.model.lora_targets)))
     adapted = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
