@@ -28,10 +28,13 @@ Z95 = float(stats.norm.ppf(0.975))  # two-sided 95% normal quantile, 1.959963984
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion.
+    """Wilson score interval for a binomial proportion, never crossing the proportion itself.
 
-    Written out because scipy's ``binomtest(...).proportion_ci(method="wilson")`` takes only an
-    integer count, while ``successes`` may be fractional when averaged over repeats.
+    From statsmodels' ``proportion_confint(method="wilson")`` (which, unlike scipy's
+    ``binomtest``, takes a fractional count). Its closed form leaves round-off at the edges: at
+    0 of n the lower bound can come out as 7e-18 rather than 0, and a report's error bar
+    ``estimate - low`` then turns negative (matplotlib refuses it). So the bounds are clipped to
+    the estimate and to ``[0, 1]``.
 
     Args:
         successes: number of correct items (may be fractional when averaged over repeats).
@@ -39,16 +42,17 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
         z: normal quantile (1.96 for 95%).
 
     Returns:
-        ``(low, high)`` within ``[0, 1]``.
+        ``(low, high)`` with ``0 <= low <= successes / n <= high <= 1``.
 
     """
     if n <= 0:
         return math.nan, math.nan
+    from statsmodels.stats.proportion import proportion_confint
+
     p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = proportion_confint(successes, n, alpha=2 * float(stats.norm.sf(z)),
+                                   method="wilson")
+    return max(0.0, min(float(low), p)), min(1.0, max(float(high), p))
 
 
 def bootstrap_interval(values: Sequence[float] | np.ndarray, *, iters: int = 2000, seed: int = 0,

@@ -18,9 +18,13 @@ Modules, in the order the data flows: ``runs`` (run directories -> a DataFrame),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +104,43 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     metrics = headline_metrics({c for c in runs.columns if c not in RUN_COLUMNS})
     table = pool_over_seeds(runs, metrics)
     comparisons = compare_to_baselines(runs, table, metrics, margin)
-    plots = plot_metrics(table, metrics, out)
-    score_plots, length_correlation = plot_scores(runs, out)
-    plots += score_plots + plot_losses(runs, out)
-    found = Diagnostics(diagnostics.composition(table, runs), length_correlation,
-                        diagnostics.scorer_overlap(table, runs),
-                        diagnostics.reference_stability(table, runs),
-                        diagnostics.extreme_rows(runs), diagnostics.contamination(runs))
-    text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
-                           margin_source=margin_source, common=common_settings(runs),
-                           diagnostics=found)
-    atomic_write_text(out / "report.md", text)
-    atomic_write_text(out / "report.csv", render_csv(runs, metrics))
+    # Whole or not at all: every file is made in a staging folder beside the report and moved
+    # into place only once all of them exist, so a failing plot leaves neither half the PNGs
+    # nor a report.md that names plots which are not there.
+    with staged_files(out) as stage:
+        plots = plot_metrics(table, metrics, stage)
+        score_plots, length_correlation = plot_scores(runs, stage)
+        plots += score_plots + plot_losses(runs, stage)
+        found = Diagnostics(diagnostics.composition(table, runs), length_correlation,
+                            diagnostics.scorer_overlap(table, runs),
+                            diagnostics.reference_stability(table, runs),
+                            diagnostics.extreme_rows(runs), diagnostics.contamination(runs))
+        text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
+                               margin_source=margin_source, common=common_settings(runs),
+                               diagnostics=found)
+        atomic_write_text(stage / "report.csv", render_csv(runs, metrics))
+        atomic_write_text(stage / "report.md", text)
     if wandb_project:
         _log_to_wandb(wandb_project, root, runs, table, comparisons, metrics, out, plots)
     log.info("report written to %s", out / "report.md")
     return out / "report.md"
+
+
+@contextlib.contextmanager
+def staged_files(out: Path) -> Iterator[Path]:
+    """A staging folder inside ``out`` whose files move into ``out`` when the block succeeds.
+
+    Each file moves with ``os.replace`` (atomic on one file system), ``report.md`` last, so a
+    report.md never names a plot that is not there yet; on an exception nothing moves and the
+    folder is removed.
+    """
+    stage = Path(tempfile.mkdtemp(prefix=".report-", suffix=".partial", dir=out))
+    try:
+        yield stage
+        for path in sorted(stage.iterdir(), key=lambda p: (p.name == "report.md", p.name)):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _cells(frame: pd.DataFrame) -> list[list[Any]]:
