@@ -151,6 +151,7 @@ def _check_model(model: dict[str, Any]) -> None:
 
 def _check_selection(selection: dict[str, Any]) -> None:
     """One size: ``listed``, ``band``, ``budget=tokens`` (``tokens`` or ``match_tokens``), rows."""
+    _check_length_controls(selection)
     listed = selection.get("listed")
     if listed is not None:  # a peer's selection: exactly the pool rows the file holds
         if not Path(listed).is_file():
@@ -176,6 +177,28 @@ def _check_selection(selection: dict[str, Any]) -> None:
     if (ratio is None) == (count is None):
         raise ConfigError("set exactly one of selection.ratio and selection.count (got "
                           f"ratio={ratio}, count={count})")
+
+
+def _check_length_controls(selection: dict[str, Any]) -> None:
+    """``rule=length_matched_random`` names a selection; it and ``stratify`` take rows only.
+
+    The draw takes the named selection's row count, and stratify splits a ratio or count, so
+    neither combines with a band, a listed file or a token budget.
+    """
+    other = [k for k in ("band", "listed", "match_tokens") if selection.get(k) is not None]
+    other += ["budget=tokens"] if selection.get("budget", "rows") == "tokens" else []
+    if selection.get("rule", "ranked") == "length_matched_random":
+        match = selection.get("match_lengths")
+        if match is None or not Path(match).exists():
+            raise ConfigError(f"selection.rule=length_matched_random needs selection."
+                              f"match_lengths=<run dir or selection artifact> (got {match})")
+        other += [k for k in ("by_source", "keep_sources", "stratify") if selection.get(k)]
+        if other:
+            raise ConfigError(f"selection.rule=length_matched_random draws as many rows as the "
+                              f"named selection has; unset selection.{', selection.'.join(other)}")
+    elif selection.get("stratify") is not None and other:
+        raise ConfigError(f"selection.stratify splits a ratio or count over length quantiles; "
+                          f"unset selection.{', selection.'.join(other)}")
 
 
 def _check_recipe(group: str, recipe: dict[str, Any]) -> None:

@@ -4,6 +4,9 @@ A rule is a size (ratio or count of rows, a response-token budget, or a band of 
 an order (top or bottom), and per-source settings (rank within each source; add some sources in
 full), so a study can run the arms a reviewer asks for: top-k, bottom-k, a middle band, a random
 arm matched on training tokens, and the paper's LoBaSS-selected Alpaca subset plus all of GSM8K.
+Three length controls ask whether a score is more than a length preference: rank by the score
+residualised on log response length, take the top-k within each length quantile, or draw random
+rows whose length distribution matches another selection's, bin by bin.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
@@ -80,10 +84,19 @@ class SelectionRule:
     keep_sources: tuple[str, ...] = ()  # sources added in full, never ranked
     listed: frozenset[str] | None = None  # content ids of another selection (e.g. AlpaGasus')
     listed_from: str | None = None  # where ``listed`` came from (file name and content hash)
+    rank: str = "score"  # score | residual_length: the score less its OLS fit on log length
+    stratify: str | None = None  # length: the size split evenly over length quantiles
+    length_bins: int = 10  # quantile bins of stratify=length and of length_matched_random
+    # rule=length_matched_random: the response lengths of the named selection, and its name
+    matched_lengths: tuple[int, ...] | None = None
+    matched_from: str | None = None
+    seed: int = 0  # the draw of length_matched_random (the run's seed; not part of the point)
 
     @property
     def mode(self) -> str:
-        """``ratio``, ``count``, ``tokens`` or ``band``: the kind of size."""
+        """``ratio``, ``count``, ``tokens``, ``band``, ``listed`` or ``length_matched``."""
+        if self.matched_lengths is not None:
+            return "length_matched"
         if self.listed is not None:
             return "listed"
         if self.band is not None:
@@ -93,19 +106,41 @@ class SelectionRule:
         return "count" if self.count is not None else "ratio"
 
     def describe(self) -> dict[str, Any]:
-        """The rule as plain values (selection metadata, summary.json's ``point``)."""
-        return {"mode": self.mode, "ratio": self.ratio, "count": self.count,
-                "tokens": self.tokens, "band": list(self.band) if self.band else None,
-                "order": self.order, "by_source": self.by_source,
-                "keep_sources": list(self.keep_sources), "listed": self.listed_from}
+        """The rule as plain values (selection metadata, summary.json's ``point``).
+
+        The length controls add their keys only when set, so every other rule keeps the
+        identity (and the cached selection) it had before they existed. The seed is never here:
+        runs that differ only in it are seeds of one point.
+        """
+        plain = {"mode": self.mode, "ratio": self.ratio, "count": self.count,
+                 "tokens": self.tokens, "band": list(self.band) if self.band else None,
+                 "order": self.order, "by_source": self.by_source,
+                 "keep_sources": list(self.keep_sources), "listed": self.listed_from}
+        if self.rank != "score":
+            plain["rank"] = self.rank
+        if self.stratify is not None:
+            plain.update(stratify=self.stratify, length_bins=self.length_bins)
+        if self.matched_lengths is not None:
+            plain.update(matched=self.matched_from, length_bins=self.length_bins)
+        return plain
 
 
-def rule_from_config(selection_cfg: Any, tokens: int | None = None) -> SelectionRule:
-    """The rule of a ``selection`` config group; ``tokens`` resolves ``match_tokens``.
+def rule_from_config(selection_cfg: Any, tokens: int | None = None, *,
+                     matched: tuple[str, Sequence[int]] | None = None,
+                     seed: int = 0) -> SelectionRule:
+    """The rule of a ``selection`` config group.
 
     ``selection.listed`` (a data file read with ``selection.listed_reader``) keeps exactly the
     pool rows that file holds, matched by content id: a peer's selection (AlpaGasus' ChatGPT-
     filtered rows) as an arm of its own.
+
+    Args:
+        selection_cfg: the ``selection`` group.
+        tokens: the resolved ``match_tokens`` budget.
+        matched: ``selection.rule=length_matched_random``: the named selection's label and
+            response lengths (:func:`matched_lengths`).
+        seed: the run's seed, which draws ``length_matched_random``.
+
     """
     band = selection_cfg.get("band")
     budget = selection_cfg.get("budget", "rows")
@@ -115,7 +150,9 @@ def rule_from_config(selection_cfg: Any, tokens: int | None = None) -> Selection
                                 on_bad_row="skip")
         listed = frozenset(e.id for e in rows)
         listed_from = f"{Path(selection_cfg.listed).name}@{fingerprint(sorted(listed))}"
-    sized = band is None and budget != "tokens" and listed is None
+    # the size is rows (ratio or count) unless a band, a token budget, a listed file, or the
+    # named selection of length_matched_random (its row count) sets it
+    sized = band is None and budget != "tokens" and listed is None and matched is None
     return SelectionRule(
         ratio=selection_cfg.ratio if sized else None,
         count=selection_cfg.count if sized else None,
@@ -125,7 +162,11 @@ def rule_from_config(selection_cfg: Any, tokens: int | None = None) -> Selection
         order=str(selection_cfg.get("order", "top")),
         by_source=bool(selection_cfg.get("by_source", False)),
         keep_sources=tuple(selection_cfg.get("keep_sources") or ()),
-        listed=listed, listed_from=listed_from)
+        listed=listed, listed_from=listed_from,
+        rank=str(selection_cfg.get("rank", "score")), stratify=selection_cfg.get("stratify"),
+        length_bins=int(selection_cfg.get("length_bins", 10)),
+        matched_lengths=tuple(int(n) for n in matched[1]) if matched else None,
+        matched_from=matched[0] if matched else None, seed=int(seed))
 
 
 def choose_rows(ids: Sequence[str], sources: Sequence[str], scores: np.ndarray,
@@ -133,12 +174,17 @@ def choose_rows(ids: Sequence[str], sources: Sequence[str], scores: np.ndarray,
     """Pool indices chosen by ``rule``, in rank order (group by group, then kept sources).
 
     Ties are broken by id, so the result is stable; rows with a non-finite score are never
-    chosen, not even from a kept source.
+    chosen, not even from a kept source. ``rule.rank=residual_length`` ranks by
+    :func:`ranking_scores`; ``rule.matched_lengths`` draws :func:`length_matched_rows`.
 
     Raises:
         ValueError: a size the rows cannot meet (fewer finite rows than asked).
 
     """
+    scores = ranking_scores(scores, n_response, rule)
+    if rule.matched_lengths is not None:
+        return length_matched_rows(ids, scores, n_response, rule.matched_lengths,
+                                   rule.length_bins, rule.seed)
     groups: dict[str, list[int]] = {}
     for i, source in enumerate(sources):
         if source not in rule.keep_sources:
@@ -158,9 +204,101 @@ def choose_rows(ids: Sequence[str], sources: Sequence[str], scores: np.ndarray,
             k = selection_size(len(rows), rule.ratio, rule.count)
             if len(ranked) < k:
                 raise ValueError(f"only {len(ranked)} rows have a finite score; cannot select {k}")
-            chosen += ranked[:k]
+            chosen += (_stratified(ranked, n_response, k, rule.length_bins)
+                       if rule.stratify == "length" else ranked[:k])
     kept = [i for i, s in enumerate(sources) if s in rule.keep_sources and np.isfinite(scores[i])]
     return chosen + kept
+
+
+def ranking_scores(scores: np.ndarray, n_response: Sequence[int],
+                   rule: SelectionRule) -> np.ndarray:
+    """What ranks the rows: the score, or (``rank=residual_length``) its residual on log length.
+
+    The residual is the score less its ordinary least-squares line on ``log(response tokens)``,
+    fitted on every pool row with a finite score (all sources): a row ranks high when it scores
+    higher than rows of its length do, so a score that only prefers short answers ranks by
+    nothing but noise. Rows with no response token get NaN (never selected).
+    """
+    if rule.rank != "residual_length":
+        return scores
+    lengths = np.asarray(n_response, dtype=float)  # (N,)
+    fit = np.isfinite(scores) & (lengths >= 1)
+    if fit.sum() < 3:
+        raise ValueError(f"selection.rank=residual_length needs at least 3 rows with a finite "
+                         f"score and a response token to fit on, got {int(fit.sum())}")
+    log_length = np.log(np.where(lengths >= 1, lengths, np.nan))  # (N,)
+    slope, intercept = np.polyfit(log_length[fit], scores[fit], 1)
+    return np.where(fit, scores - (slope * log_length + intercept), np.nan)
+
+
+def _quantile_bins(lengths: Sequence[int], q: int) -> np.ndarray:
+    """Equal-frequency bin of each length (0 = shortest), at most ``q`` bins (ties merge edges)."""
+    codes = pd.qcut(np.asarray(lengths, dtype=float), q, labels=False, duplicates="drop")
+    return np.asarray(codes, dtype=int)
+
+
+def _stratified(ranked: list[int], n_response: Sequence[int], k: int, q: int) -> list[int]:
+    """The top ``k`` of ``ranked`` spread over the length quantiles of those rows.
+
+    Each of the (up to ``q``) bins gives its best ``k // bins`` rows (all it has, if fewer); the
+    remaining places (``k % bins`` and any bin's shortfall) go to the best rows not yet taken,
+    whatever their bin. Returned in rank order.
+    """
+    bins = _quantile_bins([n_response[i] for i in ranked], q)  # bin of each ranked row
+    per_bin = k // (int(bins.max()) + 1)
+    taken: dict[int, int] = {}
+    chosen: set[int] = set()
+    for position, row in enumerate(ranked):  # best first, so each bin keeps its best
+        if taken.get(bins[position], 0) < per_bin:
+            taken[bins[position]] = taken.get(bins[position], 0) + 1
+            chosen.add(row)
+    for row in ranked:  # the remainder, by score
+        if len(chosen) >= k:
+            break
+        chosen.add(row)
+    return [i for i in ranked if i in chosen]
+
+
+def length_matched_rows(ids: Sequence[str], scores: np.ndarray, n_response: Sequence[int],
+                        target: Sequence[int], q: int, seed: int) -> list[int]:
+    """Random rows with exactly as many per length bin as ``target`` (another selection) has.
+
+    The bins are ``q`` quantile bins of the target's response lengths (fewer when its lengths
+    tie), closed on both outer edges; pool rows outside the target's range are never drawn.
+    Within a bin the draw is uniform without replacement, from the rows in id order, with
+    ``numpy.random.default_rng(seed)``: the same seed gives the same rows. Rows with a
+    non-finite score are left out (as by every rule).
+
+    Returns:
+        ``len(target)`` pool indices, bin by bin (shortest first), in draw order.
+
+    Raises:
+        ValueError: a bin the pool cannot fill.
+
+    """
+    target_lengths = np.asarray(target, dtype=float)
+    edges = np.unique(np.quantile(target_lengths, np.linspace(0, 1, q + 1)))
+    lengths = np.asarray(n_response, dtype=float)
+    if len(edges) == 1:  # every target row has one length: that length is the only bin
+        pool_bins = np.where(lengths == edges[0], 0, -1)
+        target_bins = np.zeros(len(target_lengths), dtype=int)
+    else:  # pandas' interval binning: right-closed, the lowest edge included
+        pool_bins = pd.cut(lengths, edges, labels=False, include_lowest=True)
+        pool_bins = np.nan_to_num(pool_bins, nan=-1).astype(int)
+        target_bins = np.asarray(pd.cut(target_lengths, edges, labels=False,
+                                        include_lowest=True), dtype=int)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for b, need in sorted(zip(*np.unique(target_bins, return_counts=True), strict=True)):
+        rows = sorted((i for i in range(len(ids)) if pool_bins[i] == b and np.isfinite(scores[i])),
+                      key=lambda i: ids[i])
+        if len(rows) < need:
+            raise ValueError(f"selection.rule=length_matched_random: the named selection has "
+                             f"{need} rows of {edges[b]:g}-{edges[min(b + 1, len(edges) - 1)]:g} "
+                             f"response tokens but this pool only {len(rows)}; match a selection "
+                             "of this pool")
+        chosen += [rows[j] for j in rng.choice(len(rows), size=int(need), replace=False)]
+    return chosen
 
 
 def _in_band(ranked: list[int], band: tuple[float, float], order: str) -> list[int]:
@@ -218,6 +356,37 @@ def matched_tokens(path: str | Path) -> int:
                             "composition there; give a run directory or a selection artifact")
 
 
+def matched_lengths(path: str | Path, ids: Sequence[str],
+                    n_response: Sequence[int]) -> tuple[str, list[int]]:
+    """The response lengths (in this pool) of another selection's rows, and a label for it.
+
+    ``path`` is a run directory (its ``summary.json`` names its ``selected.jsonl``) or a
+    selection artifact (holding ``selected.jsonl``), as for ``selection.match_tokens``.
+
+    Raises:
+        FileNotFoundError: neither is there.
+        ValueError: some of its rows are not in this pool.
+
+    """
+    path = Path(path)
+    selected = path / "selected.jsonl"
+    if not selected.is_file() and (path / "summary.json").is_file():
+        named = json.loads((path / "summary.json").read_text()).get("artifacts", {})
+        selected = Path(named.get("selected", selected))
+    if not selected.is_file():
+        raise FileNotFoundError(f"selection.match_lengths={path}: no selected.jsonl there and "
+                                "no summary.json naming one; give a run directory or a "
+                                "selection artifact")
+    chosen = read_selected_ids(selected)
+    row = {row_id: i for i, row_id in enumerate(ids)}
+    missing = [c for c in chosen if c not in row]
+    if missing:
+        raise ValueError(f"selection.match_lengths={path}: {len(missing)} of its "
+                         f"{len(chosen)} rows are not in this pool (e.g. {missing[0]}); match a "
+                         "selection made from the same data")
+    return f"{path.name}@{fingerprint(sorted(chosen))}", [n_response[row[c]] for c in chosen]
+
+
 def select(ctx: Context, scored: StageResult) -> StageResult:
     """The select stage: rows by score under the ``selection`` rule, exported in the pool's format.
 
@@ -235,11 +404,17 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
     assert scored.scores is not None
     scores = scored.scores
     match = cfg.selection.get("match_tokens")
-    rule = rule_from_config(cfg.selection, matched_tokens(match) if match else None)
     n_response = [f.n_response for f in pool.features]
-    # The export carries each row as stored: its key follows the rows' metadata too.
+    matched = None
+    if cfg.selection.get("rule", "ranked") == "length_matched_random":
+        matched = matched_lengths(cfg.selection.match_lengths, pool.ids, n_response)
+    rule = rule_from_config(cfg.selection, matched_tokens(match) if match else None,
+                            matched=matched, seed=int(cfg.seed))
+    # The export carries each row as stored: its key follows the rows' metadata too. A random
+    # draw follows its seed, which the rule leaves out (the seed is not part of the point).
     key = fingerprint({"scores": scored.directory.name, "rule": rule.describe(),
-                       "rows": pool.rows_fingerprint()})
+                       "rows": pool.rows_fingerprint(),
+                       **({"seed": rule.seed} if rule.mode == "length_matched" else {})})
 
     def build(work: Path) -> dict[str, Any]:
         chosen = choose_rows(pool.ids, [e.source for e in pool.examples], scores, n_response,
@@ -247,7 +422,8 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
         if not chosen:
             raise ValueError(f"selection {rule.describe()} keeps no row; widen the band or raise "
                              "selection.tokens")
-        rows = selected_rows(pool.examples, chosen, scores)
+        # the value each row was ranked by (the residual under rank=residual_length)
+        rows = selected_rows(pool.examples, chosen, ranking_scores(scores, n_response, rule))
         atomic_write_text(work / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(work / "export.jsonl", export_rows([pool.examples[i] for i in chosen]))
         atomic_write_json(work / "meta.json", {

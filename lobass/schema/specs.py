@@ -88,6 +88,13 @@ class SelectionSpec:
     keep_sources: list[str] = knob([])
     listed: str | None = knob(None)  # a data file: keep exactly the pool rows it holds
     listed_reader: str = knob("alpaca", choices=readers)
+    # length controls (docs/selection.md): rank by the score residualised on log length, the
+    # size spread over length quantiles, or random rows length-matched to a named selection
+    rule: Literal["length_matched_random", "ranked"] = knob("ranked")
+    rank: Literal["residual_length", "score"] = knob("score")
+    stratify: Literal["length"] | None = knob(None)
+    length_bins: int = knob(10, ge=1)  # quantile bins of stratify and length_matched_random
+    match_lengths: str | None = knob(None)  # a run dir or selection artifact (length_matched)
 
 
 @dataclass(kw_only=True)
