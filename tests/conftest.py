@@ -27,12 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 # Small sizes that keep the tiny-model end-to-end runs to seconds.
-TINY = [
-    "model=tiny_random", "logger=none", "data.max_rows=24", "data.mix.gsm8k.max_rows=8",
-    "data.max_length=128", "reference.max_steps=4", "train.max_steps=3",
-    "eval.gsm8k.limit=2", "eval.gsm8k.max_gen_toks=8", "eval.heldout.max_rows=6",
-    "selection.ratio=0.25",
-]
+TINY = ["debug=tiny", "data.mix.gsm8k.max_rows=8"]  # conf/debug/tiny.yaml; 8 of the mix's GSM8K rows
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
