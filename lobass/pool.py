@@ -14,9 +14,37 @@ from omegaconf import DictConfig
 from lobass.context import Pool
 from lobass.data import Example, ReadStats, read_examples
 from lobass.formatting import tokenize_example
-from lobass.modeling import model_key
+from lobass.schema import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def pool_sources(data_cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each file of the pool (``data.path`` then every ``data.mix`` entry) by its source label.
+
+    A mix entry is labelled ``data.mix.<name>.source``, or its name when that is unset.
+
+    Raises:
+        ConfigError: two files share a label. Why: the label names each row's source (per-source
+            quotas, reports, ``data/<source>/*`` counts), and a mapping by label would keep only
+            one of the two files, silently dropping the other's rows.
+
+    """
+    entries = [("data.source", str(data_cfg.source), data_cfg)]
+    for name, mix in (data_cfg.mix or {}).items():
+        label = mix.get("source") or name
+        key = f"data.mix.{name}.source" if mix.get("source") else f"data.mix.{name}"
+        entries.append((key, str(label), mix))
+    sources: dict[str, DictConfig] = {}
+    keys: dict[str, str] = {}
+    for key, label, entry in entries:
+        if label in sources:
+            raise ConfigError(
+                f"{keys[label]} and {key} both label their rows {label!r}: one file would "
+                f"replace the other in the pool; give one another label (e.g. "
+                f"data.source={label}_main, or data.mix.<name>.source=...)")
+        sources[label], keys[label] = entry, key
+    return sources
 
 
 def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
@@ -25,8 +53,11 @@ def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
     Returns:
         The examples in source then file order, and ``data/<source>/{rows,skipped_*}`` counts.
 
+    Raises:
+        ConfigError: two files with one source label (:func:`pool_sources`).
+
     """
-    sources = {data_cfg.source: data_cfg, **(data_cfg.mix or {})}
+    sources = pool_sources(data_cfg)
     examples: list[Example] = []
     metrics: dict[str, float] = {}
     seen: set[str] = set()
@@ -42,9 +73,17 @@ def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
     return examples, metrics
 
 
-def tokenize_pool(cfg: DictConfig, examples: list[Example],
-                  tokenizer: Any) -> tuple[Pool, dict[str, float]]:
-    """The pool with response-only labels, and ``data/{pool_rows,truncated,tokens}``."""
+def tokenize_pool(cfg: DictConfig, examples: list[Example], tokenizer: Any,
+                  model_id: str) -> tuple[Pool, dict[str, float]]:
+    """The pool with response-only labels, and ``data/{pool_rows,truncated,tokens}``.
+
+    Args:
+        cfg: the run's config.
+        examples: the pool's rows (:func:`read_pool`).
+        tokenizer: the initial model's tokenizer.
+        model_id: :func:`lobass.modeling.model_key` of the initial model (its files' content).
+
+    """
     data = cfg.data
     features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length)
                 for e in examples]
@@ -53,6 +92,6 @@ def tokenize_pool(cfg: DictConfig, examples: list[Example],
                "data/tokens": float(sum(len(f.input_ids) for f in features))}
     log.info("data=%s: %d rows, %d truncated to data.max_length=%d", data.name, len(examples),
              metrics["data/truncated"], data.max_length)
-    tokens_key = {"model": model_key(cfg.model), "template": cfg.model.template,
+    tokens_key = {"model": model_id, "template": cfg.model.template,
                   "max_length": data.max_length}
     return Pool(examples, features, tokens_key), metrics

@@ -186,7 +186,7 @@ def test_exclude_eos_leaves_the_end_token_out_of_the_mean_exactly(make_cfg, tiny
     rows = [json.loads(x) for x in Path(dropped["artifacts"]["scores"]).read_text().splitlines()]
     cfg = make_cfg(*TINY)
     examples, _ = read_pool(cfg.data)
-    pool, _ = tokenize_pool(cfg, examples, tokenizer)
+    pool, _ = tokenize_pool(cfg, examples, tokenizer, model_id="unused here")
     by_id = {r["id"]: r for r in rows}
     checked = 0
     for example, f in zip(pool.examples, pool.features, strict=True):

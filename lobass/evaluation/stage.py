@@ -17,13 +17,25 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint, write_row_losses
+from lobass.artifacts import (
+    atomic_write_json,
+    ensure_artifact,
+    file_sha256,
+    fingerprint,
+    write_row_losses,
+)
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
 from lobass.evaluation import suite
 from lobass.evaluation.heldout import heldout_loss_metrics
 from lobass.formatting import Features, tokenize_example
-from lobass.modeling import load_adapter, load_model, load_tokenizer, model_key
+from lobass.modeling import (
+    checkpoint_fingerprint,
+    checkpoint_path,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +64,12 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     ev = OmegaConf.merge(cfg.eval, {"judge": {"baseline": judge_baseline}})
     assert isinstance(ev, DictConfig)
     judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
-    # format 2: the artifact also keeps per-row losses (losses/<set>.jsonl) for paired reports;
-    # the loss batch budget moves losses by ~1e-7, so it is part of the key too.
-    # What is evaluated: a fine-tune (its key names the initial model too) or the initial model.
-    evaluated = adapter.parent.name if adapter else f"initial-{model_key(cfg.model)}"
-    recipe = OmegaConf.to_container(ev)
-    assert isinstance(recipe, dict)
-    recipe["judge"].pop("probe_timeout_s", None)  # how long the pre-flight waits: bookkeeping
-    key = fingerprint({"adapter": evaluated, "eval": recipe,
+    # What is evaluated: a fine-tune (its key names the initial model and how rows are tokenised)
+    # or the initial model, whose held-out losses depend on the same tokens key.
+    evaluated = adapter.parent.name if adapter else f"initial-{fingerprint(ctx.pool.tokens_key)}"
+    judge_model = (_judge_checkpoint(ev.judge, Path(cfg.models_dir).resolve())
+                   if judged is not None else None)  # the judge runs only with a baseline
+    key = fingerprint({"adapter": evaluated, "eval": eval_recipe(ev, judge_model),
                        "seed": seed, "judged": judged, "format": 2,
                        "loss_batch": cfg.score.max_tokens_per_batch})
 
@@ -79,7 +89,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         began = time.perf_counter()
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
-            key={"adapter": evaluated, "model": model_key(cfg.model)})
+            key={"adapter": evaluated, "model": ctx.pool.tokens_key["model"]})
         metrics["eval/generate_seconds"] = time.perf_counter() - began  # sets reused: ~0
         metrics.update(suite.generation_set_metrics(generations))
         if ev.backend == "vllm":  # vLLM loads its own copy and wants the GPU memory free first
@@ -114,6 +124,52 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     return StageResult(directory, reused, metrics, {"eval": str(directory)})
 
 
+# eval config fields that name a file the evaluation reads: keyed by the file's content
+FILE_FIELDS = ("path", "test_path", "fewshot_path", "questions", "answers")
+
+
+def eval_recipe(ev: DictConfig, judge_model: str | None) -> dict[str, Any]:
+    """The ``eval`` group as its artifact key holds it: every input file by its content.
+
+    Why: a held-out, reference-answer, GSM8K, IFEval or prompt file edited in place must give
+    new metrics, and the same file found at another path (another clone) the same ones. The
+    judge's baseline answers are keyed by content in ``judge_inputs``, its model by its files.
+
+    Args:
+        ev: the run's ``eval`` group (with its resolved judge baseline).
+        judge_model: fingerprint of a local judge model's files (:func:`_judge_checkpoint`).
+
+    """
+    def by_content(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ({"sha256": file_sha256(Path(v))}
+                        if k in FILE_FIELDS and isinstance(v, str) and Path(v).is_file()
+                        else by_content(v)) for k, v in node.items()}
+        return node
+
+    recipe = OmegaConf.to_container(ev, resolve=True)
+    assert isinstance(recipe, dict)
+    judge = recipe["judge"]
+    judge.pop("probe_timeout_s", None)  # how long the pre-flight waits: bookkeeping
+    judge.pop("baseline", None)  # its answers' content is in judge_inputs
+    if judge_model is not None:
+        judge["model"] = judge_model
+    return by_content(recipe)
+
+
+def _judge_checkpoint(judge_cfg: DictConfig, models_dir: Path) -> str | None:
+    """Fingerprint of a local judge model's files (``None``: no local checkpoint to read).
+
+    A ``local_hf`` judge named by a directory or a hub id without a pinned commit is keyed by
+    the files it is loaded from, as the initial model is (:func:`lobass.modeling.model_key`).
+    """
+    name = judge_cfg.get("model")
+    if judge_cfg.name != "local_hf" or name is None:  # a server's judge, or the initial model
+        return None
+    path, local = checkpoint_path(str(name), None, "eval.judge.model")
+    return checkpoint_fingerprint(Path(path), models_dir) if local else None
+
+
 def _losses(response_losses: ResponseLosses, model: Any, features: Sequence[Features],
             budget: int) -> np.ndarray:
     config = model.config
@@ -128,9 +184,10 @@ def _judge_loader(ctx: Context) -> Callable[[str | None], tuple[Any, Any]]:
     def load(name: str | None) -> tuple[Any, Any]:
         if name is None:  # the embedded/initial model judges
             return load_model(ctx.cfg.model, ctx.model_path), ctx.tokenizer
-        judge_cfg = OmegaConf.merge(ctx.cfg.model, {"source": "hub", "hub_id": name,
+        path = checkpoint_path(name, None, "eval.judge.model")[0]  # the files its key holds
+        judge_cfg = OmegaConf.merge(ctx.cfg.model, {"source": "hub", "hub_id": path,
                                                     "revision": None})
         assert isinstance(judge_cfg, DictConfig)
-        return load_model(judge_cfg, name), load_tokenizer(judge_cfg, name)
+        return load_model(judge_cfg, path), load_tokenizer(judge_cfg, path)
 
     return load

@@ -86,13 +86,15 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
     loss_keys, all_reused = [], True
     metrics: dict[str, float] = {}
     for loss in needed_losses(scorers):  # each loss once, whatever scorers share it
-        # The batch budget and prefix sharing move losses by ~1e-7 (summation order): in the key,
-        # so a cached loss is always exactly what this config computes.
+        # The batch budget, the shard size (rows are batched within a shard) and prefix sharing
+        # move losses by ~1e-7 (summation order): in the key, so a cached loss is always exactly
+        # what this config computes.
         directory = ctx.artifacts_dir / "losses" / fingerprint({
             **pool.content_key(), "loss": loss,
             "adapter": reference_adapter.parent.name if loss == "ref" and reference_adapter
             else None,
             "max_tokens_per_batch": cfg.score.max_tokens_per_batch,
+            "shard_rows": cfg.score.shard_rows,
             "share_prefix": cfg.score.share_prefix, **inputs.keys.get(loss, {})})
         compute = loss_fn(model, loss, inputs.features[loss],
                           max_tokens_per_batch=cfg.score.max_tokens_per_batch,
