@@ -77,6 +77,9 @@ def tokenize_pool(cfg: DictConfig, examples: list[Example], tokenizer: Any,
                   model_id: str) -> tuple[Pool, dict[str, float]]:
     """The pool with response-only labels, and ``data/{pool_rows,truncated,tokens}``.
 
+    ``data/special_token_text`` counts the rows whose text holds special-token strings
+    (tokenised as plain text unless ``data.allow_special_tokens``).
+
     Args:
         cfg: the run's config.
         examples: the pool's rows (:func:`read_pool`).
@@ -85,13 +88,23 @@ def tokenize_pool(cfg: DictConfig, examples: list[Example], tokenizer: Any,
 
     """
     data = cfg.data
-    features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length)
-                for e in examples]
+    allow = bool(data.get("allow_special_tokens", False))
+    features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length,
+                                 allow_special_tokens=allow) for e in examples]
     metrics = {"data/pool_rows": float(len(examples)),
                "data/truncated": float(sum(f.truncated for f in features)),
-               "data/tokens": float(sum(len(f.input_ids) for f in features))}
+               "data/tokens": float(sum(len(f.input_ids) for f in features)),
+               "data/special_token_text": float(sum(f.special_text > 0 for f in features))}
     log.info("data=%s: %d rows, %d truncated to data.max_length=%d", data.name, len(examples),
              metrics["data/truncated"], data.max_length)
+    if metrics["data/special_token_text"]:
+        log.warning("data=%s: %d rows hold special-token strings (e.g. the chat template's "
+                    "end-of-turn) in their text; data.allow_special_tokens=%s: they are %s",
+                    data.name, metrics["data/special_token_text"], str(allow).lower(),
+                    "control tokens" if allow else "tokenised as plain text")
+    # "text": how row text meets special tokens (plain unless allowed). Keys made before it
+    # existed tokenised such strings as control tokens, so their artifacts are not reused.
     tokens_key = {"model": model_id, "template": cfg.model.template,
-                  "max_length": data.max_length}
+                  "max_length": data.max_length,
+                  "text": "special-tokens-allowed" if allow else "plain-v1"}
     return Pool(examples, features, tokens_key), metrics

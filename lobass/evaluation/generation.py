@@ -18,7 +18,7 @@ import torch
 
 from lobass.artifacts import atomic_write_text
 from lobass.evaluation.prompts import Prompt
-from lobass.formatting import format_prompt, prompt_token_ids
+from lobass.formatting import tokenize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def generate_batch(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], 
 
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], path: Path, *,
                        template: str, max_new_tokens: int, batch_size: int,
-                       set_name: str = "") -> list[dict[str, Any]]:
+                       set_name: str = "",
+                       allow_special_tokens: bool = False) -> list[dict[str, Any]]:
     """Answer every prompt greedily, appending rows to ``path`` and resuming from what it holds.
 
     Args:
@@ -102,6 +103,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
         max_new_tokens: generation cap per answer.
         batch_size: prompts per ``generate`` call; batches group prompts of similar length.
         set_name: stored on each row (a baseline file may hold several sets).
+        allow_special_tokens: special-token strings in a prompt act as control tokens
+            (``data.allow_special_tokens``); ``False``: they are tokenised as plain text.
 
     Returns:
         The rows in prompt order (the file is rewritten in that order once complete).
@@ -114,8 +117,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     if done:
         log.info("eval.generation: resuming %s with %d of %d answers already in %s", set_name,
                  len(prompts) - len(todo), len(prompts), path)
-    texts = {p.id: format_prompt(p.messages, tokenizer, template) for p in todo}
-    ids = {p.id: prompt_token_ids(texts[p.id], tokenizer) for p in todo}
+    ids = {p.id: tokenize_prompt(p.messages, tokenizer, template,
+                                 allow_special_tokens=allow_special_tokens) for p in todo}
     todo.sort(key=lambda p: (-len(ids[p.id]), p.id))  # similar lengths together: less padding
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle, tqdm(

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from lobass.evaluation.judge import VERDICT_TAGS, parse_verdict
-from lobass.formatting import format_prompt, prompt_token_ids
+from lobass.formatting import tokenize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,10 @@ class LocalHFJudge:
     fast: bool = True
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        text = format_prompt(({"role": "user", "content": prompt},), self.tokenizer,
-                             self.template) + self.prefix
-        return prompt_token_ids(text, self.tokenizer)[-self.max_length:]
+        # The comparison prompt (question and answers) is row text: a "<|im_end|>" an answer
+        # writes stays text, and cannot end the judge's turn.
+        return tokenize_prompt(({"role": "user", "content": prompt},), self.tokenizer,
+                               self.template, suffix=self.prefix)[-self.max_length:]
 
     def _candidate_ids(self) -> list[list[int]]:
         return [self.tokenizer(c, add_special_tokens=False)["input_ids"]

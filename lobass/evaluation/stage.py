@@ -69,6 +69,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     evaluated = adapter.parent.name if adapter else f"initial-{fingerprint(ctx.pool.tokens_key)}"
     judge_model = (_judge_checkpoint(ev.judge, Path(cfg.models_dir).resolve())
                    if judged is not None else None)  # the judge runs only with a baseline
+    allow = bool(cfg.data.get("allow_special_tokens", False))  # also in the tokens key
     key = fingerprint({"adapter": evaluated, "eval": eval_recipe(ev, judge_model),
                        "seed": seed, "judged": judged, "format": 2,
                        "loss_batch": cfg.score.max_tokens_per_batch})
@@ -81,7 +82,8 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         # a) reference-free: mean response loss on held-out reference answers
         for name, examples in suite.reference_sets(ev).items():
             features = [tokenize_example(e, ctx.tokenizer, cfg.model.template,
-                                         cfg.data.max_length) for e in examples]
+                                         cfg.data.max_length, allow_special_tokens=allow)
+                        for e in examples]
             losses = _losses(response_losses, model, features, cfg.score.max_tokens_per_batch)
             metrics.update(heldout_loss_metrics(losses, name))
             write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
@@ -89,6 +91,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         began = time.perf_counter()
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
+            allow_special_tokens=allow,
             key={"adapter": evaluated, "model": ctx.pool.tokens_key["model"]})
         metrics["eval/generate_seconds"] = time.perf_counter() - began  # sets reused: ~0
         metrics.update(suite.generation_set_metrics(generations))

@@ -97,7 +97,8 @@ def enabled_prompt_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_dir: Path, *,
-                  key: dict[str, Any], template: str) -> dict[str, Path]:
+                  key: dict[str, Any], template: str,
+                  allow_special_tokens: bool = False) -> dict[str, Path]:
     """Answer every enabled prompt set; each set is its own artifact under ``generations/``.
 
     Args:
@@ -107,6 +108,8 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
         artifacts_dir: the artifact cache.
         key: what identifies the evaluated model (adapter, initial model), hashed into each key.
         template: ``model.template``.
+        allow_special_tokens: ``data.allow_special_tokens``: special-token strings in a prompt
+            are control tokens (``False``: plain text).
 
     Returns:
         The generations JSONL of each set.
@@ -117,12 +120,15 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
     for name, spec in enabled_prompt_sets(eval_cfg).items():
         prompts = read_prompts(spec.path, spec.reader, spec.max_rows)
         set_key = fingerprint({**key, "template": template, "prompts": file_sha256(Path(spec.path)),
+                               "text": "special-tokens-allowed" if allow_special_tokens
+                               else "plain-v1",
                                "reader": spec.reader, "max_rows": spec.max_rows,
                                "max_new_tokens": generation.max_new_tokens})
 
         def build(work: Path, name: str = name, prompts: Any = prompts) -> dict[str, Any]:
             rows = generate_responses(model, tokenizer, prompts, work / f"{name}.jsonl",
                                       template=template,
+                                      allow_special_tokens=allow_special_tokens,
                                       max_new_tokens=int(generation.max_new_tokens),
                                       batch_size=int(generation.batch_size), set_name=name)
             return {"set": name, "rows": len(rows)}

@@ -64,6 +64,7 @@ class DataSpec:
     on_bad_row: Literal["error", "skip"] = knob()
     gsm8k: Gsm8kReaderSpec | None = knob(None)  # absent or null: the reader's defaults
     decontaminate: bool = knob(False)  # drop pool rows overlapping an eval set (contamination.py)
+    allow_special_tokens: bool = knob(False)  # true: <|im_end|> in row text is a control token
 
 
 @dataclass(kw_only=True)
