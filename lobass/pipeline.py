@@ -75,8 +75,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     need_reference = "reference" in wanted or (need_score and needs_reference(cfg))
     summary = Summary()
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
-    tracker = (make_logger(cfg.logger, _loggable_config(cfg), run_dir) if distributed.is_main()
-               else NullLogger())
+    tracker = (make_logger(cfg.logger, {**_loggable_config(cfg), "provenance": summary.provenance},
+                           run_dir) if distributed.is_main() else NullLogger())
     try:
         # 0) pool: read and check the data and the LoRA targets before any model loads; tokenise
         examples, read_metrics = read_pool(cfg.data)

@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lobass.context import StageResult
+from lobass.peak_memory import StagePeak
+from lobass.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class Summary:
     artifacts: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     point: dict[str, Any] = field(default_factory=dict)  # what makes the run a point of a study
+    # the git commit (and dirty flag) and package versions that made these numbers
+    provenance: dict[str, Any] = field(default_factory=provenance)
 
     def stage(self, name: str, call: Callable[[], StageResult]) -> StageResult:
         """Run one stage, timing it and keeping its reuse flag, metrics and artifact paths."""
@@ -40,13 +43,13 @@ class Summary:
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[dict[str, Any]]:
         record: dict[str, Any] = {"seconds": 0.0, "reused": False}
-        reset_peak_rss()
         start = time.perf_counter()
         try:
-            yield record
+            with StagePeak() as peak:
+                yield record
         finally:  # a failed stage keeps its time in the partial summary
             record["seconds"] = round(time.perf_counter() - start, 3)
-            record["peak_rss_mb"] = peak_rss_mb()
+            record["peak_rss_mb"] = peak.mb
             self.stages[name] = record
             log.info("stage %s: %.1f s%s", name, record["seconds"],
                      " (reused)" if record["reused"] else "")
@@ -54,28 +57,7 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         """The JSON document."""
         return {"stages": self.stages, "artifacts": self.artifacts, "metrics": self.metrics,
-                "point": self.point}
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark of resident memory (Linux: ``clear_refs`` 5 resets VmHWM).
-
-    So each stage's ``peak_rss_mb`` is its own peak, not the largest of the stages before it.
-    Where the kernel refuses, the figure stays the process's peak so far.
-    """
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float | None:
-    """The high-water mark of resident memory since the last reset, in MiB (``None``: no /proc)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    kib = next((int(line.split()[1]) for line in status.splitlines()
-                if line.startswith("VmHWM:")), None)
-    return round(kib / 1024, 1) if kib is not None else None
+                "point": self.point, "provenance": self.provenance}
 
 
 def format_summary(summary: Summary) -> str:
