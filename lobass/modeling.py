@@ -183,12 +183,15 @@ def _source_content(model_cfg: DictConfig, model_path: str | None, models_dir: P
 
 
 def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
-    """What determines the initial model's outputs: its files' content, dtype and attention.
+    """What determines the initial model's outputs: its files' content, dtype, attention, code.
 
     Never paths or run names: a local directory, a hub id without a pinned commit and a GGUF
     package are keyed by the content of their files (an overwritten checkpoint gets a new key),
     a pinned hub id by its commit. ``model.attn_implementation`` is in the key: eager and sdpa
-    attention sum in another order, which moves losses (~1e-6 in float32, more in bfloat16).
+    attention sum in another order, which moves losses (up to 2e-6 in float32 on the tiny model,
+    issue 27; more in bfloat16), and a kernel may not apply every option of a model's attention
+    (why ``conf/model/gemma3_270m.yaml`` asks for eager). ``model.trust_remote_code`` chooses
+    between the repository's modelling code and transformers' own.
 
     Args:
         model_cfg: the ``model`` config group.
@@ -198,7 +201,8 @@ def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
     """
     identity = _identity(model_cfg, _source_content(model_cfg, model_path, models_dir))
     return f"{model_cfg.name}-" + fingerprint(
-        {**identity, "attn_implementation": model_cfg.attn_implementation})
+        {**identity, "attn_implementation": model_cfg.attn_implementation,
+         "trust_remote_code": bool(model_cfg.trust_remote_code)})  # the repo's code or ours
 
 
 def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
