@@ -59,6 +59,7 @@ KEYED: dict[str, str] = {
                                          "mix.<name>.path", "mix.<name>.reader",
                                          "mix.<name>.max_rows", "mix.<name>.source")},
     "data.max_length": "Pool.tokens_key",
+    "data.allow_special_tokens": "Pool.tokens_key (text)",
     "scorer.name": "scores key (scorers) and the losses it needs",
     **{f"selection.{f}": "selection key (rule.describe())" for f in (
         "ratio", "count", "order", "band", "budget", "tokens", "match_tokens", "by_source",

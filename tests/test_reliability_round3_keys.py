@@ -159,6 +159,17 @@ def test_initial_model_eval_follows_its_tokens(make_cfg, change):
 
 
 # ---------------------------------------------------------------------------------------------
+# Low: score.shard_rows changed losses (rows are batched within a shard) but was not keyed
+
+def test_shard_size_has_its_own_losses(make_cfg):
+    args = [*TINY, "stages=[score]", "scorer=loss"]
+    first = run(make_cfg(*args))
+    other = run(make_cfg(*args, "score.shard_rows=4"))
+    assert other["metrics"]["score/init_shards_computed"] == 8  # before: 0, the 1-shard losses
+    assert other["artifacts"]["scores"] != first["artifacts"]["scores"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Lows: directories that cannot work are refused before anything is written
 
 def test_run_dir_inside_an_artifact_is_refused(make_cfg, tmp_path):
