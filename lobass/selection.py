@@ -48,8 +48,40 @@ def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
 
 
 def export_rows(examples: Sequence[Example]) -> str:
-    """The selected rows as JSON Lines in their pool's own format (ready for other trainers)."""
+    """The selected rows as JSON Lines in their pool's own format, metadata and all."""
     return "".join(json.dumps(e.raw, ensure_ascii=False) + "\n" for e in examples)
+
+
+def trained_rows(examples: Sequence[Example], selected: Sequence[dict[str, Any]]) -> str:
+    """The selected rows as they were trained, one normalised row each (``export.jsonl``).
+
+    Every row has the same columns, none of them null, so ``datasets.load_dataset("json")`` and
+    LLaMA-Factory's Alpaca format (``instruction``/``input``/``output``/``system``/``history``)
+    read it as is. The text is what the model was trained on, after any reader's cleaning (GSM8K's
+    calculator annotations stripped): the final user turn is ``instruction`` (an Alpaca input is
+    already part of it, joined as it was trained), so ``input`` is empty; earlier turns are
+    ``history`` pairs; ``messages`` is the whole conversation for chat trainers. ``id``, ``source``,
+    ``rank`` and ``score`` come from ``selected.jsonl``.
+    """
+    by_id = {e.id: e for e in examples}
+    lines = []
+    for row in selected:
+        messages = list(by_id[row["id"]].messages)
+        turns = messages[1:] if messages[0]["role"] == "system" else messages
+        system = messages[0]["content"] if turns is not messages else ""
+        *before, user, answer = turns
+        # consecutive earlier turns as [user, assistant] pairs (a turn missing its partner: "")
+        history: list[list[str]] = []
+        for message in before:
+            if message["role"] == "user" or not history or history[-1][1]:
+                history.append(["", ""])
+            history[-1][0 if message["role"] == "user" else 1] = message["content"]
+        lines.append(json.dumps({
+            "id": row["id"], "source": row["source"], "rank": row["rank"], "score": row["score"],
+            "instruction": user["content"], "input": "", "output": answer["content"],
+            "system": system, "history": history, "messages": messages,
+        }, ensure_ascii=False) + "\n")
+    return "".join(lines)
 
 
 def read_selected_ids(path: Path) -> list[str]:
@@ -412,7 +444,7 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
                             matched=matched, seed=int(cfg.seed))
     # The export carries each row as stored: its key follows the rows' metadata too. A random
     # draw follows its seed, which the rule leaves out (the seed is not part of the point).
-    key = fingerprint({"scores": scored.directory.name, "rule": rule.describe(),
+    key = fingerprint({"scores": scored.directory.name, "rule": rule.describe(), "export": 2,
                        "rows": pool.rows_fingerprint(),
                        **({"seed": rule.seed} if rule.mode == "length_matched" else {})})
 
@@ -425,7 +457,9 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
         # the value each row was ranked by (the residual under rank=residual_length)
         rows = selected_rows(pool.examples, chosen, ranking_scores(scores, n_response, rule))
         atomic_write_text(work / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(work / "export.jsonl", export_rows([pool.examples[i] for i in chosen]))
+        atomic_write_text(work / "export.jsonl", trained_rows(pool.examples, rows))
+        atomic_write_text(work / "export_pool_format.jsonl",
+                          export_rows([pool.examples[i] for i in chosen]))
         atomic_write_json(work / "meta.json", {
             "count": len(chosen), "pool": len(pool.examples), "ratio": rule.ratio,
             "rule": rule.describe(), "composition": composition(pool.examples, chosen,
@@ -442,5 +476,6 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
                         not (source == "all" and k == "rows")})
     ctx.tracker.log_file("selected", "selection", directory / "selected.jsonl")
     return StageResult(directory, reused, metrics,
-                       {"selected": str(directory / "selected.jsonl")}, ids=ids,
+                       {"selected": str(directory / "selected.jsonl"),
+                        "export": str(directory / "export.jsonl")}, ids=ids,
                        identity=meta["rule"])

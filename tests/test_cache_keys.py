@@ -22,7 +22,7 @@ def _select(make_cfg, path: Path, *extra: str) -> dict:
 
 
 def _export(summary: dict) -> list[dict]:
-    export = Path(summary["artifacts"]["selected"]).with_name("export.jsonl")
+    export = Path(summary["artifacts"]["selected"]).with_name("export_pool_format.jsonl")
     return [json.loads(x) for x in export.read_text().splitlines()]
 
 

@@ -37,7 +37,7 @@ def test_all_stages_end_to_end_on_tiny_model_then_everything_is_reused(make_cfg,
     selected = [json.loads(x) for x in selected_path.read_text().splitlines()]
     top = sorted(scores, key=lambda r: (-r["score"], r["id"]))[:8]
     assert [r["id"] for r in selected] == [r["id"] for r in top]
-    export = selected_path.with_name("export.jsonl").read_text().splitlines()
+    export = selected_path.with_name("export_pool_format.jsonl").read_text().splitlines()
     assert all({"instruction", "output"} <= set(json.loads(x)) or {"question", "answer"} <=
                set(json.loads(x)) for x in export) and len(export) == 8
 

@@ -124,7 +124,9 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
 
     directory, reused = ensure_artifact(ctx.artifacts_dir / "eval" / key, build)
     metrics = json.loads((directory / "metrics.json").read_text())
-    return StageResult(directory, reused, metrics, {"eval": str(directory)})
+    answers = json.loads((directory / "generations.json").read_text())  # set -> answers file
+    return StageResult(directory, reused, metrics, {
+        "eval": str(directory), **{f"generations/{name}": path for name, path in answers.items()}})
 
 
 # eval config fields that name a file the evaluation reads: keyed by the file's content
