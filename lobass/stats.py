@@ -11,15 +11,19 @@ metric in ``summary.json`` and an interval the report draws over seeds come from
 - Win rates and any mean over few values: a percentile bootstrap of the mean.
 - Mean losses over many rows: a normal-approximation interval.
 - Rank correlation: scipy's Spearman, on the finite pairs only.
-- Sweep comparisons (the report, ``docs/report.md``): a t interval over training seeds, the
-  difference of two points over seeds (Welch or pooled t), a hierarchical bootstrap of paired
-  per-item differences (items, then seeds) with its p-value, and Holm's adjustment.
+- Sweep comparisons (the report, ``docs/report.md``): a t interval over training seeds; the
+  difference of two arms with each training run as one observation (Welch t on per-run means,
+  the primary interval); a hierarchical bootstrap of paired per-item differences (items, then
+  runs) as a secondary view, refused with fewer than :data:`MIN_BOOTSTRAP_RUNS` runs per arm;
+  and Holm's adjustment (statsmodels).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -117,9 +121,13 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x[keep], y[keep]).statistic)
 
 
-# Issue 13's comparisons: one kind of interval per comparison. Over training seeds a t-interval
-# (few values: a bootstrap over three seeds is roughly [min, max]); between two points a
-# hierarchical bootstrap (seeds, then items); across many comparisons a Holm adjustment.
+# Comparisons of arms (issues 13 and 28). Each training run is one observation: over training
+# seeds a t-interval, between two arms a Welch t-interval on the per-run means (a bootstrap over
+# three runs is roughly [min, max], shrinks the between-run variance by (n - 1) / n and puts its
+# p at its floor). The hierarchical bootstrap (runs, then items) is a secondary view that needs
+# MIN_BOOTSTRAP_RUNS runs per arm. Across many comparisons a Holm adjustment.
+
+MIN_BOOTSTRAP_RUNS = 10  # runs per arm below which a bootstrap over runs is refused
 
 
 def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95,
@@ -154,6 +162,7 @@ BOOTSTRAP_CHUNK = 4000  # resamples drawn at once; up to this many, one draw as 
 
 def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, iters: int = 2000,
                                       seed: int = 0, level: float = 0.95,
+                                      min_runs: int = MIN_BOOTSTRAP_RUNS,
                                       ) -> tuple[float, float, float, float]:
     """Paired difference of two points over shared items, resampling items, then seeds per side.
 
@@ -163,6 +172,11 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
     the interval, which a bootstrap over items alone leaves out. With one seed on each side this
     is exactly :func:`bootstrap_interval` of the per-item differences (same draws, same seed).
 
+    Refused with fewer than ``min_runs`` runs on a side: resampling n runs estimates their
+    variance with the factor (n - 1) / n (a third too small at n = 3) and the interval cannot
+    reach beyond the few runs' range, so with 2 or 3 runs per arm it is too narrow and its p
+    sits at its floor. :func:`run_difference` is the interval for few runs.
+
     Args:
         ours: ``(S_ours, N)`` per-item values, one row per training seed, columns the shared
             items in the same order as ``base``.
@@ -170,19 +184,24 @@ def hierarchical_bootstrap_difference(ours: np.ndarray, base: np.ndarray, *, ite
         iters: bootstrap resamples.
         seed: seeds the resampling.
         level: coverage.
+        min_runs: fewest runs (rows) per side; lower it only to study the resampling itself.
 
     Returns:
         ``(mean difference, low, high, p)`` where ``p`` is :func:`bootstrap_p_value` of the
         resampled means; NaN bounds and p for no items.
 
     Raises:
-        ValueError: the two sides do not hold the same number of items.
+        ValueError: the two sides do not hold the same number of items, or a side has fewer
+            than ``min_runs`` runs.
 
     """
     ours, base = np.atleast_2d(np.asarray(ours, float)), np.atleast_2d(np.asarray(base, float))
     if ours.shape[1] != base.shape[1]:
         raise ValueError(f"both sides need the same items: {ours.shape[1]} against "
                          f"{base.shape[1]} columns")
+    if min(len(ours), len(base)) < min_runs:
+        raise ValueError(f"a bootstrap over runs needs >= {min_runs} runs per arm, got "
+                         f"{len(ours)} vs {len(base)}: use run_difference (Welch t over runs)")
     n_items = ours.shape[1]
     diff = ours.mean(axis=0) - base.mean(axis=0)  # (N,)
     if not n_items:
@@ -226,56 +245,59 @@ def bootstrap_p_value(means: np.ndarray) -> float:
     return min(1.0, 2 * min(tails))
 
 
-def seed_difference(ours: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray,
-                    level: float = 0.95) -> tuple[float, float, float, float]:
-    """Difference of two points' means over training seeds: Student-t interval and p-value.
+class RunDifference(NamedTuple):
+    """The difference of two arms over runs (:func:`run_difference`)."""
 
-    Welch's test when both sides have two or more seeds; with one seed on a side the seed
-    variance can only come from the other side, so the pooled-variance test is used (its
-    interval is then the prediction interval of one more seed of the baseline). Written out
-    rather than ``scipy.stats.ttest_ind`` because that warns on a one-value side and on equal
-    values; the tests check it against ``ttest_ind`` where both apply.
+    difference: float  # mean of ours' runs - mean of base's runs
+    low: float  # interval bounds; NaN when no spread between runs can be measured
+    high: float
+    p: float  # two-sided p of "no difference"
+    df: float  # t degrees of freedom (Welch-Satterthwaite, or pooled n_a + n_b - 2)
+
+
+def run_difference(ours: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray,
+                   level: float = 0.95) -> RunDifference:
+    """Difference of two arms with each training run as one observation: a t-test on run means.
+
+    ``scipy.stats.ttest_ind`` and its ``confidence_interval``: Welch's test (unequal variances)
+    when both sides have two or more runs. With one run on a side its spread is unknown, so the
+    pooled-variance test lets the other side's spread stand for both (an equal-variance
+    assumption; the interval is that of one more run of the side with several). The per-item
+    bootstrap is no substitute with few runs (:func:`hierarchical_bootstrap_difference`).
 
     Args:
-        ours: one value per training seed of our point (non-finite values are left out).
-        base: one value per training seed of the baseline.
+        ours: one value per training run of our arm, e.g. its mean per-prompt loss
+            (non-finite values are left out).
+        base: one value per run of the comparator.
         level: coverage.
 
     Returns:
-        ``(mean difference, low, high, p)``; NaN bounds and p when neither side has two values
-        or all values on each side are equal (no seed spread to measure).
+        :class:`RunDifference`; NaN bounds, p and df when neither side has two values or every
+        value on each side is the same (no spread between runs to test against).
 
     """
     a, b = np.asarray(ours, dtype=float), np.asarray(base, dtype=float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if not len(a) or not len(b):
-        return math.nan, math.nan, math.nan, math.nan
+        return RunDifference(math.nan, math.nan, math.nan, math.nan, math.nan)
     mean = float(a.mean() - b.mean())
-    na, nb = len(a), len(b)
-    # sample variances; a single seed has none (NaN) and enters the pooled form with weight 0
-    va = float(a.var(ddof=1)) if na > 1 else 0.0
-    vb = float(b.var(ddof=1)) if nb > 1 else 0.0
-    if min(na, nb) >= 2:  # Welch: unequal variances, Welch-Satterthwaite degrees of freedom
-        se2 = va / na + vb / nb
-        df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1)) if se2 else 0.0
-    elif max(na, nb) >= 2:  # pooled: the one spread measured stands for both sides
-        df = na + nb - 2
-        se2 = ((na - 1) * va + (nb - 1) * vb) / df * (1 / na + 1 / nb)
-    else:
-        return mean, math.nan, math.nan, math.nan
-    if not se2 > 0:  # every seed equal on both sides: no spread to test against
-        return mean, math.nan, math.nan, math.nan
-    se = math.sqrt(se2)
-    half = float(stats.t.ppf((1 + level) / 2, df)) * se
-    p = float(2 * stats.t.sf(abs(mean) / se, df))
-    return mean, mean - half, mean + half, p
+    if max(len(a), len(b)) < 2 or np.ptp(a) == np.ptp(b) == 0:  # nothing measures the spread
+        return RunDifference(mean, math.nan, math.nan, math.nan, math.nan)
+    with warnings.catch_warnings():
+        # a side whose runs agree exactly (an accuracy every seed got) has variance 0, which
+        # scipy reports as precision loss; the other side's spread still makes the test
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        test = stats.ttest_ind(a, b, equal_var=min(len(a), len(b)) < 2)
+    interval = test.confidence_interval(level)
+    return RunDifference(mean, float(interval.low), float(interval.high), float(test.pvalue),
+                         float(test.df))
 
 
 def holm_adjust(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (family-wise error), in the input order.
 
-    scipy's ``false_discovery_control`` controls the false discovery rate (Benjamini-Hochberg),
-    a weaker promise than the family-wise one a verdict table makes, hence this step-down.
+    statsmodels' ``multipletests(method="holm")``. (scipy's ``false_discovery_control`` controls
+    the false discovery rate, a weaker promise than the family-wise one a verdict table makes.)
 
     Args:
         p_values: ``(m,)`` raw p-values.
@@ -285,9 +307,10 @@ def holm_adjust(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
         (m - j + 1) * p_(j)``, capped at 1.
 
     """
+    # imported here: statsmodels takes about a second to import, and only reports adjust
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p_values, dtype=float)
-    order = np.argsort(p, kind="stable")
-    steps = (len(p) - np.arange(len(p))) * p[order]  # (m - j + 1) * p_(j), j from 1
-    adjusted = np.empty_like(p)
-    adjusted[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
-    return adjusted
+    if not len(p):
+        return p
+    return np.asarray(multipletests(p, method="holm")[1], dtype=float)

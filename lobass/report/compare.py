@@ -1,22 +1,23 @@
 """Each arm against its baselines: one difference, one kind of interval, one verdict per row.
 
-Which statistic (all from :mod:`lobass.stats`):
+Which statistic (all from :mod:`lobass.stats`): each training run is one observation (issue 28).
 
-- both sides kept per-row losses for an ``eval/<set>/loss`` metric: a paired bootstrap of the
-  per-item differences; when either side has two or more training seeds, a hierarchical one
-  (items, then each side's seeds), so seed variance is in the interval;
-- otherwise, with two or more seeds on at least one side: a Student-t interval of the difference
-  of the means over seeds (Welch; pooled variance when one side has a single seed);
-- otherwise (one seed each, no per-row values): no interval of one kind exists for the
-  difference, and the comparison is listed as not tested rather than judged from two intervals
-  of different kinds.
+- Primary, the one the verdict reads: a t-test on the per-run values, Welch's when both sides
+  have two or more runs, the pooled-variance test when one side has a single run (the other
+  side's spread then stands for both). A run's value is its mean over the items every run of
+  both sides scored when all kept per-row losses for an ``eval/<set>/loss`` metric (the same
+  prompts on both sides, so prompt effects cancel in the difference), else the run's metric.
+- Secondary, shown beside it and never read for a verdict: the hierarchical bootstrap of the
+  paired per-item differences (items, then each side's runs), only with at least
+  :data:`lobass.stats.MIN_BOOTSTRAP_RUNS` runs per arm; with fewer it shrinks the between-run
+  variance and its p sits at its floor.
+- One run on each side, or no spread between runs: not tested. One run's per-item interval says
+  how well that run was measured, not how another training run of the arm would do.
 
 The verdict reads the difference's 95% interval against ``margin`` (same units as the metric):
 ``equivalent`` when the whole interval lies inside ``[-margin, margin]``; ``better``/``worse`` when
 it excludes 0 and the Holm-adjusted p-value over every tested comparison of the report is below
 0.05 (``(not after Holm)`` when only the unadjusted test passes); ``inconclusive`` otherwise.
-Each bootstrap draws enough resamples for Holm over the whole table to be able to decide
-(:func:`bootstrap_resamples`).
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ import pandas as pd
 from lobass.artifacts import read_row_losses
 from lobass.report.points import members_of
 from lobass.report.runs import higher_is_better
-from lobass.stats import hierarchical_bootstrap_difference, holm_adjust, seed_difference
+from lobass.stats import (
+    MIN_BOOTSTRAP_RUNS,
+    hierarchical_bootstrap_difference,
+    holm_adjust,
+    run_difference,
+)
 
 DEFAULT_MARGIN = 0.02  # nats of mean response loss; 2 percentage points of accuracy or win rate
 ALPHA = 0.05  # family-wise error rate the Holm column is read at
-BOOTSTRAP_ITERS = 2000  # resamples per comparison when few comparisons share the Holm family
+BOOTSTRAP_ITERS = 2000  # resamples of the secondary bootstrap (its p is never Holm-adjusted)
 
 COLUMNS = ["point", "metric", "value", "baseline", "base_value", "method", "difference",
-           "diff_low", "diff_high", "n_items", "seeds", "p", "p_holm", "verdict"]
+           "diff_low", "diff_high", "df", "n_items", "seeds", "p", "boot_low", "boot_high",
+           "boot_p", "p_holm", "verdict"]
 
 
 def _key(point_key: str) -> dict[str, Any]:
@@ -96,11 +103,12 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
 
     Returns:
         :data:`COLUMNS`: the two points' means, the statistic used (``method``, empty when none
-        applies), the difference (ours - baseline) with its 95% interval, the items and seeds it
-        rests on, raw and Holm-adjusted p-values, and the verdict.
+        applies), the difference (ours - baseline) with its 95% interval and degrees of freedom,
+        the items and runs it rests on, raw p, the secondary bootstrap (``boot_*``, NaN below
+        :data:`lobass.stats.MIN_BOOTSTRAP_RUNS` runs per arm), the Holm-adjusted p and the
+        verdict.
 
     """
-    # every comparison first: the resamples per comparison depend on how many there are
     planned = []
     for _, entry in table.iterrows():
         if entry["kind"] != "subset" or entry["scorer"] == "random":
@@ -109,10 +117,9 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
         planned += [(entry, ours, metric, name, base) for metric in metrics
                     for name, base in baselines_for(entry, table)
                     if not (pd.isna(entry[metric]) or pd.isna(base[metric]))]
-    iters = bootstrap_resamples(len(planned))
     records = [{"point": entry["point"], "metric": metric, "value": entry[metric],
                 "baseline": name, "base_value": base[metric],
-                **difference(ours, members_of(runs, base["point_key"]), metric, iters=iters)}
+                **difference(ours, members_of(runs, base["point_key"]), metric)}
                for entry, ours, metric, name, base in planned]
     frame = pd.DataFrame.from_records(records, columns=COLUMNS[:-2])
     tested = frame["p"].notna()
@@ -122,52 +129,41 @@ def compare_to_baselines(runs: pd.DataFrame, table: pd.DataFrame, metrics: Seque
     return frame[COLUMNS]
 
 
-def bootstrap_resamples(comparisons: int) -> int:
-    """Bootstrap resamples per comparison, enough for Holm over ``comparisons`` to decide.
-
-    A bootstrap p-value cannot fall below ``2 / (B + 1)`` (:func:`lobass.stats.bootstrap_p_value`)
-    and Holm multiplies the smallest p by the number of comparisons ``m``: with a fixed
-    ``B = 2000``, a report of more than 50 comparisons could call nothing better or worse after
-    Holm however large the difference. ``B`` grows so that the smallest adjusted p is ALPHA / 10.
-    """
-    return max(BOOTSTRAP_ITERS, math.ceil(20 * comparisons / ALPHA))
-
-
 def difference(ours: pd.DataFrame, base: pd.DataFrame, metric: str, *,
                iters: int = BOOTSTRAP_ITERS) -> dict[str, Any]:
-    """The difference ours - baseline with the one statistic that fits (module docstring).
+    """The difference ours - baseline over runs, with the secondary bootstrap where it applies.
 
     Args:
         ours: the runs (training seeds) of one point.
         base: the runs of the baseline point.
         metric: a metric column.
-        iters: bootstrap resamples (:func:`bootstrap_resamples` for a table of comparisons).
+        iters: resamples of the secondary bootstrap.
 
     Returns:
         ``method`` (empty when no statistic applies), ``difference``, ``diff_low``,
-        ``diff_high``, ``p``, ``n_items`` (NaN unless paired over items) and ``seeds``
-        (``"<ours> vs <baseline>"``).
+        ``diff_high``, ``df``, ``p`` (the t-test over runs, module docstring), ``n_items`` (the
+        shared items each run's value averages; NaN without per-row values), ``seeds``
+        (``"<ours> vs <baseline>"`` runs) and ``boot_low``, ``boot_high``, ``boot_p`` (NaN
+        unless per-row values and :data:`lobass.stats.MIN_BOOTSTRAP_RUNS` runs on each side).
 
     """
-    seeds = f"{len(ours)} vs {len(base)}"
     paired = _paired_matrices(ours, base, metric)
-    if paired is not None:
-        a, b = paired
-        mean, low, high, p = hierarchical_bootstrap_difference(a, b, iters=iters)
-        method = ("paired bootstrap over items" if len(a) == len(b) == 1 else
-                  "hierarchical bootstrap (seeds, items)")
-        return {"method": method, "difference": mean, "diff_low": low, "diff_high": high,
-                "n_items": float(a.shape[1]), "seeds": seeds, "p": p}
-    a, b = (side.get(metric, pd.Series(dtype=float)).to_numpy(float) for side in (ours, base))
-    mean, low, high, p = seed_difference(a, b)
-    if math.isnan(low):
-        method = ""
-    elif min(np.isfinite(a).sum(), np.isfinite(b).sum()) >= 2:
-        method = "t over seeds (Welch)"
+    if paired is not None:  # each run's mean over the items every run scored
+        a, b = paired[0].mean(axis=1), paired[1].mean(axis=1)  # (S_ours,), (S_base,)
     else:
-        method = "t over seeds (pooled)"
-    return {"method": method, "difference": mean, "diff_low": low, "diff_high": high,
-            "n_items": math.nan, "seeds": seeds, "p": p}
+        a, b = (side.get(metric, pd.Series(dtype=float)).to_numpy(float) for side in (ours, base))
+    found = run_difference(a, b)
+    runs = min(np.isfinite(a).sum(), np.isfinite(b).sum())
+    method = ("" if math.isnan(found.low) else
+              "Welch t over runs" if runs >= 2 else "pooled t over runs (one run on a side)")
+    boot = [math.nan] * 3
+    if paired is not None and runs >= MIN_BOOTSTRAP_RUNS:
+        boot = list(hierarchical_bootstrap_difference(*paired, iters=iters)[1:])
+    return {"method": method, "difference": found.difference, "diff_low": found.low,
+            "diff_high": found.high, "df": found.df,
+            "n_items": math.nan if paired is None else float(paired[0].shape[1]),
+            "seeds": f"{len(ours)} vs {len(base)}", "p": found.p,
+            **dict(zip(("boot_low", "boot_high", "boot_p"), boot, strict=True))}
 
 
 def _paired_matrices(ours: pd.DataFrame, base: pd.DataFrame,
@@ -178,7 +174,7 @@ def _paired_matrices(ours: pd.DataFrame, base: pd.DataFrame,
     artifact, and with at least two shared rows.
     """
     parts = metric.split("/")
-    if len(parts) != 3 or parts[2] != "loss":
+    if len(parts) != 3 or parts[2] != "loss" or "eval_dir" not in ours or "eval_dir" not in base:
         return None
     a, b = _row_losses(ours, parts[1]), _row_losses(base, parts[1])
     if a is None or b is None:
@@ -203,7 +199,7 @@ def verdict(row: pd.Series, margin: float) -> str:
     """The verdict of one comparison row (module docstring), in the metric's good direction."""
     low, high = row["diff_low"], row["diff_high"]
     if not row["method"] or math.isnan(low) or math.isnan(high):
-        return "not tested (no per-row values, no seed spread)"
+        return "not tested (no spread between runs)"
     if -margin <= low and high <= margin:
         return f"equivalent (±{margin:g})"
     if low > 0 or high < 0:

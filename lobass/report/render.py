@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from lobass.report.runs import higher_is_better
+from lobass.stats import MIN_BOOTSTRAP_RUNS
 
 POOLED_NOTE = (
     "One row per point (everything but the training seed); initial model and full data first. "
@@ -21,21 +22,22 @@ POOLED_NOTE = (
     "side by side. `steps` are optimizer steps and `tokens trained` response tokens trained "
     "(`train/response_tokens`), means over seeds.")
 VERDICT_NOTE = (
-    "Difference = arm - baseline (below 0 is better for a loss). One statistic per row "
-    "(`method`): a paired bootstrap over evaluation items when both sides kept per-row losses, "
-    "hierarchical (seeds, then items) when either side has several seeds; otherwise a t "
-    "interval over training seeds (Welch; `pooled` when one side has a single seed, whose "
-    "seed spread then comes from the other side); `not tested` where neither exists (no "
-    "per-row values, and no seed spread). `seeds` is arm vs baseline. p-values come from the "
-    "same bootstrap (twice the smaller tail) or the t-test; `p (Holm)` adjusts them over "
-    "every tested row of this table. Each bootstrap draws max(2000, 400 x comparisons) "
-    "resamples, so that the smallest p it can give, 2 / (resamples + 1), survives Holm as "
-    "0.005. Verdict: "
-    "`equivalent` when the whole 95% interval lies within ± the margin, `better`/`worse` when "
-    "it excludes 0 and the Holm-adjusted p < 0.05 (`not after Holm` when only the raw test "
-    "passes), else `inconclusive`.")
+    "Difference = arm - baseline (below 0 is better for a loss). Each training run is one "
+    "observation: the 95% interval and `p` are a t-test on the per-run values (`method`): "
+    "Welch's when both sides have two or more runs; `pooled` when one side has a single run, "
+    "whose spread then comes from the other side; `not tested` with one run on each side or no "
+    "spread between runs. A run's value is its mean over the items every run of both sides "
+    "scored when all kept per-row losses (`items`), else its metric. `runs` is arm vs "
+    "baseline. `p (Holm)` adjusts the t-tests' p over every tested row of this table. "
+    "`bootstrap` is a secondary view, never read for a verdict: the hierarchical bootstrap "
+    "(items, then runs) of the paired per-item differences, shown only with at least "
+    f"{MIN_BOOTSTRAP_RUNS} runs per arm (with fewer it shrinks the between-run variance and its "
+    "p sits at its floor). Verdict: `equivalent` when the whole 95% interval lies within ± "
+    "the margin, `better`/`worse` when it excludes 0 and the Holm-adjusted p < 0.05 (`not "
+    "after Holm` when only the raw test passes), else `inconclusive`.")
 VERDICT_HEADER = ["point", "metric", "value", "baseline", "baseline value",
-                  "difference [95% CI]", "method", "seeds", "p", "p (Holm)", "verdict"]
+                  "difference [95% CI]", "method", "runs", "p", "p (Holm)",
+                  f"bootstrap [95% CI], p (>= {MIN_BOOTSTRAP_RUNS} runs/arm)", "verdict"]
 
 
 @dataclass
@@ -173,9 +175,14 @@ def _diagnostics(out: io.StringIO, d: Diagnostics) -> None:
 def _comparison_cells(c: pd.Series) -> list[str]:
     diff = "" if math.isnan(c["difference"]) else (
         f"{c['difference']:+.4g} {fmt_interval(c['diff_low'], c['diff_high'])}").rstrip()
-    method = c["method"] + ("" if math.isnan(c["n_items"]) else f", {int(c['n_items'])} items")
+    method = ", ".join([part for part in (
+        c["method"], "" if math.isnan(c["df"]) else f"df {c['df']:.3g}",
+        "" if math.isnan(c["n_items"]) or not c["method"] else f"{int(c['n_items'])} items")
+        if part])
+    boot = fmt_interval(c["boot_low"], c["boot_high"])
+    boot += f", p {fmt_p(c['boot_p'])}" if boot else ""
     return [c["point"], c["metric"], fmt(c["value"]), c["baseline"], fmt(c["base_value"]), diff,
-            method, c["seeds"], fmt_p(c["p"]), fmt_p(c["p_holm"]), c["verdict"]]
+            method, c["seeds"], fmt_p(c["p"]), fmt_p(c["p_holm"]), boot, c["verdict"]]
 
 
 def fmt_p(p: float) -> str:
