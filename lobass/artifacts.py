@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lobass import distributed
+from lobass.jsonrows import jsonl_text, read_jsonl
 from lobass.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -309,12 +310,12 @@ def write_row_losses(path: Path, ids: Sequence[str], losses: np.ndarray) -> None
     runs can be compared row by row on the same answers (a paired difference has a far tighter
     interval than two independent means).
     """
-    atomic_write_text(path, "".join(
-        json.dumps({"id": i, "loss": float(v) if math.isfinite(v) else None}) + "\n"
+    atomic_write_text(path, jsonl_text(
+        {"id": i, "loss": float(v) if math.isfinite(v) else None}
         for i, v in zip(ids, losses.tolist(), strict=True)))
 
 
 def read_row_losses(path: Path) -> dict[str, float]:
     """The finite losses of a file written by :func:`write_row_losses`, by row id."""
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
+    rows = read_jsonl(path)
     return {r["id"]: float(r["loss"]) for r in rows if r["loss"] is not None}

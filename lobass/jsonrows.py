@@ -1,9 +1,14 @@
-"""JSON data files -> ``(line, row)`` pairs, streamed.
+"""JSON data files -> ``(line, row)`` pairs, streamed; and the one JSON Lines writer and reader.
 
 A JSON Lines file is read line by line and a JSON array element by element, so reading holds one
 row (plus a chunk) whatever the file's size, and every row comes with the line where it starts,
 for error messages that name it. Rows that cannot be read are yielded as :class:`InvalidJSON`
 (the caller may skip them); a file that cannot be trusted as a whole raises :class:`DataError`.
+
+Every JSON Lines file lobass writes (generations, judge verdicts, scores, losses, selections) is
+written with :func:`jsonl_line` / :func:`jsonl_text` and read back with :func:`iter_jsonl` /
+:func:`read_jsonl`, which split on line feeds only: non-ASCII text is written as it is, and
+U+2028/U+2029 (which ``str.splitlines`` takes for line ends) may sit raw inside a string.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +33,33 @@ class InvalidJSON(str):
 # an unhelpful message. (UTF-32-LE starts with the UTF-16-LE mark, so one check covers both.)
 _WIDE_BOMS = {codecs.BOM_UTF16_LE: "UTF-16/32-LE", codecs.BOM_UTF16_BE: "UTF-16-BE",
               codecs.BOM_UTF32_BE: "UTF-32-BE"}
+
+
+# Compressed files, by their magic bytes: read as text they give "not valid UTF-8" at byte 2.
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"),
+               b"\xfd7zXZ\x00": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+               b"PK\x03\x04": ("zip", "unzip")}
+
+
+def _check_encoding(path: Path, head: bytes) -> None:
+    """Refuse a UTF-16/32 or compressed file with a message that says how to fix it.
+
+    Raises:
+        DataError: a wide byte-order mark, compression magic bytes, or NUL bytes at the start
+            (UTF-16/32 without a byte-order mark: UTF-8 JSON never holds a raw NUL).
+
+    """
+    for bom, name in _WIDE_BOMS.items():
+        if head.startswith(bom):
+            raise DataError(f"{path}:1: the file is {name} encoded (byte-order mark "
+                            f"{bom.hex(' ')}); re-save it as UTF-8")
+    for magic, (name, tool) in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {name}-compressed; decompress it first "
+                            f"(e.g. `{tool} {path}`) and point lobass at the result")
+    if b"\x00" in head:
+        raise DataError(f"{path}:1: the file holds NUL bytes at its start: it looks UTF-16 or "
+                        "UTF-32 encoded without a byte-order mark; re-save it as UTF-8")
 
 
 # Bytes read at a time. A JSON Lines file is read line by line and a JSON array element by
@@ -65,13 +97,10 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: cannot read data file ({err.strerror})") from err
     with handle:
         try:
-            head = handle.read(4)
+            head = handle.read(64)
         except OSError as err:
             raise DataError(f"{path}: cannot read data file ({err.strerror})") from err
-        for bom, name in _WIDE_BOMS.items():
-            if head.startswith(bom):
-                raise DataError(f"{path}:1: the file is {name} encoded (byte-order mark "
-                                f"{bom.hex(' ')}); re-save it as UTF-8")
+        _check_encoding(path, head)
         start = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
         handle.seek(start)
         first = _first_content_byte(handle)
@@ -105,8 +134,53 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
+# Characters no text field should hold: C0 controls but tab, line feed and carriage return, DEL,
+# and lone surrogates (JSON may escape one, "\\ud800"; it cannot be encoded as UTF-8, so it kills
+# whatever writes or tokenises the row later, far from its file and line).
+_BAD_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _bad_text(row: Any) -> str | None:
+    """Why a row's text is unusable, or ``None``.
+
+    Every key and string is checked, read by lobass or not (an unread field is still written
+    back by the export), iteratively: rows up to ``MAX_DEPTH`` levels are allowed here.
+    """
+    stack: list[tuple[Any, str]] = [(row, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if (found := _BAD_CHAR.search(key)) is not None:
+                    return _describe(found, f"the key {name!r}")
+                stack.append((item, name))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str) and (found := _BAD_CHAR.search(value)) is not None:
+            return _describe(found, f"field {where!r}" if where else "the row")
+    return None
+
+
+def _describe(found: re.Match[str], where: str) -> str:
+    char = found.group()
+    kind = "an unpaired surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+    return (f"{where} holds {kind} U+{ord(char):04X} at character {found.start()}; "
+            "remove it from the file")
+
+
+def _checked(row: Any) -> Any:
+    """The row, or :class:`InvalidJSON` when it nests too deep or holds unusable characters."""
+    if isinstance(row, InvalidJSON):
+        return row
+    if _too_deep(row):
+        return InvalidJSON(_TOO_DEEP)
+    problem = _bad_text(row)
+    return InvalidJSON(problem) if problem else row
+
+
 def _parse_line(line_bytes: bytes) -> Any:
-    """One JSON Lines row, or :class:`InvalidJSON` saying why it cannot be read."""
+    """One JSON Lines row, or :class:`InvalidJSON` saying why it cannot be parsed."""
     try:
         row_text = line_bytes.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -118,7 +192,7 @@ def _parse_line(line_bytes: bytes) -> Any:
         return InvalidJSON(f"invalid JSON ({err.msg} at column {err.colno})")
     except RecursionError:
         return InvalidJSON(_TOO_DEEP)
-    return InvalidJSON(_TOO_DEEP) if _too_deep(row) else row
+    return row
 
 
 def _iter_json_lines(path: Path, handle: BinaryIO) -> Iterator[tuple[int, Any]]:
@@ -126,7 +200,7 @@ def _iter_json_lines(path: Path, handle: BinaryIO) -> Iterator[tuple[int, Any]]:
     for number, line_bytes in enumerate(handle, start=1):  # binary lines end at b"\n" only
         if not line_bytes.strip():
             continue
-        row = _parse_line(line_bytes)
+        row = _checked(_parse_line(line_bytes))
         if first and isinstance(row, InvalidJSON) and row.startswith("invalid JSON") \
                 and line_bytes.lstrip().startswith(b"{"):
             _reject_single_object(path, handle)
@@ -264,9 +338,7 @@ def _iter_json_array(path: Path, handle: BinaryIO) -> Iterator[tuple[int, Any]]:
         if end == len(buf.text) and buf.more(pos):  # a number may continue in the next chunk
             pos = 0
             continue
-        if _too_deep(row):
-            row = InvalidJSON(_TOO_DEEP)
-        yield buf.line_at(pos), row
+        yield buf.line_at(pos), _checked(row)
         pos = end
     closed = buf.line_at(pos)
     rest = buf.skip(pos + 1, " \t\r\n")
@@ -274,3 +346,47 @@ def _iter_json_array(path: Path, handle: BinaryIO) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}:{buf.line_at(rest)}: unexpected content after the JSON array "
                         f"that ends on line {closed}; a data file is one JSON array or JSON Lines "
                         "(one object per line), not both, and not several arrays")
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON Lines files lobass writes and reads back.
+
+
+def jsonl_line(row: Any) -> str:
+    """One JSON Lines row, ended by a line feed; non-ASCII text kept as it is.
+
+    JSON escapes every control character inside a string, so the row's only line feed is its
+    end; U+2028/U+2029 stay raw, which is why the readers here split on line feeds only.
+    """
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def jsonl_text(rows: Iterable[Any]) -> str:
+    """The JSON Lines text of ``rows`` (for ``atomic_write_text``)."""
+    return "".join(map(jsonl_line, rows))
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line_number, row)`` of a JSON Lines file; an unreadable line is an :class:`InvalidJSON`.
+
+    Lines are split on line feeds only; blank lines hold no row. An empty file yields nothing.
+    """
+    with open(path, "rb") as handle:
+        for number, line_bytes in enumerate(handle, start=1):  # binary lines end at b"\n" only
+            if line_bytes.strip():
+                yield number, _parse_line(line_bytes)
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """Every row of a JSON Lines file lobass wrote.
+
+    Raises:
+        DataError: a line that is not valid UTF-8 JSON, naming the file and line.
+
+    """
+    rows = []
+    for number, row in iter_jsonl(path):
+        if isinstance(row, InvalidJSON):
+            raise DataError(f"{path}:{number}: {row}")
+        rows.append(row)
+    return rows

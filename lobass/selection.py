@@ -24,6 +24,7 @@ import pandas as pd
 from lobass.artifacts import atomic_write_json, atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.data import Example, read_examples
+from lobass.jsonrows import jsonl_text, read_jsonl
 
 
 def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
@@ -49,7 +50,7 @@ def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
 
 def export_rows(examples: Sequence[Example]) -> str:
     """The selected rows as JSON Lines in their pool's own format, metadata and all."""
-    return "".join(json.dumps(e.raw, ensure_ascii=False) + "\n" for e in examples)
+    return jsonl_text(e.raw for e in examples)
 
 
 def trained_rows(examples: Sequence[Example], selected: Sequence[dict[str, Any]]) -> str:
@@ -64,7 +65,7 @@ def trained_rows(examples: Sequence[Example], selected: Sequence[dict[str, Any]]
     ``rank`` and ``score`` come from ``selected.jsonl``.
     """
     by_id = {e.id: e for e in examples}
-    lines = []
+    lines: list[dict[str, Any]] = []
     for row in selected:
         messages = list(by_id[row["id"]].messages)
         turns = messages[1:] if messages[0]["role"] == "system" else messages
@@ -76,17 +77,17 @@ def trained_rows(examples: Sequence[Example], selected: Sequence[dict[str, Any]]
             if message["role"] == "user" or not history or history[-1][1]:
                 history.append(["", ""])
             history[-1][0 if message["role"] == "user" else 1] = message["content"]
-        lines.append(json.dumps({
+        lines.append({
             "id": row["id"], "source": row["source"], "rank": row["rank"], "score": row["score"],
             "instruction": user["content"], "input": "", "output": answer["content"],
             "system": system, "history": history, "messages": messages,
-        }, ensure_ascii=False) + "\n")
-    return "".join(lines)
+        })
+    return jsonl_text(lines)
 
 
 def read_selected_ids(path: Path) -> list[str]:
     """Ids of a ``selected.jsonl`` file, in rank order."""
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line]
+    return [row["id"] for row in read_jsonl(path)]
 
 
 def selected_rows(examples: Sequence[Example], chosen: Sequence[int],
@@ -456,7 +457,7 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
                              "selection.tokens")
         # the value each row was ranked by (the residual under rank=residual_length)
         rows = selected_rows(pool.examples, chosen, ranking_scores(scores, n_response, rule))
-        atomic_write_text(work / "selected.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(work / "selected.jsonl", jsonl_text(rows))
         atomic_write_text(work / "export.jsonl", trained_rows(pool.examples, rows))
         atomic_write_text(work / "export_pool_format.jsonl",
                           export_rows([pool.examples[i] for i in chosen]))

@@ -187,7 +187,8 @@ BAD = [  # (overrides, message); one or more per group
     (["eval.judge.baseline=/nonexistent/run"], "eval.judge.baseline=/nonexistent/run: no such "
                                                "file or directory"),
     (["eval.judge.baseline=full_data", "eval.judge.prompt=pairwise_v9.txt"],
-     "pairwise_v9.txt: no such file; shipped prompts: ['pairwise_v1.txt']"),
+     "pairwise_v9.txt: no such file; shipped prompts: ['pairwise_v1.txt', "
+     "'pairwise_v2.txt']"),
     (["judge=openai_compatible", "eval.judge.retries=0"],
      "eval.judge.retries must be an integer >= 1, got 0"),
     (["logger=wandb", "logger.mode=cloud"], "logger.mode='cloud' is not supported; choose one "

@@ -60,7 +60,7 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
     for record in records:  # raw log-probabilities of both orders are kept
         assert set(record["ours_first"]["logprobs"]) == {"A", "B", "tie"}
         assert record["outcome"] == combine_orders(record["ours_first"], record["baseline_first"])
-        assert record["judge"] == "local_hf" and record["prompt_file"] == "pairwise_v1.txt"
+        assert record["judge"] == "local_hf" and record["prompt_file"] == "pairwise_v2.txt"
 
     # Only the judge changes: the answers are reused, the verdicts recomputed.
     again = run(make_cfg(*TINY, *SMALL_EVAL, f"eval.judge.baseline={baseline_run}",

@@ -7,9 +7,9 @@ appended and fsynced to the output file, so a killed run resumes from the answer
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,35 +19,57 @@ import torch
 from lobass.artifacts import atomic_write_text
 from lobass.evaluation.prompts import Prompt
 from lobass.formatting import tokenize_prompt
+from lobass.jsonrows import InvalidJSON, iter_jsonl, jsonl_line, jsonl_text
 
 log = logging.getLogger(__name__)
 
 
-def read_generations(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows of a generations JSONL by prompt id; a torn last line (killed mid-write) is dropped.
+def read_generations(path: Path, *, repair_torn_tail: bool = False) -> dict[str, dict[str, Any]]:
+    """Rows of a generations JSONL by prompt id.
+
+    Args:
+        path: the file; missing means no rows yet.
+        repair_torn_tail: the file is this run's own work file: a torn last line (a kill
+            mid-append) is dropped from it, so that appending can go on. Any other file (a
+            baseline, another run's answers) is read-only: a torn line there is an error.
 
     Raises:
-        ValueError: a malformed line other than the last, naming file and line.
+        ValueError: a malformed line, naming file and line.
 
     """
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = list(iter_jsonl(path))
     rows: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # an interrupted append: rewrite the file without it
+    for index, (number, row) in enumerate(lines):
+        if isinstance(row, InvalidJSON):
+            last = index == len(lines) - 1
+            if last and repair_torn_tail:  # an interrupted append to our own work file
                 log.warning("%s:%d is a torn line from an interrupted run; dropping it", path,
                             number)
-                atomic_write_text(path, "".join(x + "\n" for x in lines[:-1]))
+                atomic_write_text(path, jsonl_text(rows.values()))
                 break
-            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+            torn = (" (the last line, cut: the run writing it was killed; lobass does not edit "
+                    "this file: regenerate it, or delete that line yourself)") if last else ""
+            raise ValueError(f"{path}:{number}: {row}{torn}")
         if not isinstance(row, dict) or "id" not in row or "output" not in row:
             raise ValueError(f"{path}:{number}: a generation row needs 'id' and 'output'")
         rows[str(row["id"])] = row
     return rows
+
+
+# Unicode categories of characters that show nothing: controls (NUL), format characters
+# (zero-width space and joiners, BOM, word joiner) and separators (spaces, U+2028/U+2029).
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible_answer(text: str) -> str:
+    """``text``, or ``""`` when nothing in it is visible (NUL, zero-width or space characters only).
+
+    A model that answers with NULs or zero-width spaces has given no answer: it is stored and
+    judged as the empty answer, and counted (``eval/<set>/empty``).
+    """
+    return text if any(unicodedata.category(c) not in _INVISIBLE for c in text) else ""
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -112,7 +134,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     """
     from tqdm.auto import tqdm
 
-    done = read_generations(path)
+    done = read_generations(path, repair_torn_tail=True)
     todo = [p for p in prompts if p.id not in done]
     if done:
         log.info("eval.generation: resuming %s with %d of %d answers already in %s", set_name,
@@ -131,21 +153,26 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
                                      max_new_tokens=max_new_tokens)
             for prompt, (tokens, finished) in zip(batch, outputs, strict=True):
                 row = {"set": set_name, "id": prompt.id, "prompt": prompt.messages[-1]["content"],
-                       "output": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                       "output": visible_answer(
+                           tokenizer.decode(tokens, skip_special_tokens=True).strip()),
                        "n_tokens": len(tokens), "finished": finished}
                 done[prompt.id] = row
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(jsonl_line(row))
             handle.flush()
             os.fsync(handle.fileno())  # a kill after this point loses nothing of the batch
             bar.update(len(batch))
     rows = [done[p.id] for p in prompts]
     # Complete: rewrite in prompt order (batches ran longest first), so the file reads like the set.
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(path, jsonl_text(rows))
     return rows
 
 
 def generation_metrics(rows: Sequence[dict[str, Any]], name: str) -> dict[str, float]:
-    """Answer length and the share cut by ``max_new_tokens`` (a long-answer or looping signal)."""
+    """Answer length, share cut by ``max_new_tokens`` and empty answers, per set.
+
+    The cut share signals long or looping answers; ``empty`` counts answers with nothing visible
+    (an empty string, NULs, zero-width characters).
+    """
     if not rows:
         return {}
     n = len(rows)
@@ -153,4 +180,5 @@ def generation_metrics(rows: Sequence[dict[str, Any]], name: str) -> dict[str, f
         f"eval/{name}/generated": float(n),
         f"eval/{name}/response_tokens": sum(r["n_tokens"] for r in rows) / n,
         f"eval/{name}/truncated_share": sum(not r["finished"] for r in rows) / n,
+        f"eval/{name}/empty": float(sum(not visible_answer(r["output"]) for r in rows)),
     }

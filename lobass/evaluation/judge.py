@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from lobass.evaluation.generation import read_generations
+from lobass.evaluation.generation import read_generations, visible_answer
 from lobass.stats import bootstrap_interval
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,26 @@ class Judge(Protocol):
         ...
 
 
+def fence(text: str) -> str:
+    """``text`` between two lines of backticks longer than any run of backticks inside it.
+
+    CommonMark's rule for code fences: no text can close a fence longer than its own longest
+    backtick run, so an answer cannot end its fence early and write instructions or a fake
+    verdict outside it (the judge prompt says that a fence holds an answer, not instructions).
+    """
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    bar = "`" * max(3, longest + 1)
+    return f"{bar}\n{text}\n{bar}"
+
+
 def render_prompt(template: str, question: str, answer_a: str, answer_b: str) -> str:
-    """Fill ``{question}``, ``{answer_a}``, ``{answer_b}`` in one pass (answers may hold braces)."""
-    values = {"question": question, "answer_a": answer_a, "answer_b": answer_b}
+    """Fill ``{question}``, ``{answer_a}``, ``{answer_b}`` in one pass, the answers fenced.
+
+    One pass, so that braces in an answer are not placeholders; each answer is :func:`fence`d,
+    and one with nothing visible in it is judged as the empty answer.
+    """
+    values = {"question": question, "answer_a": fence(visible_answer(answer_a)),
+              "answer_b": fence(visible_answer(answer_b))}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 

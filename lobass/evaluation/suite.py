@@ -8,7 +8,6 @@ in what needs scoring or model loading as callables.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from lobass.evaluation.harness import build_task_manager
 from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_task_dir
 from lobass.evaluation.judge import Judge, find_baseline_generations, judge_pairwise
 from lobass.evaluation.prompts import read_prompts, read_reference_set
+from lobass.jsonrows import jsonl_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def generation_set_metrics(paths: dict[str, Path]) -> dict[str, float]:
     """Answer counts and lengths of every set."""
     metrics: dict[str, float] = {}
     for name, path in paths.items():
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        rows = read_jsonl(path)
         metrics.update(generation_metrics(rows, name))
     return metrics
 
@@ -181,7 +181,8 @@ def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
         return None
     baseline = {name: fingerprint(find_baseline_generations(judge_cfg.baseline, name))
                 for name in enabled_prompt_sets(eval_cfg)}
-    return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1]}
+    # "render": how answers are put in the prompt (fenced since issue 27); a change re-judges.
+    return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1], "render": "fenced-v1"}
 
 
 def _judge_arguments(judge_cfg: DictConfig) -> dict[str, Any]:
@@ -246,7 +247,7 @@ def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path]
     template, prompt_sha = judge_prompt(judge_cfg)
     metrics: dict[str, float] = {}
     for name, path in generations.items():
-        ours = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+        ours = read_jsonl(path)
         baseline = find_baseline_generations(judge_cfg.baseline, name)
         records, counts = judge_pairwise(
             judge, template, ours, baseline, tie_margin=float(judge_cfg.get("tie_margin", 0.0)),
@@ -254,8 +255,7 @@ def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path]
         for record in records:
             record.update({"judge": judge.name, "prompt_file": judge_cfg.prompt,
                            "prompt_sha256": prompt_sha})
-        atomic_write_text(work / "judge" / f"{name}.jsonl", "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(work / "judge" / f"{name}.jsonl", jsonl_text(records))
         metrics.update({f"eval/{name}/{k}": float(v) for k, v in counts.items()})
         log.info("eval.judge=%s on %s: %d win / %d tie / %d lose, win rate %.3f [%.3f, %.3f]",
                  judge.name, name, counts["win"], counts["tie"], counts["lose"],

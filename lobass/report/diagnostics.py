@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from lobass.jsonrows import read_jsonl
 from lobass.report.points import members_of
 from lobass.stats import rank_correlation
 
@@ -49,7 +50,7 @@ def read_scores(path: Path) -> pd.DataFrame:
 def _read_scores(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
     # mtime and size in the key: a rewritten file is read again, never served stale
     rows = pd.DataFrame.from_records(
-        [json.loads(line) for line in Path(path).read_text().splitlines() if line])
+        read_jsonl(Path(path)))
     if "n_response_tokens" not in rows:
         rows["n_response_tokens"] = rows["n_tokens"]
     rows["n_response_tokens"] = rows["n_response_tokens"].fillna(rows["n_tokens"])
@@ -63,7 +64,7 @@ def _read_scores(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
 def _selected_ids(path: Path | None) -> set[str] | None:
     if path is None or not path.is_file():
         return None
-    return {json.loads(line)["id"] for line in path.read_text().splitlines() if line}
+    return {row["id"] for row in read_jsonl(path)}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:

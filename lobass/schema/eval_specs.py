@@ -84,7 +84,7 @@ class JudgeSpec:
     _target_: str = knob()  # the class hydra.utils.instantiate builds
     name: Literal["local_hf", "openai_compatible"] = knob()
     baseline: str | None = knob(None)  # full_data, a run dir, an eval artifact dir or a JSONL
-    prompt: str = knob("pairwise_v1.txt")
+    prompt: str = knob("pairwise_v2.txt")
     bootstrap_iters: int = knob(2000, ge=1)
 
 

@@ -7,7 +7,6 @@ enabled gives ``L_ref``. Each loss is its own resumable, sharded artifact, so ``
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from lobass.artifacts import atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
+from lobass.jsonrows import jsonl_text, read_jsonl
 from lobass.modeling import load_adapter, load_model
 from lobass.scoring.runner import (
     CHERRY_LOSSES,
@@ -121,7 +121,7 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
     def build(work: Path) -> dict[str, Any]:
         rows = score_rows(pool.ids, [e.source for e in pool.examples], pool.features, losses,
                           scorers, flagged, cfg.seed, inputs.facts)
-        atomic_write_text(work / SCORES_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(work / SCORES_FILE, jsonl_text(rows))
         return {"scorers": [s.name for s in scorers], "flagged": int(flagged.sum())}
 
     # Rank 0 writes the one scores artifact; the other ranks wait for it and read it.
@@ -135,7 +135,7 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
 
 def read_scores(directory: Path) -> np.ndarray:
     """``(N,)`` scores of a scores artifact in pool order (NaN for flagged rows)."""
-    rows = [json.loads(line) for line in (directory / SCORES_FILE).read_text().splitlines()]
+    rows = read_jsonl(directory / SCORES_FILE)
     return np.array([r["score"] if r["score"] is not None else np.nan for r in rows], dtype=float)
 
 

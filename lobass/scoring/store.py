@@ -31,6 +31,7 @@ from lobass.artifacts import (
     read_meta,
     write_row_losses,
 )
+from lobass.jsonrows import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _write_shard(path: Path, ids: Sequence[str], values: np.ndarray) -> None:
 
 def read_losses(directory: Path) -> np.ndarray:
     """The ``(N,)`` losses of a complete loss artifact, in pool order (NaN where non-finite)."""
-    rows = [json.loads(line) for line in (directory / LOSSES_FILE).read_text().splitlines()]
+    rows = read_jsonl(directory / LOSSES_FILE)
     return np.array([math.nan if r["loss"] is None else r["loss"] for r in rows], dtype=np.float64)
 
 
