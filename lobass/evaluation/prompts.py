@@ -90,6 +90,8 @@ def read_reference_examples(questions: str | Path, answers: str | Path,
     by_id = {row["question_id"]: row for _, row in _fastchat_rows(questions)}
     examples: list[Example] = []
     for line, row in iter_json_rows(answers):
+        if isinstance(row, InvalidJSON):  # unreadable, too deep, a surrogate or control character
+            raise DataError(f"{answers}:{line}: {row}")
         try:
             turn = row["choices"][0]["turns"][0]
             if not isinstance(turn, str) or not turn.strip():
