@@ -33,12 +33,14 @@ from lobass.pool import read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select
+from lobass.signals import sigterm_raises
 from lobass.summary import Summary, format_summary
 from lobass.tracking import NullLogger, make_logger
 
 log = logging.getLogger(__name__)
 
 
+@sigterm_raises()  # a scheduler's SIGTERM records the failure like Ctrl-C
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the stages that ``cfg.stages`` asks for, reusing cached artifacts.
 
@@ -51,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     run_dir = _run_dir(cfg)
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
+    (run_dir / "summary.json").unlink(missing_ok=True)  # and its partial summary: not this run's
     try:
         check_secrets(cfg)  # a key typed into the config must reach no file, not even config.yaml
         # The resolved config beside summary.json: what the report reads a point's identity from.
@@ -77,6 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
     tracker = (make_logger(cfg.logger, {**_loggable_config(cfg), "provenance": summary.provenance},
                            run_dir) if distributed.is_main() else NullLogger())
+    exit_code = 0
     try:
         # 0) pool: read and check the data and the LoRA targets before any model loads; tokenise
         examples, read_metrics = read_pool(cfg.data)
@@ -145,11 +149,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
     except BaseException:
         _record_failure(run_dir)  # beside the partial summary
+        exit_code = 1  # the tracker marks the run failed
         raise
     finally:
         if distributed.is_main():
             atomic_write_json(run_dir / "summary.json", summary.as_dict())
-        tracker.finish()
+        tracker.finish(exit_code)
     log.info("summary written to %s\n%s", run_dir / "summary.json", format_summary(summary))
     return summary.as_dict()
 

@@ -37,8 +37,8 @@ class RunLogger(Protocol):
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Log a small table."""
 
-    def finish(self) -> None:
-        """Flush and close the run."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Flush and close the run; a nonzero ``exit_code`` marks it failed."""
 
 
 class NullLogger:
@@ -61,7 +61,7 @@ class NullLogger:
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:  # noqa: D102
         pass
 
-    def finish(self) -> None:  # noqa: D102
+    def finish(self, exit_code: int = 0) -> None:  # noqa: D102
         pass
 
 
@@ -96,8 +96,9 @@ class WandbLogger:
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:  # noqa: D102
         self.run.log({key: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
-    def finish(self) -> None:  # noqa: D102
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:  # noqa: D102
+        # the run's state in W&B: "failed" for a nonzero code, "finished" otherwise
+        self.run.finish(exit_code=exit_code)
 
 
 def make_logger(logger_cfg: Any, config: dict[str, Any], run_dir: Path) -> RunLogger:

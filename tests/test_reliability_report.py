@@ -5,14 +5,23 @@ as failed, W&B told of a failure, and judge baseline ids that cannot collide."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from conftest import ROOT
 from lobass.evaluation.gsm8k import gsm8k_metrics
-from lobass.report import write_report
+from lobass.pipeline import run
+from lobass.report import collect_runs, write_report
+from lobass.signals import Terminated, sigterm_raises
 from lobass.stats import wilson_interval
 
 
@@ -86,3 +95,157 @@ def test_a_failing_plot_leaves_no_report_files(tmp_path):
     write_report(sweep)
     assert {p.name for p in sweep.iterdir()} - before == {
         "report.md", "report.csv", "eval_heldout_loss.png", "scores_lobass.png"}
+
+
+# High 6: a point killed by SIGTERM is recorded, and listed as failed
+
+
+# Long enough to be stopped in the middle: a checkpoint every 2 of 40 reference steps.
+KILLABLE = ["model=tiny_random", "logger=none", "data.max_rows=16", "data.mix.gsm8k.max_rows=4",
+            "data.max_length=96", "selection.ratio=0.5", "stages=[train]",
+            "reference.max_steps=40", "reference.save_steps=2", "train.max_steps=4"]
+
+
+def _checkpoint_steps(artifacts: Path) -> list[int]:
+    pattern = "finetune/*.partial/checkpoints/checkpoint-*/trainer_state.json"
+    return [int(p.parent.name.split("-")[1]) for p in artifacts.glob(pattern)]
+
+
+def _stop_at_checkpoint(command: list[str], artifacts: Path, log: Path, sig: int) -> int:
+    """Start ``command``; send ``sig`` once a checkpoint newer than any at the start exists (the
+    run is then mid-training); return the exit status."""
+    after = max(_checkpoint_steps(artifacts), default=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while max(_checkpoint_steps(artifacts), default=0) <= after:
+            assert proc.poll() is None, "ended before a checkpoint:\n" + log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        return proc.wait(timeout=300)
+
+
+def _killable_command(tmp: Path, models_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), *KILLABLE, f"artifacts_dir={tmp / 'artifacts'}",
+            f"models_dir={models_dir}", f"output_dir={tmp / 'sweep' / 'point'}",
+            f"hydra.run.dir={tmp / 'hydra'}"]
+
+
+@pytest.mark.slow
+def test_a_point_stopped_by_sigterm_writes_error_txt_and_the_report_lists_it_failed(
+        tmp_path, models_dir):
+    """SLURM's time limit sends SIGTERM: before, the point left neither summary.json nor
+    error.txt, and the report said "0 failed" and dropped it."""
+    code = _stop_at_checkpoint(_killable_command(tmp_path, models_dir), tmp_path / "artifacts",
+                               tmp_path / "log.txt", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, (tmp_path / "log.txt").read_text()[-3000:]
+    point = tmp_path / "sweep" / "point"
+    assert "SIGTERM received: the run was stopped from outside" in \
+        (point / "error.txt").read_text().strip().splitlines()[-1]
+    assert json.loads((point / "summary.json").read_text())["stages"]["reference"]["seconds"] > 0
+    runs = collect_runs(tmp_path / "sweep")
+    assert list(runs["status"]) == ["failed"]
+    text = write_report(tmp_path / "sweep").read_text()
+    assert "1 runs, 1 failed, 0 points." in text
+    assert "failed: lobass.signals.Terminated: SIGTERM received" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_sigterm_in_one_run_dir_is_not_reported_ok(tmp_path, models_dir):
+    """Ctrl-C leaves error.txt and a partial summary; the rerun removed error.txt and, killed by
+    SIGTERM, left the first attempt's summary to be read as "ok"."""
+    command = _killable_command(tmp_path, models_dir)
+    assert _stop_at_checkpoint(command, tmp_path / "artifacts", tmp_path / "log1.txt",
+                               signal.SIGINT) != 0
+    point = tmp_path / "sweep" / "point"
+    assert "KeyboardInterrupt" in (point / "error.txt").read_text()
+    _stop_at_checkpoint(command, tmp_path / "artifacts", tmp_path / "log2.txt", signal.SIGTERM)
+    (run,) = collect_runs(tmp_path / "sweep").itertuples()
+    assert run.status == "failed" and "SIGTERM received" in run.error
+
+
+def test_a_started_run_without_summary_is_listed_failed_never_dropped(tmp_path):
+    """Only config.yaml (written first by every run): killed, or still running."""
+    sweep = tmp_path / "sweep"
+    _write_run(sweep, "done", metrics={"eval/heldout/loss": 1.5})
+    started = sweep / "started"
+    started.mkdir()
+    (started / "config.yaml").write_text(yaml.safe_dump(
+        {"stages": ["train", "eval"], "scorer": {"name": "lobass"}, "selection": {"ratio": 0.5},
+         "seed": 1}))
+    # W&B's own copy of the config, inside the finished run: not a run directory
+    wandb_files = sweep / "done" / "wandb" / "offline-run-x" / "files"
+    wandb_files.mkdir(parents=True)
+    (wandb_files / "config.yaml").write_text(yaml.safe_dump(
+        {"_wandb": {"value": {}}, "stages": {"value": ["eval"]}}))
+    partial = _write_run(sweep, "partial", metrics={"eval/heldout/loss": 9.9}, point={})
+    runs = collect_runs(sweep).set_index("run")
+    assert dict(runs["status"]) == {"done": "ok", "partial": "failed", "started": "failed"}
+    assert runs.loc["started", "error"] == "killed or still running: no summary.json"
+    assert runs.loc["partial", "error"] == \
+        "killed or still running: summary.json is partial (no point)"
+    (partial / "summary.json").write_text('{"stages": {}, "metr')  # cut mid-write
+    text = write_report(sweep).read_text()
+    assert "3 runs, 2 failed, 1 points." in text
+    assert "| started | lobass ratio 0.5 | 1 | failed: killed or still running: no summary.json |" \
+        in text
+
+
+def test_run_restores_the_previous_sigterm_handler_and_sigterm_raises_within(make_cfg):
+    def ours(signum: int, frame: Any) -> None:
+        raise AssertionError("not during the run")
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(ValueError, match="selection.ratio"):
+            run(make_cfg("model=tiny_random", "logger=none", "selection.ratio=7"))
+        assert signal.getsignal(signal.SIGTERM) is ours
+        with pytest.raises(Terminated, match="SIGTERM received"), sigterm_raises():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Low: W&B recorded exit code 0 for a failed run
+
+
+def _wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a ``.wandb`` file.
+
+    Written out because W&B's Python reader of this file went with its Go core (0.19+). The file
+    is a 7-byte header, then LevelDB's log format: 32 KiB blocks of chunks, each a 7-byte header
+    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": \n')
+    with pytest.raises(Exception, match="rows.jsonl:2"):
+        run(make_cfg("model=tiny_random", "logger=wandb", "data=jsonl", f"data.path={rows}"))
+    (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit.exit_code for r in _wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]  # W&B's "failed" state; 0 reads "finished"

@@ -1,11 +1,14 @@
 """Run directories -> one pandas DataFrame, one row per run, and the metrics worth showing.
 
-A run directory is any folder holding a ``summary.json`` (a finished point) or an ``error.txt``
-(a failed one). What makes a run a point of a study is ``summary.json``'s ``point`` (scorer,
-selection rule, training budget, training seed, reference seed); runs written before that key
-existed fall back to the ``config.yaml`` beside them (Hydra's ``.hydra/config.yaml`` when that is
-absent): scorer, ``selection.ratio`` or ``selection.count``, and seed. The training seed is the
-only thing that may differ between runs pooled into one point (see :mod:`lobass.report.points`).
+A run directory is any folder holding a ``summary.json`` (a finished point), an ``error.txt`` (a
+failed one) or the ``config.yaml`` a run writes first (a point started: without a summary it was
+killed, or is still running, and is listed as failed, never dropped).
+
+What makes a run a point of a study is ``summary.json``'s ``point`` (scorer, selection rule,
+training budget, training seed, reference seed); runs written before that key existed fall back
+to the ``config.yaml`` beside them (Hydra's ``.hydra/config.yaml`` when that is absent): scorer,
+``selection.ratio`` or ``selection.count``, and seed. The training seed is the only thing that
+may differ between runs pooled into one point (see :mod:`lobass.report.points`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def collect_runs(root: Path) -> pd.DataFrame:
     """
     candidates = {p.parent for p in root.rglob("summary.json")}
     candidates |= {p.parent for p in root.rglob("error.txt")}
+    candidates |= {p.parent for p in root.rglob("config.yaml") if _is_run_config(p)}
     records = [_read_run(run_dir) for run_dir in sorted(candidates)]
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
@@ -90,10 +94,25 @@ def check_one_pool(runs: pd.DataFrame) -> None:
             "their seeds would pool into one point: report each pool's runs from its own folder")
 
 
+def _is_run_config(path: Path) -> bool:
+    """A run's own ``config.yaml`` (resolved, with ``stages``), not W&B's or Hydra's copy."""
+    if path.parent.name == ".hydra":
+        return False
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and "stages" in config and "_wandb" not in config
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     config = _run_config(run_dir)
-    summary = _load_json(run_dir / "summary.json")
+    summary, unfinished = _read_summary(run_dir / "summary.json")
     error_file = run_dir / "error.txt"
+    if error_file.exists():
+        status, error = "failed", error_file.read_text().strip().splitlines()[-1:] or [""]
+    else:
+        status, error = ("failed", [unfinished]) if unfinished else ("ok", [""])
     metrics = {k: float(v) for k, v in summary.get("metrics", {}).items()}
     artifacts = summary.get("artifacts", {})
     point = summary.get("point") or _point_from_config(config)
@@ -101,8 +120,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "run": run_dir.name,
         "path": run_dir,
         **identity_columns(point, metrics),
-        "status": "failed" if error_file.exists() else "ok",
-        "error": error_file.read_text().strip().splitlines()[-1] if error_file.exists() else "",
+        "status": status,
+        "error": error[0],
         "scores_path": _path(artifacts.get("scores")),
         "selected_path": _path(artifacts.get("selected")),
         # holds losses/<set>.jsonl: per-row losses for paired comparisons
@@ -126,16 +145,24 @@ def _point_from_config(config: dict[str, Any]) -> dict[str, Any]:
             "train": None, "seed": int(config.get("seed", 0)), "reference_seed": None}
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def _read_summary(path: Path) -> tuple[dict[str, Any], str]:
+    """The summary, and why the run did not finish (empty when it did).
+
+    A run writes ``summary.json`` last (a partial one beside ``error.txt`` when it fails) and
+    removes an earlier attempt's at its start, so a run dir without one, or with one that is
+    unreadable or has no ``point`` (what a run records on success), ended abnormally: killed
+    (SIGKILL, a node lost) or still running.
+    """
     if not path.is_file():
-        return {}
+        return {}, "killed or still running: no summary.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except json.JSONDecodeError:
-        # a point killed while writing: the report still lists it, without metrics
-        log.warning("unreadable %s: the run is listed without metrics", path)
-        return {}
-    return data
+        log.warning("unreadable %s: the run is listed as failed, without metrics", path)
+        return {}, "killed or still running: summary.json is unreadable"
+    if "point" in data and not data["point"]:  # legacy summaries have no "point" at all
+        return data, "killed or still running: summary.json is partial (no point)"
+    return data, ""
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
