@@ -246,6 +246,9 @@ def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
     rows.write_text('{"instruction": "Say hi.", "output": "Hi."}\n{"instruction": \n')
     with pytest.raises(Exception, match="rows.jsonl:2"):
         run(make_cfg("model=tiny_random", "logger=wandb", "data=jsonl", f"data.path={rows}"))
+    import wandb
+
+    wandb.teardown()  # the service writes the run's file after finish() returns: wait for it
     (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in _wandb_records(log) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]  # W&B's "failed" state; 0 reads "finished"
