@@ -17,7 +17,7 @@ from lobass.evaluation.generation import (
     visible_answer,
 )
 from lobass.evaluation.judge import find_baseline_generations, render_prompt
-from lobass.evaluation.prompts import Prompt, read_prompts
+from lobass.evaluation.prompts import Prompt, read_prompts, read_reference_examples
 from lobass.evaluation.suite import generation_set_metrics, judge_prompt
 from lobass.jsonrows import jsonl_text, read_jsonl
 
@@ -123,6 +123,17 @@ def test_bad_characters_in_any_field_name_file_and_line_and_are_skippable(tmp_pa
     examples, stats = read_examples(path, "alpaca", on_bad_row="skip")
     assert [e.messages[-1]["content"] for e in examples] == ["Hi 0.", "Hi 1.", "Hi 2."]
     assert stats.skipped["bad_row"] == 1
+
+
+def test_a_bad_character_in_a_reference_answer_file_names_it(tmp_path):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "turns": ["Why?"]}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question_id": 1, "model": "x\ud800",
+                                   "choices": [{"turns": ["Because."]}]}) + "\n")
+    with pytest.raises(DataError, match=r"answers.jsonl:1: field 'model' holds an unpaired "
+                                        r"surrogate U\+D800"):
+        read_reference_examples(questions, answers)
 
 
 # ---------------------------------------------------------------------------------------------
