@@ -22,6 +22,7 @@ from lobass import distributed
 from lobass.artifacts import atomic_write_json, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
+from lobass.model_card import write_adapter_card
 from lobass.modeling import load_model
 from lobass.training import (
     gradient_accumulation,
@@ -118,6 +119,8 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
             [pool.features[i].n_response for i in rows], int(metrics["train/steps"]), recipe)
         if distributed.is_main():
             atomic_write_json(work / "train_metrics.json", metrics)
+            write_adapter_card(work / "adapter", cfg, recipe,
+                               [pool.examples[i].source for i in rows], seed, metrics, name=name)
         return {"rows": len(rows)}
 
     # Every rank trains (data parallel under torchrun); rank 0 alone locks and publishes.
