@@ -90,6 +90,56 @@ def test_local_model_overwritten_in_place_is_scored_again(make_cfg, tiny, tmp_pa
     assert str((moved / "model.safetensors").resolve()) in cache  # hashed once, then stat'ed
 
 
+def test_unpinned_hub_model_updated_upstream_is_scored_again(make_cfg, tiny, tmp_path,
+                                                             monkeypatch):
+    """``revision: null`` follows the hub's ``main``: a new commit there must not reuse losses.
+
+    The hub cache is a real one in tmp_path, laid out as ``huggingface_hub`` writes it (refs/main
+    naming a snapshot); pointing the hub's cache constant at it is what ``HF_HUB_CACHE`` does.
+    """
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--lobass-test--tiny"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def publish(commit: str, seed: int) -> None:  # a new commit on main, as a download leaves it
+        _save_llama(tiny, repo / "snapshots" / commit, seed=seed)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    args = [*TINY, "model.source=hub", "model.hub_id=lobass-test/tiny", "model.revision=null",
+            "stages=[score]", "scorer=loss"]
+    publish("a" * 40, seed=1)
+    first = run(make_cfg(*args))
+    publish("b" * 40, seed=2)
+    second = run(make_cfg(*args))
+    assert not second["stages"]["score"]["reused"]
+    assert _losses(second) != _losses(first)
+
+
+def test_gguf_package_is_keyed_by_its_file_content(make_cfg, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lobass.modeling import model_key, package_dir
+
+    cfg = make_cfg().model  # the embedded SmolLM2, from its GGUF package
+    package = tmp_path / "site" / "lobass_test_gguf"  # the same file in a package of our own
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    gguf = package / cfg.gguf_file
+    shutil.copy(package_dir(cfg.gguf_package) / cfg.gguf_file, gguf)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    ours = OmegaConf.merge(cfg, {"gguf_package": "lobass_test_gguf"})
+    before = model_key(ours, "unused", tmp_path)
+    assert model_key(ours, "unused", tmp_path) == before
+    with open(gguf, "r+b") as handle:  # a package upgrade that ships other bytes, same name
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    assert model_key(ours, "unused", tmp_path) != before
+
+
 def test_local_judge_model_is_keyed_by_its_files(tiny, tmp_path):
     from lobass.modeling import checkpoint_fingerprint
 
