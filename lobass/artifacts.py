@@ -86,6 +86,10 @@ def cached_sha256s(paths: Sequence[Path], cache_file: Path) -> dict[Path, str]:
     missing = [p for p in paths if p not in found]
     if not missing:
         return found
+    size = sum(p.stat().st_size for p in missing)
+    if size > 1 << 30:  # a checkpoint's shards: say why the run pauses, once
+        log.info("hashing %d files (%.1f GiB) for their cache key, once; kept in %s",
+                 len(missing), size / (1 << 30), cache_file)
     fresh = {}
     for path in missing:
         before = stamp(path)
