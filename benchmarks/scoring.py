@@ -207,6 +207,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="", help="also time the engine at these budgets, "
                         "e.g. 256,1024,16384 (no cache, on the same rows)")
     parser.add_argument("--profile", type=int, default=0, help="profile the engine on N rows")
+    parser.add_argument("--model", default="smollm2_135m", help="model config whose model (and "
+                        "tokenizer) is scored; tiny_offline needs no model package")
     parser.add_argument("--shape", default="", help="a model config with an `arch` block "
                         "(e.g. llama_7b): random-initialised model of that architecture")
     parser.add_argument("--layers", type=int, default=0, help="with --shape: keep N layers")
@@ -219,7 +221,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         # bf16 on CUDA: float32 there would time a configuration no GPU recipe uses.
         on_gpu = ["model.dtype=bfloat16", "model.device=cuda"] if args.device == "cuda" else []
-        cfg = compose(config_name="config", overrides=["model=smollm2_135m", *on_gpu])
+        cfg = compose(config_name="config", overrides=[f"model={args.model}", *on_gpu])
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
@@ -327,7 +329,7 @@ def main() -> None:
     dims = model_dims(model)
     executed = engine_flops(dims, features, shared_prefix_length(features))
     figures = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "model": args.shape or "smollm2_135m", "dtype": str(next(model.parameters()).dtype),
+               "model": args.shape or args.model, "dtype": str(next(model.parameters()).dtype),
                "rows": len(features), "tokens": tokens, "response_tokens": response,
                "naive_s": t_naive, "engine_s": t_engine, "speedup_vs_naive": t_naive / t_engine,
                "tokens_per_s": tokens / t_engine, "engine_tflops": executed / t_engine / 1e12,

@@ -226,12 +226,21 @@ def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
 
 
 def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
-    """A random-initialised Llama of a few layers, with the embedded model's tokenizer."""
+    """A random-initialised Llama of a few layers, with the embedded model's tokenizer.
+
+    ``random_init.tokenizer_from`` names a GGUF package, or a tokenizer directory shipped in
+    lobass/resources/data (``shipped_dir``, relative there so that the model key holds no
+    checkout path), for machines that cannot receive the package.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer_cfg = model_cfg.random_init.tokenizer_from
-    gguf = locate_gguf(tokenizer_cfg, work)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer_cfg.get("shipped_dir"):
+        shipped = Path(__file__).resolve().parent / "resources" / "data" / tokenizer_cfg.shipped_dir
+        tokenizer = AutoTokenizer.from_pretrained(shipped)
+    else:
+        gguf = locate_gguf(tokenizer_cfg, work)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     arch: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
         model_cfg.random_init.llama, resolve=True)
     config = LlamaConfig(

@@ -1,117 +1,240 @@
 #!/usr/bin/env bash
-# The GPU path in one prepared run, for a machine with one CUDA GPU, no hub access, ~9 minutes:
-#   1) set-up (scripts/setup.sh: the torch build the driver runs, the gpu extra, a CUDA check);
-#   2) the CUDA scoring benchmark on the embedded SmolLM2-135M (bf16) and on a random-initialised
-#      LLaMA-7B shape (bf16): speed-up over the naive loop, MFU against the card's bf16 peak; and
-#      the training benchmark (bf16, liger-kernel when installed): lobass's training stage against
-#      what a user writes, the matmul fraction, peak GPU memory;
-#   3) a short run of the whole pipeline on the embedded model with the GPU config groups
-#      (model.device=cuda, reference/train=lora_gpu, score=gpu, eval=gpu, small sizes);
-#   4) the CUDA-only tests (pytest -m gpu).
-# Every step has its own time limit (`timeout`), a failed step does not stop the next, and each
-# step's exit status and time go to steps.tsv. The log (gpu_check.log) and gpu_check.json (the
-# figures: scripts/gpu_check_report.py) are written to $OUT when it is set, else
+# The GPU path in one prepared run, for a machine with one CUDA GPU and no network whose python3
+# (3.12) already has CUDA torch, transformers, accelerate, peft, pandas, scipy, pyarrow and pytest
+# (scripts/gpu_image.txt): nothing is fetched and no weights travel. Before sending the checkout,
+# build the wheels it lacks on a networked machine: `bash scripts/gpu_wheelhouse.sh` (.wheelhouse/,
+# about 13 MiB). Steps, each under its own time limit (defaults add up to 410 s):
+#   install         the cp312 wheelhouse into a --target folder on PYTHONPATH (pip --no-index
+#                   --no-deps: exactly the wheels the image lacks), then `pip check` over both
+#   imports         every module the steps use, from the right places; CUDA visible
+#   bench_llama7b   the scoring benchmark on a random-initialised LLaMA-2-7B shape in bf16 (the
+#                   shipped tokenizer's rows): speed-up over the naive loop, MFU, peak memory
+#   bench_training  the training benchmark (bf16) on the tiny random model: lobass's stage against
+#                   a plain Trainer+peft loop, its loss agreement, peak memory
+#   pipeline        reference, score, select, train, eval on the tiny random model with the GPU
+#                   config groups
+#   gpu_tests       pytest -m gpu; a skipped test fails the step
+# Each step appends one JSON line to steps.jsonl the moment it ends; gpu_check.json (the
+# figures: scripts/gpu_check_report.py) is written at the end, or at once on SIGTERM/SIGINT (the
+# running step is recorded as terminated). Files go to $OUT when it is set, else
 # /tmp/lobass-gpu-check/out.
 #
-#   bash scripts/gpu_check.sh              # run it
+#   bash scripts/gpu_check.sh              # run it (on the GPU machine)
 #   bash scripts/gpu_check.sh --dry-run    # print the steps and their limits, run nothing
-#   PYTHON=/opt/torch/.venv/bin/python3 bash scripts/gpu_check.sh   # an interpreter that already
-#                                          # has torch (CUDA) and lobass's dependencies
-#   GPU_CHECK_LIMITS="setup=150 bench_training=90 pipeline=150"   # seconds per step
-#   GPU_CHECK_SKIP="setup"                 # steps not to run (recorded with rc "skipped")
+#   bash scripts/gpu_check.sh --rehearse   # here, on the CPU: every step that needs no CUDA
+#   unshare -n bash scripts/gpu_check.sh --rehearse   # ... with the network cut
+#   GPU_CHECK_LIMITS="install=40 pipeline=90.5"   # seconds per step (decimals accepted)
+#   GPU_CHECK_SKIP="bench_training"        # steps not to run (recorded as skipped)
+#   PYTHON=/opt/torch/.venv/bin/python3    # the interpreter (default python3; rehearsal: the
+#                                          # first with torch of $PYTHON, .venv/bin/python, python3)
+#
+# The rehearsal proves on this CPU what the GPU run assumes: that the wheelhouse resolves for
+# Python 3.12 offline against the image's versions (pip install --dry-run --no-index --target,
+# the image's packages stood in for by scripts/gpu_image.py stubs); that the same packages, for
+# this interpreter (.wheelhouse/local), install offline over an interpreter holding only the
+# image's packages (links to this interpreter's, scripts/gpu_image.py site) and import there; that
+# the 7B shape builds (on the meta device); and that the pipeline step runs on the tiny model.
+# It exits non-zero when any step fails.
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+MODE=run
+case "${1:-}" in
+  --dry-run) MODE=dry ;;
+  --rehearse) MODE=rehearse ;;
+  "") ;;
+  *) echo "usage: gpu_check.sh [--dry-run | --rehearse]" >&2; exit 2 ;;
+esac
 WORK=${GPU_CHECK_WORK:-/tmp/lobass-gpu-check}
+[ "$MODE" = rehearse ] && WORK=${GPU_CHECK_WORK:-/tmp/lobass-gpu-rehearse}
 OUT_DIR=${OUT:-$WORK/out}
-declare -A LIMIT=([setup]=120 [bench_embedded]=60 [bench_llama7b]=120 [bench_training]=60
-                  [pipeline]=120 [gpu_tests]=60)
-for pair in ${GPU_CHECK_LIMITS:-}; do LIMIT[${pair%%=*}]=${pair#*=}; done
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+# Seconds per step. The GPU run's add up to 410 s: with the transfers it fits a 10-minute lease
+# with time to rerun. The rehearsal's own steps have room for a busy shared CPU.
+declare -A LIMIT=([install]=25 [imports]=30 [bench_llama7b]=120 [bench_training]=55
+                  [pipeline]=120 [gpu_tests]=60
+                  [resolve312]=120 [install_local]=150 [shape7b]=60)
+for pair in ${GPU_CHECK_LIMITS:-}; do
+  name=${pair%%=*} value=${pair#*=}
+  if [ -z "${LIMIT[$name]+x}" ] || ! [[ "$value" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+    echo "GPU_CHECK_LIMITS: '$pair' must be STEP=SECONDS (a number, decimals allowed) with STEP" \
+      "one of: ${!LIMIT[*]}" >&2
+    exit 2
+  fi
+  LIMIT[$name]=$value
+done
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
+SITE=$WORK/site  # the wheelhouse's packages (pip --target)
+export PYTHONPATH=$SITE:$ROOT
 
-if [ "$DRY" = 0 ]; then
+if [ "$MODE" = rehearse ]; then
+  source scripts/gpu_python.sh
+  DEV_PY=$(python_with_torch) || exit 1
+  # A venv of the same Python with no packages of its own (the base interpreter's may hold
+  # anything) and only the image's packages on its path: the GPU image's python3, as far as this
+  # machine can stand for it.
+  "$("$DEV_PY" -c "import sys; print(sys._base_executable)")" -m venv --clear --without-pip \
+    "$WORK/venv" || exit 1
+  PY=$WORK/venv/bin/python
+  IMAGE_SITE=$WORK/image_site
+  export PYTHONPATH=$SITE:$IMAGE_SITE:$ROOT
+  WHEELS=.wheelhouse/local
+else
+  PY=${PYTHON:-python3}
+  WHEELS=.wheelhouse
+fi
+
+if [ "$MODE" != dry ]; then
+  rm -rf "$SITE" "$OUT_DIR/steps.jsonl"
   mkdir -p "$OUT_DIR" "$WORK"
   LOG=$OUT_DIR/gpu_check.log
   : >"$LOG"
-  : >"$OUT_DIR/steps.tsv"
-  nvidia-smi >"$OUT_DIR/nvidia_smi.txt" 2>&1
-  cat "$OUT_DIR/nvidia_smi.txt" >>"$LOG"
+  if [ "$MODE" = run ]; then
+    nvidia-smi >"$OUT_DIR/nvidia_smi.txt" 2>&1
+    cat "$OUT_DIR/nvidia_smi.txt" >>"$LOG"
+    "$PY" -m pip freeze >"$OUT_DIR/image_freeze.txt" 2>>"$LOG"  # pins for scripts/gpu_image.txt
+  fi
+  echo "=== mode $MODE, python $PY ($("$PY" --version 2>&1)), PYTHONPATH=$PYTHONPATH" | tee -a "$LOG"
 fi
 
-# step NAME COMMAND...: run under its time limit, log everything, record name/rc/seconds/limit.
+report() {
+  "$PY" scripts/gpu_check_report.py "$OUT_DIR" --mode "$MODE" >>"$LOG" 2>&1
+}
+
+CHILD="" CURRENT="" STEP_START=0
+on_signal() {  # record the running step as terminated, write the summary, stop
+  trap - TERM INT
+  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
+  if [ -n "$CURRENT" ]; then
+    record "$CURRENT" terminated "$STEP_START"
+  fi
+  report
+  echo "=== terminated; summary in $OUT_DIR/gpu_check.json" | tee -a "$LOG"
+  exit 143
+}
+
+# record NAME RC START: append the step's JSON line (name, rc, seconds, limit) to steps.jsonl.
+record() {
+  local seconds
+  seconds=$(awk -v a="$3" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+  "$PY" scripts/gpu_check_report.py "$OUT_DIR" --append "$1" "$2" "$seconds" "${LIMIT[$1]}" \
+    >>"$LOG" 2>&1 || echo "=== could not record step $1" | tee -a "$LOG"
+}
+
+# step NAME COMMAND...: run under its time limit, log everything, append its JSON line.
 step() {
-  local name=$1 limit=${LIMIT[$1]}
+  local name=$1 limit=${LIMIT[$1]} rc
   shift
-  if [ "$DRY" = 1 ]; then
-    printf '%-15s %4ss  %s\n' "$name" "$limit" "$*"
+  if [ "$MODE" = dry ]; then
+    printf '%-15s %6ss  %s\n' "$name" "$limit" "$*"
     return 0
   fi
   if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
-    printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >>"$OUT_DIR/steps.tsv"
+    record "$name" skipped "$(date +%s%N)"
     echo "=== $name: skipped (GPU_CHECK_SKIP)" | tee -a "$LOG"
     return 0
   fi
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  local start rc seconds
-  start=$(date +%s%N)
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  CURRENT=$name STEP_START=$(date +%s%N)
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
   rc=$?
-  seconds=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$seconds" "$limit" >>"$OUT_DIR/steps.tsv"
-  echo "=== $name: rc=$rc after ${seconds}s" | tee -a "$LOG"
+  CHILD=""
+  record "$name" "$rc" "$STEP_START"
+  CURRENT=""
+  echo "=== $name: rc=$rc" | tee -a "$LOG"
 }
+trap on_signal TERM INT
 
-# The first interpreter that has CUDA torch and lobass's dependencies: $PYTHON, the set-up's
-# .venv, then the machine's python3 (a GPU image often has torch but no registry to install from).
-choose_python() {
-  local candidate
-  for candidate in ${PYTHON:-} .venv/bin/python python3; do
-    if "$candidate" -c "import torch, hydra, lm_eval, peft; assert torch.cuda.is_available()" \
-        >/dev/null 2>&1; then
-      echo "$candidate"
-      return
-    fi
-  done
-  # none works: the steps fail and say why in the log (the set-up's interpreter if there is one)
-  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; elif [ -x .venv/bin/python ]; then
-    echo .venv/bin/python; else echo python3; fi
-}
-
-# 1) set-up; pip gives up fast when the machine cannot reach the package index.
-step setup env PIP_DEFAULT_TIMEOUT=10 PIP_RETRIES=1 bash scripts/setup.sh
-PY=$([ "$DRY" = 1 ] && echo '$PY' || choose_python)
-[ "$DRY" = 0 ] && echo "=== python: $PY" | tee -a "$LOG"
-
-# 2) scoring benchmarks, bf16 on CUDA, 512 real Alpaca rows, 16k tokens per batch
-step bench_embedded "$PY" benchmarks/scoring.py --device cuda --rows 512 --max-tokens 16384 \
-  --models-dir "$WORK/models" --json "$OUT_DIR/bench_embedded.json"
-step bench_llama7b "$PY" benchmarks/scoring.py --device cuda --shape llama_7b --rows 512 \
-  --max-tokens 16384 --models-dir "$WORK/models" --json "$OUT_DIR/bench_llama7b.json"
-step bench_training "$PY" benchmarks/training.py --device cuda --steps 8 --repeats 1 --micro-batch-size 0 \
-  --models-dir "$WORK/models" --json "$OUT_DIR/bench_training.json"
-
-# 3) the whole pipeline on the embedded model with the GPU groups, sized to a minute or two
 PIPELINE=(
-  model=smollm2_135m model.device=cuda model.dtype=bfloat16
-  reference=lora_gpu train=lora_gpu score=gpu eval=gpu logger=none
-  data.max_rows=96 data.mix.gsm8k.max_rows=32 selection.ratio=0.25
-  reference.max_steps=6 reference.global_batch_size=16 reference.save_steps=3
-  train.max_steps=4 train.global_batch_size=16
-  eval.gsm8k.limit=16 eval.gsm8k.num_fewshot=0 eval.gsm8k.max_gen_toks=64
-  eval.ifeval.limit=8 eval.ifeval.max_gen_toks=64 eval.heldout.max_rows=64
-  eval.generation.max_new_tokens=48 eval.generation.sets.vicuna.max_rows=8
-  eval.generation.sets.mt_bench.max_rows=4 eval.generation.sets.heldout_prompts.max_rows=4
+  model=tiny_offline logger=none data.max_rows=48 data.mix.gsm8k.max_rows=16
+  data.max_length=256 selection.ratio=0.25
+  reference.max_steps=4 reference.save_steps=2 train.max_steps=3
+  eval.gsm8k.limit=4 eval.gsm8k.num_fewshot=0 eval.gsm8k.max_gen_toks=16
+  eval.ifeval.limit=2 eval.ifeval.max_gen_toks=16 eval.heldout.max_rows=8
+  eval.generation.max_new_tokens=16 eval.generation.sets.vicuna.max_rows=2
+  eval.generation.sets.mt_bench.max_rows=2 eval.generation.sets.heldout_prompts.max_rows=2
   "artifacts_dir=$WORK/artifacts" "models_dir=$WORK/models" "output_dir=$WORK/run"
 )
-step pipeline "$PY" run.py "${PIPELINE[@]}"
-[ "$DRY" = 0 ] && cp "$WORK/run/summary.json" "$OUT_DIR/pipeline_summary.json" 2>/dev/null
+# pip check over the image and the wheelhouse: any broken requirement fails, except lobass's own
+# wandb and gguf when a checkout's egg-info is on the path (left out on purpose: see
+# scripts/gpu_requirements.txt).
+PIP_CHECK="{ '$PY' -m pip check || true; } | { ! grep -v -e '^lobass ' -e '^No broken'; }"
+IMPORTS="import hydra, omegaconf, lm_eval, datasets, torch, transformers, peft, accelerate
+import lobass.pipeline, lobass.evaluation.harness
+from lm_eval.tasks import TaskManager
+site = '$SITE'
+for module in (hydra, omegaconf, lm_eval, datasets):
+    assert module.__file__.startswith(site), f'{module.__name__} from {module.__file__}, not {site}'
+assert lobass.__file__.startswith('$ROOT'), lobass.__file__
+print('imports ok: torch', torch.__version__, 'transformers', transformers.__version__,
+      'lm_eval', lm_eval.__version__ if hasattr(lm_eval, '__version__') else '?')"
 
-# 4) the CUDA-only tests (memory estimates against torch's measured peaks)
-step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+if [ "$MODE" = rehearse ]; then
+  # 1) the cp312 wheelhouse resolves offline against the image (its packages as stubs)
+  step resolve312 bash -c "rm -rf '$WORK/stubs312' '$WORK/target312' &&
+    '$DEV_PY' scripts/gpu_image.py stubs scripts/gpu_image.txt '$WORK/stubs312' &&
+    '$DEV_PY' -m pip install --dry-run --no-index --find-links .wheelhouse \
+      --find-links '$WORK/stubs312' -c '$WORK/stubs312/constraints.txt' --python-version 3.12 \
+      --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
+      --platform manylinux2014_x86_64 --only-binary=:all: --target '$WORK/target312' \
+      -r scripts/gpu_requirements.txt"
+  # 2) the same packages for this interpreter, offline, over an image-like interpreter
+  step install_local bash -c "rm -rf '$IMAGE_SITE' &&
+    '$DEV_PY' scripts/gpu_image.py site scripts/gpu_image.txt '$IMAGE_SITE' \
+      --exclude-wheels '$WHEELS' &&
+    '$DEV_PY' -m pip install -q --no-index --no-deps --target '$SITE' '$WHEELS'/*.whl &&
+    $PIP_CHECK"
+  step imports "$PY" -c "$IMPORTS"
+  # 3) LLaMA-2-7B's shape on the meta device: the architecture the GPU benchmark builds
+  step shape7b "$PY" -c "
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM
+import lobass
+from lobass.memory import architecture_config
+with initialize_config_dir(config_dir='$ROOT/conf', version_base='1.3'):
+    model_cfg = compose(config_name='config', overrides=['model=llama2_7b']).model
+with torch.device('meta'):
+    model = AutoModelForCausalLM.from_config(architecture_config(model_cfg), dtype=torch.bfloat16)
+params = sum(p.numel() for p in model.parameters())
+assert params == 6_738_415_616, params  # LLaMA-2-7B's published count
+assert next(model.parameters()).dtype == torch.bfloat16
+print('llama2_7b on meta:', params, 'parameters, bf16')"
+  # 4) the pipeline step, on this CPU
+  step pipeline "$PY" run.py "${PIPELINE[@]}" model.device=cpu
+else
+  # 1) the wheels the image lacks, offline; pip check over image + wheelhouse
+  step install bash -c "'$PY' -m pip install -q --no-index --no-deps --target '$SITE' \
+    '$WHEELS'/*.whl && $PIP_CHECK"
+  step imports "$PY" -c "$IMPORTS
+assert torch.cuda.is_available(), 'torch sees no GPU'
+print(torch.cuda.get_device_name())"
+  # 2) benchmarks, bf16 on CUDA: scoring on the 7B shape (512 real Alpaca rows, 16k tokens per
+  #    batch), training on the tiny model (correctness and the JSON; no 7B weights travel)
+  step bench_llama7b "$PY" benchmarks/scoring.py --device cuda --model tiny_offline \
+    --shape llama2_7b --rows 512 --max-tokens 16384 --models-dir "$WORK/models" \
+    --json "$OUT_DIR/bench_llama7b.json"
+  step bench_training "$PY" benchmarks/training.py --device cuda --model tiny_offline --steps 8 \
+    --repeats 1 --micro-batch-size 0 --models-dir "$WORK/models" \
+    --json "$OUT_DIR/bench_training.json"
+  # 3) the whole pipeline on the tiny model with the GPU groups
+  step pipeline "$PY" run.py "${PIPELINE[@]}" model.device=cuda model.dtype=bfloat16 \
+    reference=lora_gpu train=lora_gpu score=gpu eval=gpu reference.global_batch_size=8 \
+    train.global_batch_size=8
+  # 4) the CUDA-only tests (memory estimates against torch's measured peaks); a skip fails
+  step gpu_tests bash -c "LOBASS_TEST_TINY_MODEL=tiny_offline '$PY' -m pytest -m gpu -q \
+    -p no:cacheprovider --junitxml '$OUT_DIR/gpu_tests.xml' tests; rc=\$?;
+    '$PY' scripts/gpu_check_report.py '$OUT_DIR' --junit '$OUT_DIR/gpu_tests.xml' || exit 1;
+    exit \$rc"
+fi
+[ "$MODE" != dry ] && cp "$WORK/run/summary.json" "$OUT_DIR/pipeline_summary.json" 2>/dev/null
 
-if [ "$DRY" = 0 ]; then
-  python3 scripts/gpu_check_report.py "$OUT_DIR" | tee -a "$LOG"
+if [ "$MODE" != dry ]; then
+  trap - TERM INT
+  report
+  "$PY" -c "import json, sys; r = json.load(open('$OUT_DIR/gpu_check.json'));
+print(json.dumps(r, indent=1)); sys.exit(0 if r['all_ok'] else 1)" | tee -a "$LOG"
+  exit "${PIPESTATUS[0]}"
 fi

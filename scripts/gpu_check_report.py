@@ -1,26 +1,36 @@
 """Assemble ``gpu_check.json`` from what ``scripts/gpu_check.sh`` left in its output folder.
 
-run: python scripts/gpu_check_report.py OUT_DIR        (gpu_check.sh calls it last)
+run: python scripts/gpu_check_report.py OUT_DIR [--mode run|rehearse]   (gpu_check.sh, last)
+     python scripts/gpu_check_report.py OUT_DIR --append NAME RC SECONDS LIMIT   (after a step)
+     python scripts/gpu_check_report.py OUT_DIR --junit FILE   (exit 1 on a skipped test)
 
-Reads ``steps.tsv`` (one line per step: name, exit status, seconds, time limit), the benchmark
+Reads ``steps.jsonl`` (one JSON line per step, appended the moment it ends: name, exit status or
+``skipped``/``terminated``, seconds, time limit), the benchmark
 figures (``bench_*.json``), the pipeline's ``pipeline_summary.json`` and ``nvidia_smi.txt``, and
 writes ``gpu_check.json``: every step's status, the scoring figures (speed-up over the naive loop,
 MFU, tokens/s; issue 4's goal is 5x the naive loop on a GPU), the training figures (lobass's
 stage against what a user writes, its matmul fraction, peak memory: issue 14), the pipeline's
 stage times and metrics. Missing files are recorded as missing, never guessed: a step that
-failed shows as such.
+failed, never ran or was killed shows as such, and ``all_ok`` needs every step of the mode.
 Standard library only, so it runs whatever state the set-up left.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 GOAL_SPEEDUP = 5.0  # issue 4: scoring at least 5x the naive per-row loop on a GPU
+STEPS = {  # what each mode of gpu_check.sh runs, in order
+    "run": ("install", "imports", "bench_llama7b", "bench_training", "pipeline", "gpu_tests"),
+    "rehearse": ("resolve312", "install_local", "imports", "shape7b", "pipeline"),
+}
 TRAIN_KEYS = ("speedup", "speedup_same_batches", "lobass_matmul_fraction", "user_peak_mib",
               "lobass_peak_mib", "user_s", "lobass_s", "max_loss_diff")
 BENCH_KEYS = ("device", "model", "dtype", "rows", "tokens", "speedup_vs_naive", "tokens_per_s",
@@ -28,7 +38,7 @@ BENCH_KEYS = ("device", "model", "dtype", "rows", "tokens", "speedup_vs_naive", 
 
 
 def read_steps(path: Path) -> dict[str, dict[str, Any]]:
-    """``steps.tsv`` as ``{name: {rc, seconds, limit_s, ok, timed_out}}``.
+    """``steps.jsonl`` as ``{name: {rc, seconds, limit_s, ok, timed_out}}`` (a rerun step: last).
 
     Raises:
         ValueError: a malformed line, naming the file and line.
@@ -40,13 +50,43 @@ def read_steps(path: Path) -> dict[str, dict[str, Any]]:
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.split("\t")
-        if len(fields) != 4:
-            raise ValueError(f"{path}:{number}: expected name, rc, seconds, limit; got {line!r}")
-        name, rc, seconds, limit = fields
-        steps[name] = {"rc": rc if rc == "skipped" else int(rc), "seconds": float(seconds),
-                       "limit_s": int(limit), "ok": rc == "0", "timed_out": rc in ("124", "137")}
+        try:
+            entry = json.loads(line)
+            steps[entry["name"]] = {k: entry[k] for k in ("rc", "seconds", "limit_s", "ok",
+                                                          "timed_out")}
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a step line ({error}): {line!r}") from None
     return steps
+
+
+def step_entry(name: str, rc: str, seconds: str, limit: str) -> dict[str, Any]:
+    """One step's JSON line; ``rc`` an exit status, ``skipped`` or ``terminated``.
+
+    Raises:
+        ValueError: a non-numeric exit status, seconds or limit (decimals are accepted).
+
+    """
+    status: int | str = rc if rc in ("skipped", "terminated") else int(rc)
+    return {"name": name, "rc": status, "seconds": float(seconds), "limit_s": float(limit),
+            "ok": status == 0, "timed_out": status in (124, 137)}
+
+
+def append_step(out: Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` to ``out/steps.jsonl`` as one line, flushed to disk before returning."""
+    with (out / "steps.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def junit_skips(path: Path) -> tuple[int, int]:
+    """``(tests, skipped)`` of a pytest ``--junitxml`` file (0, 0 when it is missing)."""
+    if not path.is_file():
+        return 0, 0
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    return (sum(int(s.get("tests", 0)) for s in suites),
+            sum(int(s.get("skipped", 0)) for s in suites))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -57,15 +97,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def assemble(out: Path) -> dict[str, Any]:
-    """The report of one ``gpu_check.sh`` run whose files are in ``out``."""
+def assemble(out: Path, mode: str = "run") -> dict[str, Any]:
+    """The report of one ``gpu_check.sh`` run (``mode``: run or rehearse) in ``out``."""
     smi = out / "nvidia_smi.txt"
     header = re.search(r"Driver Version:\s*(\S+)\s+CUDA Version:\s*(\S+)",
                        smi.read_text()) if smi.is_file() else None
     report: dict[str, Any] = {
         "driver": header[1] if header else None,
         "driver_cuda": header[2] if header else None,
-        "steps": read_steps(out / "steps.tsv"),
+        "mode": mode,
+        "steps": read_steps(out / "steps.jsonl"),
         "scoring": {},
     }
     for name in ("embedded", "llama7b"):
@@ -91,21 +132,35 @@ def assemble(out: Path) -> dict[str, Any]:
                         if k.startswith(("train/loss", "reference/loss", "score/mean",
                                          "eval/gsm8k/strict_acc", "eval/heldout"))},
         }
-    report["all_ok"] = bool(report["steps"]) and all(s["ok"] or s["rc"] == "skipped"
-                                                     for s in report["steps"].values())
+    tests, skipped = junit_skips(out / "gpu_tests.xml")
+    if mode == "run":
+        report["gpu_tests"] = {"tests": tests, "skipped": skipped}
+    report["missing_steps"] = [n for n in STEPS[mode] if n not in report["steps"]]
+    report["all_ok"] = not report["missing_steps"] and all(
+        report["steps"][n]["ok"] for n in STEPS[mode])
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ``<OUT_DIR>/gpu_check.json`` and print it."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: gpu_check_report.py OUT_DIR", file=sys.stderr)
-        return 2
-    out = Path(args[0])
-    report = assemble(out)
+    """Write ``<OUT_DIR>/gpu_check.json`` and print it; or append a step; or check a junit file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--mode", choices=sorted(STEPS), default="run")
+    parser.add_argument("--append", nargs=4, metavar=("NAME", "RC", "SECONDS", "LIMIT"))
+    parser.add_argument("--junit", type=Path, help="exit 1 unless it ran tests and skipped none")
+    args = parser.parse_args(argv)
+    if args.append:
+        append_step(args.out, step_entry(*args.append))
+        return 0
+    if args.junit:
+        tests, skipped = junit_skips(args.junit)
+        print(f"{args.junit}: {tests} tests, {skipped} skipped")
+        return 0 if tests and not skipped else 1
+    report = assemble(args.out, args.mode)
     text = json.dumps(report, indent=1, sort_keys=True)
-    (out / "gpu_check.json").write_text(text + "\n")
+    tmp = args.out / "gpu_check.json.tmp"  # renamed into place: a kill never leaves half a file
+    tmp.write_text(text + "\n")
+    tmp.replace(args.out / "gpu_check.json")
     print(text)
     return 0
 

@@ -78,9 +78,14 @@ def smol(models_dir: Path) -> tuple[object, object]:
 
 @pytest.fixture(scope="session")
 def tiny(models_dir: Path) -> tuple[object, object]:
-    """The random-initialised 2-layer Llama (model, tokenizer)."""
+    """The random-initialised 2-layer Llama (model, tokenizer).
+
+    ``LOBASS_TEST_TINY_MODEL=tiny_offline`` builds it on the shipped tokenizer instead, where the
+    SmolLM2 GGUF package is not installed (scripts/gpu_check.sh's GPU tests).
+    """
+    name = os.environ.get("LOBASS_TEST_TINY_MODEL", "tiny_random")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny_random"])
+        cfg = compose(config_name="config", overrides=[f"model={name}"])
     from lobass.modeling import load_model, load_tokenizer, resolve_model_path
 
     path, _ = resolve_model_path(cfg.model, models_dir)

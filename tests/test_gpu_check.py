@@ -1,0 +1,118 @@
+"""scripts/gpu_check.sh and its helpers: limits, per-step JSON, the SIGTERM summary, skips.
+
+The whole rehearsal (`bash scripts/gpu_check.sh --rehearse`, ~4 min here) runs in CI (.ci/run);
+these cover the parts that decide whether a GPU run leaves usable figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_check_report  # noqa: E402
+import gpu_image  # noqa: E402
+
+
+def _dry_run(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **env}, check=False)
+
+
+def _limits(stdout: str) -> dict[str, float]:
+    """``{step: limit}`` from the dry run's lines ``NAME  LIMITs  COMMAND``."""
+    words = [line.split() for line in stdout.splitlines()]
+    return {w[0]: float(w[1][:-1]) for w in words
+            if len(w) > 1 and w[0] in gpu_check_report.STEPS["run"]}
+
+
+def test_default_limits_fit_one_ten_minute_run_and_decimals_are_accepted():
+    limits = _limits(_dry_run().stdout)
+    assert list(limits) == list(gpu_check_report.STEPS["run"])
+    assert sum(limits.values()) <= 420
+    decimal = _dry_run(GPU_CHECK_LIMITS="pipeline=90.5")
+    assert decimal.returncode == 0 and _limits(decimal.stdout)["pipeline"] == 90.5
+    bad = _dry_run(GPU_CHECK_LIMITS="pipeline=1m")
+    assert bad.returncode == 2 and "must be STEP=SECONDS" in bad.stderr
+
+
+def test_steps_are_appended_one_line_each_and_a_missing_step_fails_the_check(tmp_path):
+    gpu_check_report.main([str(tmp_path), "--append", "install", "0", "3.2", "25"])
+    gpu_check_report.main([str(tmp_path), "--append", "imports", "terminated", "1.5", "30.5"])
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == ["install", "imports"]
+    report = gpu_check_report.assemble(tmp_path)
+    assert report["steps"]["install"] == {"rc": 0, "seconds": 3.2, "limit_s": 25.0, "ok": True,
+                                          "timed_out": False}
+    assert report["steps"]["imports"]["rc"] == "terminated"
+    assert report["steps"]["imports"]["limit_s"] == 30.5
+    assert report["missing_steps"] == ["bench_llama7b", "bench_training", "pipeline",
+                                       "gpu_tests"]
+    assert report["all_ok"] is False
+
+
+def test_a_skipped_gpu_test_fails_the_junit_check(tmp_path):
+    (tmp_path / "test_one.py").write_text(
+        "import pytest\n\ndef test_ran():\n    assert True\n\n"
+        "@pytest.mark.skip(reason='no CUDA')\ndef test_skipped():\n    pass\n")
+    junit = tmp_path / "junit.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={junit}", str(tmp_path / "test_one.py")],
+                   cwd=tmp_path, capture_output=True, check=False)
+    assert gpu_check_report.junit_skips(junit) == (2, 1)
+    assert gpu_check_report.main([str(tmp_path), "--junit", str(junit)]) == 1
+    assert gpu_check_report.main([str(tmp_path), "--junit", str(tmp_path / "none.xml")]) == 1
+
+
+def test_sigterm_records_the_running_step_and_writes_the_summary(tmp_path):
+    """A kill mid-run (the lease ending) still leaves every finished step and the summary."""
+    env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "PYTHON": sys.executable, "PYTHONPATH": ""}
+    process = subprocess.Popen(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "out" / "gpu_check.log"
+    deadline = time.monotonic() + 120
+    # the imports step loads torch, transformers and lm-eval: seconds, time enough to be killed
+    while "=== imports (limit" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    steps = [json.loads(line) for line in
+             (tmp_path / "out" / "steps.jsonl").read_text().splitlines()]
+    assert [s["name"] for s in steps] == ["install", "imports"]
+    assert steps[1]["rc"] == "terminated"
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["all_ok"] is False and report["steps"]["imports"]["rc"] == "terminated"
+
+
+def test_image_stubs_are_wheels_pip_takes_for_the_image_version(tmp_path):
+    listing = tmp_path / "image.txt"
+    listing.write_text("# the image\ntorch==2.11.0\nsurely-not-installed-pkg\n")
+    assert gpu_image.main(["stubs", str(listing), str(tmp_path / "stubs")]) == 0
+    wheel = tmp_path / "stubs" / "torch-2.11.0+image-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read("torch-2.11.0+image.dist-info/METADATA").decode()
+    assert "Version: 2.11.0+image" in metadata and "Requires-Dist" not in metadata
+    assert (tmp_path / "stubs" / "constraints.txt").read_text() == "torch==2.11.0+image\n"
+    # pip, offline, resolves a requirement on torch to the stub for a Python 3.12 machine
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--find-links",
+         str(tmp_path / "stubs"), "-c", str(tmp_path / "stubs" / "constraints.txt"),
+         "--python-version", "3.12", "--only-binary=:all:", "--target", str(tmp_path / "t"),
+         "torch>=2.6"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Would install torch-2.11.0+image" in result.stdout
+    listing.write_text("torch>=2.6\n")
+    with pytest.raises(ValueError, match=r"image.txt:1: expected name or name==version"):
+        gpu_image.read_image_list(listing)
