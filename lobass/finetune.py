@@ -9,6 +9,7 @@ a model that was trained with other logging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,9 +36,12 @@ from lobass.training import (
 log = logging.getLogger(__name__)
 
 # Recipe fields that change how often a run logs or checkpoints, or which rows it is given
-# (``reference.fraction`` and ``reference.seed`` are resolved into the rows and the seed before
-# the key is made), but never the weights it ends with.
-BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "eval_steps", "fraction", "seed")
+# (``reference.fraction``, ``reference.seed``, ``reference.fit`` and ``reference.folds`` are
+# resolved into the rows and the seed before the key is made), but never the weights it ends with.
+BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "eval_steps", "fraction", "seed",
+               "fit", "folds")
+TRAINED_IDS = "trained_ids.json"  # in every fine-tune artifact: the row ids it trained on
+FOLDS_FILE = "folds.json"  # a cross-fitted reference: each fold's adapter, trained and scored ids
 
 
 def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
@@ -58,11 +62,100 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
 
 def reference_rows(cfg: DictConfig, n_pool: int) -> list[int]:
     """Pool rows the reference trains on: all, or a ``reference.fraction`` sampled with its seed."""
-    rows = list(range(n_pool))
-    if cfg.reference.fraction < 1:  # a cheaper reference on a seeded share of the pool
-        k = max(1, round(cfg.reference.fraction * n_pool))
-        rows = sorted(random.Random(cfg.reference.seed).sample(rows, k))
-    return rows
+    return sample_share(list(range(n_pool)), cfg.reference.fraction, cfg.reference.seed)
+
+
+def sample_share(rows: list[int], fraction: float, seed: int) -> list[int]:
+    """``rows`` (fraction 1), or a seeded ``fraction`` of them (at least one) in their order."""
+    if fraction >= 1:
+        return rows
+    k = max(1, round(fraction * len(rows)))  # a cheaper reference on a seeded share
+    return sorted(random.Random(seed).sample(rows, k))
+
+
+def assign_folds(ids: Sequence[str], folds: int, seed: int) -> list[int]:
+    """The cross-fitting fold (``0 .. folds-1``) of each row, from its content id alone.
+
+    Rows are sorted by a hash of ``seed`` and their id, then dealt round-robin: the folds are
+    balanced (their sizes differ by at most one), a row keeps its fold whatever the order of the
+    pool, and another ``seed`` deals other folds. Written by hand because the splitters of
+    scikit-learn (``KFold`` with a shuffle) assign by position, not by content.
+
+    Args:
+        ids: content ids, unique (the pool de-duplicates them).
+        folds: number of folds, at least 2.
+        seed: ``reference.seed``.
+
+    Returns:
+        One fold index per id, in the order given.
+
+    """
+    def rank(row_id: str) -> tuple[str, str]:
+        return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest(), row_id
+
+    order = sorted(range(len(ids)), key=lambda i: rank(ids[i]))
+    fold = [0] * len(ids)
+    for position, index in enumerate(order):
+        fold[index] = position % folds
+    return fold
+
+
+def fit_reference(ctx: Context) -> StageResult:
+    """The reference stage: one adapter on the pool, or one per fold (``reference.fit``).
+
+    ``in_sample`` (the paper) fine-tunes on the pool (or a ``reference.fraction`` of it), so the
+    reference scores rows it trained on. ``cross_fit`` deals the pool into ``reference.folds``
+    folds (:func:`assign_folds`) and fine-tunes one adapter per fold on the other folds' rows
+    (``reference.fraction`` then samples within those rows), so every row gets ``L_ref`` from an
+    adapter that never saw it, as RHO-LOSS trains its model on held-out data. Each fold's adapter
+    is a plain fine-tune artifact (keyed on its rows); ``reference/<key>/folds.json`` names them
+    with the ids each trained on and the ids it scores.
+
+    Returns:
+        ``in_sample``: the fine-tune (``reference_adapter``). ``cross_fit``: the folds manifest
+        (``reference_folds``), ``reference/fold<f>/*`` metrics per fold and their totals.
+
+    """
+    cfg, pool = ctx.cfg, ctx.pool
+    ref, n = cfg.reference, len(pool.ids)
+    if ref.get("fit", "in_sample") == "in_sample":
+        return finetune(ctx, reference_rows(cfg, n), ref, seed=ref.seed, name="reference")
+    k = int(ref.folds)
+    if n < k:
+        raise ValueError(f"reference.folds={k} needs at least {k} pool rows (one scored row per "
+                         f"fold); the pool has {n}: lower reference.folds or use more data")
+    fold_of = assign_folds(pool.ids, k, int(ref.seed))
+    fits: list[StageResult] = []
+    folds: list[dict[str, Any]] = []
+    metrics = {"reference/folds": float(k)}
+    for f in range(k):
+        held = [i for i in range(n) if fold_of[i] == f]
+        trained = sample_share([i for i in range(n) if fold_of[i] != f], ref.fraction, ref.seed)
+        log.info("reference.fit=cross_fit: fold %d/%d trains on %d rows, scores %d", f + 1, k,
+                 len(trained), len(held))
+        fit = finetune(ctx, trained, ref, seed=ref.seed, name="reference")
+        fits.append(fit)
+        folds.append({"fold": f, "adapter": fit.directory.name,
+                      "trained_ids": [pool.ids[i] for i in trained],
+                      "scored_ids": [pool.ids[i] for i in held]})
+        metrics.update({name.replace("reference/", f"reference/fold{f}/", 1): value
+                        for name, value in fit.metrics.items()})
+    for total in ("steps", "examples", "response_tokens"):  # the cost of all folds together
+        metrics[f"reference/{total}"] = sum(fit.metrics.get(f"reference/{total}", 0.0)
+                                            for fit in fits)
+    manifest = {"fit": "cross_fit", "folds": k, "seed": int(ref.seed),
+                "fraction": float(ref.fraction), "per_fold": folds}
+    key = fingerprint({"fit": "cross_fit", "folds": k,
+                       "adapters": [fold["adapter"] for fold in folds],
+                       "scored": fingerprint([fold["scored_ids"] for fold in folds])})
+
+    def build(work: Any) -> dict[str, Any]:
+        atomic_write_json(work / FOLDS_FILE, manifest)
+        return {"fit": "cross_fit", "folds": k}
+
+    directory, reused = ensure_artifact(ctx.artifacts_dir / "reference" / key, build)
+    return StageResult(directory, reused and all(fit.reused for fit in fits), metrics,
+                       {"reference_folds": str(directory / FOLDS_FILE)})
 
 
 def response_tokens_trained(n_response: Sequence[int], steps: int, recipe: DictConfig) -> float:
@@ -121,6 +214,8 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
             atomic_write_json(work / "train_metrics.json", metrics)
             write_adapter_card(work / "adapter", cfg, recipe,
                                [pool.examples[i].source for i in rows], seed, metrics, name=name)
+            # which rows, so a cross-fitted reference can be audited (no row scored by its model)
+            atomic_write_json(work / TRAINED_IDS, [pool.ids[i] for i in rows])
         return {"rows": len(rows)}
 
     # Every rank trains (data parallel under torchrun); rank 0 alone locks and publishes.

@@ -26,7 +26,7 @@ from lobass.context import Context, StageResult
 from lobass.devices import check_device
 from lobass.evaluation.stage import evaluate
 from lobass.evaluation.suite import preflight_judge
-from lobass.finetune import finetune, reference_rows
+from lobass.finetune import finetune, fit_reference
 from lobass.memory import check_memory
 from lobass.modeling import load_tokenizer, model_key, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
@@ -102,18 +102,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ctx = Context(cfg, pool, model_path, tokenizer, Path(cfg.artifacts_dir).resolve(),
                       tracker)
 
-        # 1) reference: the initial model fine-tuned with LoRA on the pool (reference.seed: one
-        #    reference serves every training seed of a sweep)
+        # 1) reference: the initial model fine-tuned with LoRA on the pool, or one per fold of it
+        #    (reference.fit=cross_fit); reference.seed: one serves every training seed of a sweep
         reference = None
         if need_reference:
-            reference = summary.stage("reference", lambda: finetune(
-                ctx, reference_rows(cfg, len(pool.examples)), cfg.reference,
-                seed=cfg.reference.seed, name="reference"))
+            reference = summary.stage("reference", lambda: fit_reference(ctx))
 
         # 2) score: per-row losses (each computed once) combined by the scorer
         if need_score:
-            adapter = Path(reference.artifacts["reference_adapter"]) if reference else None
-            scored = summary.stage("score", lambda: score(ctx, adapter))
+            scored = summary.stage("score", lambda: score(ctx, reference))
 
         # 3) select: top rows by score, exported in the pool's own format
         if need_select:

@@ -75,8 +75,9 @@ def test_shipped_data_paths_exist():
 # The reference recipes as they were composed before the reference group derived from train/
 # (python run.py reference=NAME --cfg job --package reference, on the parent commit).
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+FIT = {"fit": "in_sample", "folds": 2}  # since issue 28; resolved into rows, in no fine-tune key
 REFERENCE_CPU = {
-    "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
+    **FIT, "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
     "micro_batch_size": 2,  # passes of 2 rows on the CPU since issue 14
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,
@@ -84,7 +85,7 @@ REFERENCE_CPU = {
     "share_prefix": True,  # since issue 14; in the key only where applied (no LoRA dropout)
     "lora": {**LORA, "dropout": 0.0}}  # lora_cpu without LoRA dropout since issue 14
 REFERENCE_GPU = {
-    "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
+    **FIT, "fraction": 1.0, "seed": 0, "epochs": 3, "max_steps": -1, "batch_size": 8,
     "micro_batch_size": None, "global_batch_size": 128, "grad_accum": 16,
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine",
     "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0,
@@ -103,7 +104,7 @@ def test_reference_recipes_derive_from_train_and_compose_as_before(train):
     assert reference("lora_gpu") == REFERENCE_GPU
     for sharded in ("lora_gpu_fsdp", "lora_gpu_deepspeed"):
         trained = OmegaConf.to_container(_compose(f"train={sharded}").train)
-        assert reference(sharded) == {**trained, "fraction": 1.0, "seed": 0}
+        assert reference(sharded) == {**trained, **FIT, "fraction": 1.0, "seed": 0}
         assert reference(sharded)["fsdp"] or reference(sharded)["deepspeed"]
     for path in sorted((CONF / "reference").glob("*.yaml")):
         defaults = yaml.safe_load(path.read_text())["defaults"]

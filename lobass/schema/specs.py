@@ -148,10 +148,12 @@ class TrainSpec:
 
 @dataclass(kw_only=True)
 class ReferenceSpec(TrainSpec):
-    """``reference``: the train recipe plus the pool share and its own seed."""
+    """``reference``: the train recipe plus the pool share, its own seed and how it is fitted."""
 
-    fraction: float = knob(1.0, gt=0, le=1)
+    fraction: float = knob(1.0, gt=0, le=1)  # with cross_fit: the share of each fold's rows
     seed: int = knob(0)
+    fit: Literal["cross_fit", "in_sample"] = knob("in_sample")  # cross_fit: L_ref held out
+    folds: int = knob(2, ge=2)  # cross_fit only: adapters, each on (folds-1)/folds of the pool
 
 
 @dataclass(kw_only=True)

@@ -126,16 +126,20 @@ def without_end_token(features: Features) -> Features:
 
 
 def loss_fn(model: LazyModel, loss: str, features: Sequence[Features], *, max_tokens_per_batch: int,
-            pad_token_id: int, share_prefix: bool) -> ComputeFn:
+            pad_token_id: int, share_prefix: bool, adapter: str | None = None) -> ComputeFn:
     """The shard function of one loss: losses of the given rows with the adapter set for it.
 
-    The shared prefix is measured once over the whole pool (not per shard), so every shard, on
-    any rank, in any run, encodes the same prefix and gets the same numbers.
+    The shared prefix is measured once over all the given rows (not per shard), so every shard,
+    on any rank, in any run, encodes the same prefix and gets the same numbers. ``adapter`` names
+    the peft adapter to activate first, when the model holds several (a cross-fitted
+    reference's folds); ``None`` leaves the model's adapter as it is.
     """
     prefix = shared_prefix_length(features) if share_prefix else 0
 
     def compute(rows: list[int], progress: Callable[[int], None]) -> np.ndarray:
         current = model.get()
+        if adapter is not None:
+            current.set_adapter(adapter)
         with adapter_state(current, loss):
             return compute_response_losses(
                 current, [features[i] for i in rows], max_tokens_per_batch=max_tokens_per_batch,

@@ -7,7 +7,9 @@ enabled gives ``L_ref``. Each loss is its own resumable, sharded artifact, so ``
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,64 +49,135 @@ def needs_reference(cfg: DictConfig) -> bool:
 
 
 def scorer_label(cfg: DictConfig) -> str:
-    """The scorer's name in a point's identity, marked when ``score.exclude_eos`` changed a loss.
+    """The scorer's name in a point's identity, marked where its losses differ from the plain one.
 
-    Why: with the end token left out the scores differ, so the run is a point of its own (never
-    pooled over seeds with the plain scorer's runs); a scorer that reads no loss is unchanged.
+    Why: with the end token left out (``score.exclude_eos``), or with ``L_ref`` from a
+    cross-fitted reference (``reference.fit=cross_fit``), the scores differ, so the run is a point
+    of its own (never pooled over seeds with the plain scorer's runs); a scorer that reads no such
+    loss is unchanged.
     """
     name = str(cfg.scorer.name)
-    changed = set(needed_losses(run_scorers(cfg))) - set(CHERRY_LOSSES)
-    return f"{name} (EOS excluded)" if cfg.score.get("exclude_eos", False) and changed else name
+    needed = set(needed_losses(run_scorers(cfg)))
+    marks = []
+    if cfg.score.get("exclude_eos", False) and needed - set(CHERRY_LOSSES):
+        marks.append("EOS excluded")
+    if "ref" in needed and cfg.reference.get("fit", "in_sample") == "cross_fit":
+        marks.append(f"cross-fit reference, {cfg.reference.folds} folds")
+    return f"{name} ({', '.join(marks)})" if marks else name
 
 
-def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
+@dataclass(frozen=True)
+class RefAdapter:
+    """One reference adapter and the pool rows it gives ``L_ref`` for."""
+
+    adapter: Path  # its ``adapter/`` directory, inside a fine-tune artifact
+    rows: list[int]  # pool indices, in pool order
+    name: str  # its peft adapter name in the one scoring model
+
+
+def reference_adapters(reference: StageResult | None, ids: list[str],
+                       artifacts_dir: Path) -> list[RefAdapter]:
+    """The reference stage's adapters: one for every row, or one per cross-fitting fold.
+
+    A cross-fitted reference (``reference_folds``, ``folds.json``) lists per fold its adapter's
+    fine-tune key and the ids it scores: the ids its adapter never trained on.
+
+    Raises:
+        ValueError: the folds do not score every pool row exactly once.
+
+    """
+    if reference is None:
+        return []
+    if "reference_adapter" in reference.artifacts:  # in sample: one adapter scores every row
+        return [RefAdapter(Path(reference.artifacts["reference_adapter"]), list(range(len(ids))),
+                           "default")]
+    manifest_path = Path(reference.artifacts["reference_folds"])
+    manifest = json.loads(manifest_path.read_text())
+    index = {row_id: i for i, row_id in enumerate(ids)}
+    # peft names the first adapter it loads "default"; the others get their fold's name
+    adapters = [RefAdapter(artifacts_dir / "finetune" / fold["adapter"] / "adapter",
+                           sorted(index[row_id] for row_id in fold["scored_ids"]),
+                           "default" if f == 0 else f"fold{fold['fold']}")
+                for f, fold in enumerate(manifest["per_fold"])]
+    scored = sorted(i for a in adapters for i in a.rows)
+    if scored != list(range(len(ids))):
+        raise ValueError(f"{manifest_path} does not score every pool row exactly once "
+                         f"({len(scored)} scored, {len(ids)} rows)")
+    return adapters
+
+
+def score(ctx: Context, reference: StageResult | None) -> StageResult:
     """Losses and scores of every pool row.
 
     Args:
         ctx: the run's context.
-        reference_adapter: the reference's ``adapter/`` directory (``None`` when no scorer needs
-            ``L_ref``).
+        reference: the reference stage's result (``None`` when no scorer needs ``L_ref``): its
+            adapter, or with ``reference.fit=cross_fit`` its folds, each fold's adapter scoring
+            the rows it never trained on (batched per fold; ``L_init`` is one pass as before).
 
     Returns:
         The scores artifact (``scores.jsonl``) with ``score/*`` metrics; the score histogram is
-        logged to the tracker.
+        logged to the tracker. A cross-fitted run's rows name the adapter that gave their
+        ``loss_ref`` (``ref_adapter``, a fine-tune key).
 
     """
     cfg, pool = ctx.cfg, ctx.pool
     scorers = run_scorers(cfg)
+    adapters = reference_adapters(reference, pool.ids, ctx.artifacts_dir)
+    cross_fit = reference is not None and "reference_folds" in reference.artifacts
 
-    def load() -> Any:  # one model for every loss: the adapter disabled gives L_init and L(y)
+    def load() -> Any:  # one model for every loss: the adapters disabled give L_init and L(y)
         model = load_model(cfg.model, ctx.model_path)
-        return load_adapter(model, reference_adapter) if reference_adapter else model
+        if not adapters:
+            return model
+        model = load_adapter(model, adapters[0].adapter)
+        for extra in adapters[1:]:  # a few MB each: every fold's adapter beside the first
+            model.load_adapter(str(extra.adapter), adapter_name=extra.name, is_trainable=False)
+        return model
 
     model = LazyModel(load)  # loaded only if some shard is missing
     tok = ctx.tokenizer
     # each loss's rows, built once; score.exclude_eos leaves the end token out of the mean
     inputs = loss_inputs(pool, needed_losses(scorers), tok,
                          exclude_eos=bool(cfg.score.get("exclude_eos", False)))
+    # in sample, every key is what it was before reference.fit existed
+    fit = {"fit": "cross_fit", "folds": len(adapters)} if cross_fit else {}
     losses: dict[str, np.ndarray] = {}
-    loss_keys, all_reused = [], True
+    loss_keys: list[Any] = []
+    all_reused = True
     metrics: dict[str, float] = {}
     for loss in needed_losses(scorers):  # each loss once, whatever scorers share it
-        # The batch budget, the shard size (rows are batched within a shard) and prefix sharing
-        # move losses by ~1e-7 (summation order): in the key, so a cached loss is always exactly
-        # what this config computes.
-        directory = ctx.artifacts_dir / "losses" / fingerprint({
-            **pool.content_key(), "loss": loss,
-            "adapter": reference_adapter.parent.name if loss == "ref" and reference_adapter
-            else None,
-            "max_tokens_per_batch": cfg.score.max_tokens_per_batch,
-            "shard_rows": cfg.score.shard_rows,
-            "share_prefix": cfg.score.share_prefix, **inputs.keys.get(loss, {})})
-        compute = loss_fn(model, loss, inputs.features[loss],
-                          max_tokens_per_batch=cfg.score.max_tokens_per_batch,
-                          pad_token_id=tok.pad_token_id, share_prefix=cfg.score.share_prefix)
-        result = ensure_losses(directory, pool.ids, compute, shard_rows=cfg.score.shard_rows,
-                               desc=f"score loss={loss}")
-        losses[loss], all_reused = result.values, all_reused and result.reused
-        loss_keys.append(directory.name)
-        metrics[f"score/{loss}_shards_computed"] = 0.0 if result.reused else float(
-            result.meta["shards_computed"])
+        parts: list[RefAdapter | None] = [*adapters] if loss == "ref" and adapters else [None]
+        values = np.full(len(pool.ids), np.nan)
+        keys, computed = [], 0.0
+        for part in parts:  # the rows each adapter scores (all rows but for cross-fitting)
+            rows = part.rows if part else list(range(len(pool.ids)))
+            ids = [pool.ids[i] for i in rows]
+            # The batch budget, the shard size (rows are batched within a shard) and prefix
+            # sharing move losses by ~1e-7 (summation order): in the key, so a cached loss is
+            # always exactly what this config computes.
+            directory = ctx.artifacts_dir / "losses" / fingerprint({
+                **pool.content_key(), "loss": loss,
+                "adapter": part.adapter.parent.name if part else None,
+                **({**fit, "fold_rows": fingerprint(ids)} if part and fit else {}),
+                "max_tokens_per_batch": cfg.score.max_tokens_per_batch,
+                "shard_rows": cfg.score.shard_rows,
+                "share_prefix": cfg.score.share_prefix, **inputs.keys.get(loss, {})})
+            features = inputs.features[loss]
+            compute = loss_fn(model, loss, [features[i] for i in rows],
+                              max_tokens_per_batch=cfg.score.max_tokens_per_batch,
+                              pad_token_id=tok.pad_token_id, share_prefix=cfg.score.share_prefix,
+                              adapter=part.name if part and cross_fit else None)
+            result = ensure_losses(directory, ids, compute, shard_rows=cfg.score.shard_rows,
+                                   desc=f"score loss={loss}" + (f" ({part.name})" if fit and part
+                                                                else ""))
+            values[rows] = result.values
+            all_reused = all_reused and result.reused
+            keys.append(directory.name)
+            computed += 0.0 if result.reused else float(result.meta["shards_computed"])
+        losses[loss] = values
+        loss_keys.append(keys if fit and loss == "ref" else keys[0])
+        metrics[f"score/{loss}_shards_computed"] = computed
     model.drop()
     free_memory()
     flagged = flag_nonfinite(losses, pool.ids, cfg.score.on_nonfinite,
@@ -116,13 +189,18 @@ def score(ctx: Context, reference_adapter: Path | None) -> StageResult:
     })
     seeded = any(s.name == "random" for s in scorers)
     key = fingerprint({"losses": loss_keys, "scorers": [s.name for s in scorers],
-                       "seed": cfg.seed if seeded else None, "rows": pool.rows_fingerprint()})
+                       "seed": cfg.seed if seeded else None, "rows": pool.rows_fingerprint(),
+                       **fit})
+    scored_by = {i: a.adapter.parent.name for a in adapters for i in a.rows} if fit else {}
 
     def build(work: Path) -> dict[str, Any]:
         rows = score_rows(pool.ids, [e.source for e in pool.examples], pool.features, losses,
                           scorers, flagged, cfg.seed, inputs.facts)
+        for i, row in enumerate(rows):  # cross-fit: which fold's adapter gave this loss_ref
+            if i in scored_by:
+                row["ref_adapter"] = scored_by[i]
         atomic_write_text(work / SCORES_FILE, jsonl_text(rows))
-        return {"scorers": [s.name for s in scorers], "flagged": int(flagged.sum())}
+        return {"scorers": [s.name for s in scorers], "flagged": int(flagged.sum()), **fit}
 
     # Rank 0 writes the one scores artifact; the other ranks wait for it and read it.
     directory, reused = ensure_artifact(ctx.artifacts_dir / "scores" / key, build)
