@@ -77,7 +77,8 @@ def test_shipped_data_paths_exist():
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 FIT = {"fit": "in_sample", "folds": 2}  # since issue 28; resolved into rows, in no fine-tune key
 REFERENCE_CPU = {
-    **FIT, "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8, "grad_accum": 1,
+    **FIT, "fraction": 1.0, "seed": 0, "epochs": 1, "max_steps": -1, "batch_size": 8,
+    "grad_accum": 1,
     "micro_batch_size": 2,  # passes of 2 rows on the CPU since issue 14
     "learning_rate": 2.0e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 10,

@@ -146,7 +146,7 @@ def test_cross_fit_loss_ref_is_the_fold_adapters_own_loss(make_cfg, tmp_path, mo
     from lobass.modeling import load_tokenizer
 
     examples, _ = read_pool(cfg.data)
-    pool, _ = tokenize_pool(cfg, examples, load_tokenizer(cfg.model, path))
+    pool, _ = tokenize_pool(cfg, examples, load_tokenizer(cfg.model, path), model_id="unused here")
     checked = 0
     for key in sorted({r["ref_adapter"] for r in rows.values()}):
         model = PeftModel.from_pretrained(load_model(cfg.model, path),

@@ -73,6 +73,8 @@ KEYED: dict[str, str] = {
     **{f"{group}.{f}": "recipe" for group in ("train", "reference") for f in RECIPE},
     "reference.fraction": "finetune key: resolved into the rows it trains on",
     "reference.seed": "finetune key: resolved into the seed",
+    **{f"reference.{f}": "finetune key: resolved into each fold's rows; losses and scores keys "
+                         "(cross_fit: fit, folds and the fold adapters)" for f in ("fit", "folds")},
     **{f"eval.{f}": "eval" for f in EVAL},
     **{f"eval.judge.{f}": "eval" for f in JUDGE},
     "eval.judge.baseline": "eval key: judge_inputs holds its answers' content",
@@ -136,7 +138,7 @@ def test_every_schema_field_is_keyed_or_declared_bookkeeping():
 
 def test_fine_tune_bookkeeping_is_what_the_recipe_leaves_out():
     left_out = {f.split(".", 1)[1] for f in BOOKKEEPING if f.startswith(("train.", "reference."))}
-    resolved = {"fraction", "seed"}  # reference rows and seed: in the key, resolved
+    resolved = {"fraction", "seed", "fit", "folds"}  # reference rows and seed: keyed, resolved
     assert left_out | resolved == set(FINETUNE_BOOKKEEPING) - {"save_total_limit", "eval_steps"}
 
 
