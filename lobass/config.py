@@ -10,24 +10,32 @@ run before Hydra saves its config under ``.hydra/``.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lobass.data import Example, read_examples
 from lobass.schema import (
     JUDGE_SPECS,
     LOGGER_SPECS,
     ConfigError,
     RootSpec,
     check_group,
+    check_key_env,
     refuse_secrets,
 )
 
 __all__ = ["ConfigError", "RefuseSecrets", "check_lora_targets", "check_secrets", "package_data",
-           "validate", "validate_pool_size"]
+           "validate", "validate_pool"]
+
+log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "resources"
 STAGES = ("reference", "score", "select", "train", "eval")
@@ -95,7 +103,7 @@ def validate(cfg: DictConfig) -> None:
 
     Runs first in ``run(cfg)``. Secrets first (later messages echo values), then each group
     against :mod:`lobass.schema`, then what spans fields. Checks that need the pool size or the
-    model's architecture are :func:`validate_pool_size` and :func:`check_lora_targets`.
+    model's architecture are :func:`validate_pool` and :func:`check_lora_targets`.
 
     Raises:
         ConfigError: naming the key, with the allowed values or range.
@@ -117,8 +125,11 @@ def validate(cfg: DictConfig) -> None:
     check_group("", values, RootSpec)
     judge, logger = values["eval"]["judge"], values["logger"]
     _check_variant("eval.judge", judge, "name", JUDGE_SPECS)
+    if "api_key_env" in judge:  # a remote judge: the variable's value is sent as a bearer token
+        check_key_env("eval.judge", judge)
     _check_variant("logger", logger, "kind", LOGGER_SPECS)
     _check_model(values["model"])
+    _check_keep_sources(values["selection"], values["data"])
     _check_selection(values["selection"])
     for group in ("reference", "train"):
         _check_recipe(group, values[group])
@@ -147,6 +158,21 @@ def _check_model(model: dict[str, Any]) -> None:
     if missing:
         raise ConfigError(f"model.source={model['source']} needs "
                           + " and ".join(f"model.{k}" for k in missing) + "; set it")
+
+
+def _check_keep_sources(selection: dict[str, Any], data: dict[str, Any]) -> None:
+    """Each ``selection.keep_sources`` entry names a pool source (``data.source``, a mix name).
+
+    A misspelt one would otherwise keep nothing, and the run would rank every row.
+    """
+    sources = [data["source"], *(data.get("mix") or {})]
+    for name in selection.get("keep_sources") or []:
+        if name not in sources:
+            close = difflib.get_close_matches(str(name), sources, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"selection.keep_sources names {name!r}, which is no source of the "
+                              f"pool; {hint}the sources are {sources} (data.source and the "
+                              "data.mix names)")
 
 
 def _check_selection(selection: dict[str, Any]) -> None:
@@ -249,18 +275,78 @@ def _check_eval_files(ev: dict[str, Any]) -> None:
             raise ConfigError(f"{key}={path}: no such file{hint}")
 
 
-def validate_pool_size(cfg: DictConfig, n_pool: int) -> None:
-    """Check ``selection.count`` against the pool, once the data is read and before any model.
+def validate_pool(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, float]:
+    """Check the selection against the pool once it is read, before any model loads.
+
+    Mirrors how the select stage groups rows (``lobass.selection.choose_rows``): the rows of
+    ``selection.keep_sources`` are added in full and never ranked; the rest are ranked as one
+    group, or per source with ``selection.by_source``. So a ``selection.count`` larger than a
+    group, a kept source without rows, or a ``selection.listed`` file matching no pool row fails
+    here, in seconds, instead of after the reference and scoring.
+
+    Args:
+        cfg: the composed config.
+        examples: the pool as read (after de-duplication and any decontamination).
+
+    Returns:
+        ``selection/kept_rows/<source>`` (rows added in full) and, with ``selection.listed``,
+        ``selection/listed/{rows,matched,unmatched,skipped}``: rows the file holds, how many of
+        them are pool rows, how many match none (logged, never silently dropped), and bad rows
+        its reader skipped.
 
     Raises:
-        ConfigError: the count exceeds the pool, with the valid range.
+        ConfigError: naming the key, the source and its size.
 
     """
-    count = cfg.selection.count
-    if count is not None and count > n_pool:
-        raise ConfigError(f"selection.count={count} is larger than the pool ({n_pool} rows read "
-                          f"from data={cfg.data.name}); choose a count in [1, {n_pool}] or set "
-                          "selection.ratio instead")
+    selection = cfg.selection
+    per_source = Counter(e.source for e in examples)
+    kept = list(selection.get("keep_sources") or [])
+    metrics: dict[str, float] = {}
+    for name in kept:
+        if not per_source[name]:
+            raise ConfigError(f"selection.keep_sources names {name!r}, but the pool holds no "
+                              f"{name} row (sources read: {dict(per_source)})")
+        metrics[f"selection/kept_rows/{name}"] = float(per_source[name])
+    if kept:
+        log.info("selection.keep_sources=%s: %s rows added in full, never ranked", kept,
+                 {name: per_source[name] for name in kept})
+    ranked = {s: n for s, n in per_source.items() if s not in kept}
+    if selection.get("listed"):
+        metrics.update(_check_listed(selection, {e.id for e in examples}))
+    elif (selection.get("band") is None and selection.get("budget", "rows") == "rows"
+          and selection.count is not None):
+        groups = ranked if selection.get("by_source") else {"": sum(ranked.values())}
+        for source, n in groups.items():
+            if selection.count > n:
+                rows = (f"source {source} ({n} rows" if source else
+                        f"the pool ({n} rows ranked")
+                where = f" of {len(examples)} read from data={cfg.data.name}"
+                rule = " with selection.by_source=true" if source else ""
+                minus = f", keep_sources {kept} not ranked" if kept else ""
+                raise ConfigError(f"selection.count={selection.count}{rule} is larger than "
+                                  f"{rows}{where}{minus}); choose a count in [1, {n}] or set "
+                                  "selection.ratio instead")
+    return metrics
+
+
+def _check_listed(selection: DictConfig, pool_ids: set[str]) -> dict[str, float]:
+    """``selection.listed`` read as the select stage reads it, matched to the pool by content."""
+    rows, stats = read_examples(selection.listed, selection.get("listed_reader", "alpaca"),
+                                on_bad_row="skip")
+    listed = {e.id for e in rows}
+    matched = len(listed & pool_ids)
+    skipped = sum(stats.skipped.values())
+    counts = {"rows": len(listed), "matched": matched, "unmatched": len(listed) - matched,
+              "skipped": skipped}
+    if not matched:
+        raise ConfigError(f"selection.listed={selection.listed}: none of its {len(listed)} rows "
+                          f"({skipped} more skipped as bad) is a pool row; rows match by content, "
+                          "so check the file, selection.listed_reader and data")
+    level = logging.WARNING if counts["unmatched"] or skipped else logging.INFO
+    log.log(level, "selection.listed=%s: %d rows, %d in the pool, %d match no pool row "
+            "(not selected), %d bad rows skipped", selection.listed, len(listed), matched,
+            counts["unmatched"], skipped)
+    return {f"selection/listed/{k}": float(v) for k, v in counts.items()}
 
 
 def check_lora_targets(model_cfg: DictConfig, model_path: str) -> list[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
 from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs
-from lobass.config import check_lora_targets, check_secrets, validate, validate_pool_size
+from lobass.config import check_lora_targets, check_secrets, validate, validate_pool
 from lobass.contamination import audit
 from lobass.context import Context, StageResult
 from lobass.devices import check_device
@@ -89,7 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         examples, audit_metrics = audit(examples, cfg.eval,
                                         drop=bool(cfg.data.get("decontaminate", False)))
         summary.metrics.update(audit_metrics)
-        validate_pool_size(cfg, len(examples))
+        # selection.count per ranked group, keep_sources and the listed file, against the pool
+        summary.metrics.update(validate_pool(cfg, examples))
         models_dir = Path(cfg.models_dir).resolve()
         model_path, _ = resolve_model_path(cfg.model, models_dir)
         check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load

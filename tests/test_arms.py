@@ -89,6 +89,9 @@ def test_listed_arm_keeps_exactly_the_pool_rows_a_peer_selected(make_cfg, tmp_pa
 
     expected = {e.id for e in read_examples(listed, "alpaca")[0][:5]}  # the 5 in the 24-row pool
     assert chosen == expected and summary["metrics"]["select/count"] == 5
+    # counted before any model loads, not silently dropped (issue 27)
+    assert (summary["metrics"]["selection/listed/matched"],
+            summary["metrics"]["selection/listed/unmatched"]) == (5, 2)
     assert summary["point"]["selection"]["mode"] == "listed"
     assert summary["point"]["selection"]["listed"].startswith("peer.json@")
 

@@ -51,7 +51,9 @@ def test_planted_keys_appear_in_no_output_of_a_full_run(tmp_path, models_dir):
     ["judge=openai_compatible", f"eval.judge.api_key_env={PLANTED['OPENAI_API_KEY']}"],
     [f"+eval.judge.api_key={PLANTED['ANTHROPIC_API_KEY']}"],
     ["-m", f"data.name=alpaca,{PLANTED['HF_TOKEN']}"],  # one point of a sweep
-], ids=["key_in_api_key_env", "api_key_option", "sweep_point"])
+    # issue 27: a password in a URL reached config.yaml, .hydra/, W&B and the log
+    ["judge=openai_compatible", "eval.judge.base_url=https://alice:PLANTEDpw9@judge.example.com"],
+], ids=["key_in_api_key_env", "api_key_option", "sweep_point", "password_in_url"])
 def test_a_key_typed_into_the_config_stops_run_py_before_anything_is_written(tmp_path,
                                                                             overrides):
     secret = overrides[-1].split("=", 1)[1].split(",")[-1]

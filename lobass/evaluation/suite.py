@@ -25,6 +25,7 @@ from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_tas
 from lobass.evaluation.judge import Judge, find_baseline_generations, judge_pairwise
 from lobass.evaluation.prompts import read_prompts, read_reference_set
 from lobass.jsonrows import jsonl_text, read_jsonl
+from lobass.schema import check_key_env, plain_http_host
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ PROMPTS_DIR = Path(__file__).resolve().parents[2] / "conf" / "judge" / "prompts"
 # eval.judge keys the pairwise protocol reads (judge_inputs, judge_sets); the rest of the group
 # are the arguments of its _target_ class.
 PROTOCOL_KEYS = ("baseline", "prompt", "bootstrap_iters", "tie_margin")
+CHECK_KEYS = ("allow_any_env",)  # read by the config check and preflight_judge, not the class
 
 
 def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
@@ -189,7 +191,7 @@ def _judge_arguments(judge_cfg: DictConfig) -> dict[str, Any]:
     """``eval.judge`` without the keys the pairwise protocol reads (see ``PROTOCOL_KEYS``)."""
     spec = OmegaConf.to_container(judge_cfg, resolve=True)
     assert isinstance(spec, dict)
-    return {str(k): v for k, v in spec.items() if k not in PROTOCOL_KEYS}
+    return {str(k): v for k, v in spec.items() if k not in PROTOCOL_KEYS + CHECK_KEYS}
 
 
 def make_judge(judge_cfg: DictConfig, load_local: Callable[[str | None], tuple[Any, Any]],
@@ -220,9 +222,12 @@ def preflight_judge(eval_cfg: DictConfig, stages: Sequence[str]) -> None:
 
     Does nothing unless the eval stage will judge (``eval`` in ``stages``, a baseline set and a
     prompt set enabled). A judge class with a ``preflight()`` method (``openai_compatible``) is
-    built and asked: its key must be in the environment and its ``base_url`` must answer.
+    built and asked: its key must be in the environment and its ``base_url`` must answer. Before
+    that key is sent, ``api_key_env`` must name a key's variable (``check_key_env``), and a plain
+    ``http://`` URL to another machine is warned about (the key would travel unencrypted).
 
     Raises:
+        ConfigError: ``api_key_env`` names no key's variable.
         FileNotFoundError: the judge prompt file is missing.
         ValueError: the prompt lacks a placeholder.
         RuntimeError: from the judge's own check, naming the setting to change.
@@ -232,6 +237,14 @@ def preflight_judge(eval_cfg: DictConfig, stages: Sequence[str]) -> None:
     if "eval" not in stages or judge_cfg.baseline is None or not enabled_prompt_sets(eval_cfg):
         return
     judge_prompt(judge_cfg)
+    if "api_key_env" in judge_cfg:
+        check_key_env("eval.judge", judge_cfg)
+        host = plain_http_host(str(judge_cfg.get("base_url") or ""))
+        if host is not None:
+            sent = f"the key in ${judge_cfg.api_key_env}, " if judge_cfg.api_key_env else ""
+            log.warning("eval.judge.base_url=%s is plain http:// to %s, not this machine: %sthe "
+                        "prompts and the answers cross the network unencrypted; use https://",
+                        judge_cfg.base_url, host, sent)
     if hasattr(get_class(judge_cfg._target_), "preflight"):
         instantiate(_judge_arguments(judge_cfg), _partial_=True, _convert_="all")().preflight()
 

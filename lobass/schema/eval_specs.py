@@ -103,7 +103,8 @@ class OpenAIJudgeSpec(JudgeSpec):
 
     base_url: str = knob()
     model: str = knob()
-    api_key_env: str | None = knob(None)
+    api_key_env: str | None = knob(None)  # *_KEY, *_TOKEN or *_SECRET (schema/secrets.py)
+    allow_any_env: bool = knob(False)  # true: api_key_env may name any variable
     max_tokens: int = knob(512, ge=1)
     temperature: float = knob(0.0, ge=0, le=2)
     timeout_s: float = knob(120.0, gt=0)

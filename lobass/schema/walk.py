@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
+import difflib
 import re
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
-
-log = logging.getLogger(__name__)
 
 MISSING_VALUE = "???"  # OmegaConf's mark for a value the user must give
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # no '/', no leading '.', so no '..'
@@ -192,6 +190,7 @@ def check_group(key: str, values: Any, spec: type) -> None:
     prefix = f"{key}." if key else ""
     if not isinstance(values, dict):
         raise ConfigError(f"{key} must be a mapping of {spec.__name__} fields, got {values!r}")
+    check_known_keys(key, values, [f.name for f in dataclasses.fields(spec)])
     hints = get_type_hints(spec)
     for f in dataclasses.fields(spec):
         if f.name not in values:
@@ -199,6 +198,22 @@ def check_group(key: str, values: Any, spec: type) -> None:
                 raise ConfigError(f"{prefix}{f.name} is missing; add it to the config group")
             continue
         check_value(prefix + f.name, values[f.name], hints[f.name], dict(f.metadata))
-    extra = sorted(set(values) - {f.name for f in dataclasses.fields(spec)})
-    if extra:
-        log.debug("config keys the schema does not check: %s", [prefix + k for k in extra])
+
+
+def check_known_keys(key: str, values: dict[str, Any], known: Sequence[str]) -> None:
+    """Refuse a key that ``known`` lacks, suggesting the closest known one.
+
+    A misspelt key (``train.learnig_rate`` in an experiment file, ``+train.lora.rank``) would
+    otherwise be composed, saved with the run and silently ignored, so the run trains with the
+    default it meant to change. Runs before the values are checked, so the typo is what is named.
+
+    Raises:
+        ConfigError: the first unknown key (sorted), with a did-you-mean or the known keys.
+
+    """
+    prefix = f"{key}." if key else ""
+    for name in sorted(set(values) - set(known), key=str):
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = (f"did you mean {prefix}{close[0]}?" if close
+                else f"known keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"{prefix}{name} is not a config key (it would be ignored); {hint}")
