@@ -96,6 +96,7 @@ BOOKKEEPING: dict[str, str] = {
     **{f"{group}.{f}": "logging and checkpoint cadence (finetune.BOOKKEEPING)"
        for group in ("train", "reference") for f in ("logging_steps", "save_steps")},
     "eval.judge.probe_timeout_s": "how long the pre-flight waits for a judge server",
+    "eval.judge.allow_any_env": "which variable may hold the judge's key: a check, no number",
     **{f"logger.{f}": "tracking only" for spec in LOGGER_SPECS.values()
        for f in (x.name for x in dataclasses.fields(spec))},
     "report.equivalence_margin": "read by python -m lobass.report, never by a stage",

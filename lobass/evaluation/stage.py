@@ -156,6 +156,7 @@ def eval_recipe(ev: DictConfig, judge_model: str | None) -> dict[str, Any]:
     assert isinstance(recipe, dict)
     judge = recipe["judge"]
     judge.pop("probe_timeout_s", None)  # how long the pre-flight waits: bookkeeping
+    judge.pop("allow_any_env", None)  # which key variable the pre-flight accepts: bookkeeping
     judge.pop("baseline", None)  # its answers' content is in judge_inputs
     if judge_model is not None:
         judge["model"] = judge_model
