@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             adapter = Path(trained.artifacts["adapter"]) if need_train else None
             summary.stage("eval", lambda: evaluate(
                 ctx, adapter, seed=cfg.seed, judge_baseline=baseline,
-                response_losses=compute_response_losses))
+                response_losses=compute_response_losses, run_dir=run_dir))
 
         summary.point = point_identity(cfg, selected if need_select else None)
         tracker.log_table("summary/point", ["key", "value"],

@@ -57,6 +57,9 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
                .splitlines()]
     assert [r["id"] for r in records] == ["1", "2", "3"]
     assert all(r["baseline"] == rows[r["id"]]["output"] for r in records)
+    # the answer-length set (judge: false) is answered, never judged
+    assert m["eval/alpaca_eval/generated"] == 2 and "eval/alpaca_eval/win_rate" not in m
+    assert not (Path(judged["artifacts"]["eval"]) / "judge" / "alpaca_eval.jsonl").exists()
     for record in records:  # raw log-probabilities of both orders are kept
         assert set(record["ours_first"]["logprobs"]) == {"A", "B", "tie"}
         assert record["outcome"] == combine_orders(record["ours_first"], record["baseline_first"])
@@ -69,7 +72,7 @@ def test_eval_stage_generates_then_judges_against_a_baseline_run(make_cfg, tmp_p
     assert again["metrics"]["eval/vicuna/tie"] == 3
     answers = [p for p in (tmp_path / "artifacts" / "generations").iterdir()
                if p.is_dir() and not p.name.endswith(".partial")]
-    assert len(answers) == 2  # the baseline's and ours, each generated once
+    assert len(answers) == 4  # vicuna and alpaca_eval, the baseline's and ours, each once
 
 
 @pytest.mark.slow  # ~60 s here

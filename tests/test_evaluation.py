@@ -28,7 +28,12 @@ from lobass.evaluation.judge import (
 )
 from lobass.evaluation.judges import LocalHFJudge
 from lobass.evaluation.prompts import read_prompts, read_reference_examples, read_reference_set
-from lobass.evaluation.suite import enabled_prompt_sets, judge_prompt, reference_sets
+from lobass.evaluation.suite import (
+    enabled_prompt_sets,
+    judge_prompt,
+    judged_sets,
+    reference_sets,
+)
 from lobass.formatting import format_prompt, prompt_token_ids
 from lobass.stats import bootstrap_interval, wilson_interval
 
@@ -326,7 +331,9 @@ def test_eval_and_judge_configs_compose_and_shipped_files_exist(judge, eval_opti
               if r[k] is not None]  # questions: null for a one-file (data reader) set
     for path in paths:
         assert Path(path).stat().st_size > 0, path
-    assert set(enabled_prompt_sets(cfg.eval)) <= {"vicuna", "mt_bench", "heldout_prompts"}
+    assert set(enabled_prompt_sets(cfg.eval)) <= {"vicuna", "mt_bench", "heldout_prompts",
+                                                  "alpaca_eval"}
+    assert "alpaca_eval" not in judged_sets(cfg.eval)  # answered for its length, not judged
 
 
 def test_unknown_or_missing_backend_fails_with_the_fix(tiny):

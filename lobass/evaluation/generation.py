@@ -171,14 +171,17 @@ def generation_metrics(rows: Sequence[dict[str, Any]], name: str) -> dict[str, f
     """Answer length, share cut by ``max_new_tokens`` and empty answers, per set.
 
     The cut share signals long or looping answers; ``empty`` counts answers with nothing visible
-    (an empty string, NULs, zero-width characters).
+    (an empty string, NULs, zero-width characters). ``gen_len_tokens`` is the mean of the rows'
+    ``n_tokens``: generated tokens up to, not including, the end-of-turn token. A model that
+    learnt to stop after a few tokens (trained on short answers) shows it here, where a
+    teacher-forced loss cannot.
     """
     if not rows:
         return {}
     n = len(rows)
     return {
         f"eval/{name}/generated": float(n),
-        f"eval/{name}/response_tokens": sum(r["n_tokens"] for r in rows) / n,
+        f"eval/{name}/gen_len_tokens": sum(r["n_tokens"] for r in rows) / n,
         f"eval/{name}/truncated_share": sum(not r["finished"] for r in rows) / n,
         f"eval/{name}/empty": float(sum(not visible_answer(r["output"]) for r in rows)),
     }

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import (
     atomic_write_json,
+    atomic_write_text,
     ensure_artifact,
     file_sha256,
     fingerprint,
@@ -27,7 +29,13 @@ from lobass.artifacts import (
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
 from lobass.evaluation import suite
-from lobass.evaluation.heldout import heldout_loss_metrics
+from lobass.evaluation.heldout import (
+    PER_PROMPT_COLUMNS,
+    PER_PROMPT_LOSSES,
+    heldout_loss_metrics,
+    per_prompt_losses,
+    without_first_and_last,
+)
 from lobass.formatting import Features, tokenize_example
 from lobass.modeling import (
     checkpoint_fingerprint,
@@ -44,7 +52,7 @@ ResponseLosses = Callable[..., np.ndarray]
 
 
 def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: str | None,
-             response_losses: ResponseLosses) -> StageResult:
+             response_losses: ResponseLosses, run_dir: Path | None = None) -> StageResult:
     """Evaluate the initial model with ``adapter`` merged in (or as it is); one artifact per key.
 
     Args:
@@ -55,15 +63,20 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         judge_baseline: what the answers are judged against (an eval artifact or run directory,
             or a generations file); ``None``: answers are saved, nothing is judged.
         response_losses: the scoring engine's ``compute_response_losses``.
+        run_dir: where a copy of the per-prompt losses goes (the run directory, committed with
+            a study); ``None``: the artifact's own file is listed.
 
     Returns:
-        The eval artifact (``metrics.json``, ``losses/<set>.jsonl``, ``judge/``) and its metrics.
+        The eval artifact (``metrics.json``, ``losses/<set>.jsonl``, ``per_prompt_losses.csv``,
+        ``judge/``), its metrics and, as ``per_prompt_losses``, the CSV's path.
 
     """
     cfg = ctx.cfg
     ev = OmegaConf.merge(cfg.eval, {"judge": {"baseline": judge_baseline}})
     assert isinstance(ev, DictConfig)
     judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
+    # format 3: the artifact keeps per_prompt_losses.csv (with the trimmed losses), and answer
+    # lengths are gen_len_tokens.
     # What is evaluated: a fine-tune (its key names the initial model and how rows are tokenised)
     # or the initial model, whose held-out losses depend on the same tokens key.
     evaluated = adapter.parent.name if adapter else f"initial-{fingerprint(ctx.pool.tokens_key)}"
@@ -71,7 +84,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
                    if judged is not None else None)  # the judge runs only with a baseline
     allow = bool(cfg.data.get("allow_special_tokens", False))  # also in the tokens key
     key = fingerprint({"adapter": evaluated, "eval": eval_recipe(ev, judge_model),
-                       "seed": seed, "judged": judged, "format": 2,
+                       "seed": seed, "judged": judged, "format": 3,
                        "loss_batch": cfg.score.max_tokens_per_batch})
 
     def build(work: Path) -> dict[str, Any]:
@@ -79,14 +92,26 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         if adapter is not None:
             model = load_adapter(model, adapter).merge_and_unload().eval()
         metrics: dict[str, float] = {}
-        # a) reference-free: mean response loss on held-out reference answers
+        # a) reference-free: mean response loss on held-out reference answers, and without each
+        #    answer's first and last tokens where the set asks (reference_loss.<set>.trimmed)
+        tables: list[pd.DataFrame] = []
+        budget = cfg.score.max_tokens_per_batch
         for name, examples in suite.reference_sets(ev).items():
             features = [tokenize_example(e, ctx.tokenizer, cfg.model.template,
                                          cfg.data.max_length, allow_special_tokens=allow)
                         for e in examples]
-            losses = _losses(response_losses, model, features, cfg.score.max_tokens_per_batch)
+            losses = _losses(response_losses, model, features, budget)
             metrics.update(heldout_loss_metrics(losses, name))
             write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
+            trimmed = np.full(len(features), np.nan)  # (N,)
+            if name in suite.trimmed_sets(ev):  # a second pass: the engine returns means only
+                trimmed = _losses(response_losses, model,
+                                  [without_first_and_last(f) for f in features], budget)
+                metrics.update(heldout_loss_metrics(trimmed, name, "loss_trimmed"))
+            tables.append(per_prompt_losses(name, [e.id for e in examples], features, losses,
+                                            trimmed))
+        table = pd.concat(tables) if tables else pd.DataFrame(columns=PER_PROMPT_COLUMNS)
+        atomic_write_text(work / PER_PROMPT_LOSSES, table.to_csv(index=False))
         # b) greedy answers per prompt set, each its own resumable artifact
         began = time.perf_counter()
         generations = suite.generate_sets(
@@ -112,7 +137,9 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         # d) pairwise judge against the baseline's answers, both orders
         if judged is not None:
             judge = suite.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
-            metrics.update(suite.judge_sets(judge, ev.judge, generations, work, seed=seed))
+            metrics.update(suite.judge_sets(judge, ev.judge, {
+                k: v for k, v in generations.items() if k in suite.judged_sets(ev)}, work,
+                seed=seed))
             del judge
             free_memory()
         elif generations:
@@ -125,8 +152,13 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     directory, reused = ensure_artifact(ctx.artifacts_dir / "eval" / key, build)
     metrics = json.loads((directory / "metrics.json").read_text())
     answers = json.loads((directory / "generations.json").read_text())  # set -> answers file
+    table = directory / PER_PROMPT_LOSSES
+    if run_dir is not None:  # beside summary.json: what a study commits to re-derive decisions
+        atomic_write_text(run_dir / PER_PROMPT_LOSSES, table.read_text())
+        table = run_dir / PER_PROMPT_LOSSES
     return StageResult(directory, reused, metrics, {
-        "eval": str(directory), **{f"generations/{name}": path for name, path in answers.items()}})
+        "eval": str(directory), "per_prompt_losses": str(table),
+        **{f"generations/{name}": path for name, path in answers.items()}})
 
 
 # eval config fields that name a file the evaluation reads: keyed by the file's content

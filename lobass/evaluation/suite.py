@@ -49,6 +49,12 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
     return sets
 
 
+def trimmed_sets(eval_cfg: DictConfig) -> set[str]:
+    """Reference-loss sets that also report ``loss_trimmed`` (``reference_loss.<set>.trimmed``)."""
+    return {str(name) for name, ref in (eval_cfg.get("reference_loss") or {}).items()
+            if ref.enabled and ref.get("trimmed", False)}
+
+
 def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bool, seed: int,
                    model_path: str, adapter_dir: Path | None, max_lora_rank: int,
                    revision: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
@@ -98,6 +104,14 @@ def enabled_prompt_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
     return sets
 
 
+def judged_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
+    """The enabled prompt sets whose answers the judge compares (``sets.<name>.judge``).
+
+    A set answered only for its length (``alpaca_eval``) needs no baseline answers and no judge.
+    """
+    return {k: v for k, v in enabled_prompt_sets(eval_cfg).items() if v.get("judge", True)}
+
+
 def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_dir: Path, *,
                   key: dict[str, Any], template: str,
                   allow_special_tokens: bool = False) -> dict[str, Path]:
@@ -121,17 +135,20 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
     paths: dict[str, Path] = {}
     for name, spec in enabled_prompt_sets(eval_cfg).items():
         prompts = read_prompts(spec.path, spec.reader, spec.max_rows)
+        # a set's own cap (the answer-length endpoint's 256) or the generation-wide one
+        max_new = int(spec.get("max_new_tokens") or generation.max_new_tokens)
         set_key = fingerprint({**key, "template": template, "prompts": file_sha256(Path(spec.path)),
                                "text": "special-tokens-allowed" if allow_special_tokens
                                else "plain-v1",
                                "reader": spec.reader, "max_rows": spec.max_rows,
-                               "max_new_tokens": generation.max_new_tokens})
+                               "max_new_tokens": max_new})
 
-        def build(work: Path, name: str = name, prompts: Any = prompts) -> dict[str, Any]:
+        def build(work: Path, name: str = name, prompts: Any = prompts,
+                  max_new: int = max_new) -> dict[str, Any]:
             rows = generate_responses(model, tokenizer, prompts, work / f"{name}.jsonl",
                                       template=template,
                                       allow_special_tokens=allow_special_tokens,
-                                      max_new_tokens=int(generation.max_new_tokens),
+                                      max_new_tokens=max_new,
                                       batch_size=int(generation.batch_size), set_name=name)
             return {"set": name, "rows": len(rows)}
 
@@ -177,12 +194,12 @@ def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
     judge_cfg = eval_cfg.judge
     if judge_cfg.baseline is None:
         return None
-    if not enabled_prompt_sets(eval_cfg):
-        log.warning("eval.judge.baseline is set but no eval.generation set is enabled: "
-                    "nothing to judge")
+    if not judged_sets(eval_cfg):
+        log.warning("eval.judge.baseline is set but no eval.generation set is enabled with "
+                    "judge: true: nothing to judge")
         return None
     baseline = {name: fingerprint(find_baseline_generations(judge_cfg.baseline, name))
-                for name in enabled_prompt_sets(eval_cfg)}
+                for name in judged_sets(eval_cfg)}
     # "render": how answers are put in the prompt (fenced since issue 27); a change re-judges.
     return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1], "render": "fenced-v1"}
 

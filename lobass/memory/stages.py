@@ -215,8 +215,11 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
         gen = ev.get("generation")
         if gen is not None and gen.enabled:
             prompt = int(cfg.data.max_length)
+            # the longest cap of any enabled set (a set may set its own max_new_tokens)
+            new = max([int(gen.max_new_tokens)] + [int(s.max_new_tokens) for s in
+                       (gen.get("sets") or {}).values() if s.enabled and s.get("max_new_tokens")])
             work["generation"] = generation_bytes(shape, dtype, int(gen.batch_size),
-                                                  prompt + int(gen.max_new_tokens), prompt)
+                                                  prompt + new, prompt)
         step = max(work, key=lambda k: work[k])
         stages["eval"] = StageEstimate("eval", {"weights": full, step: work[step],
                                                 "runtime": runtime})

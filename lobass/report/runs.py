@@ -33,9 +33,11 @@ RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "scorer", "mode", "r
                "selected_path", "eval_dir", "config"]
 
 # Metric families shown in the table and plotted when present, in this order: response losses on
-# held-out data and reference answers, pairwise judge win rates, benchmark accuracies. Intervals
+# held-out data and reference answers, the same without each answer's first and last token,
+# pairwise judge win rates, benchmark accuracies, mean generated answer length. Intervals
 # (``_ci_low``/``_ci_high``) and counts ride along with their metric and are not columns.
-HEADLINE_SUFFIXES = ("/loss", "/win_rate", "_acc")
+HEADLINE_SUFFIXES = ("/loss", "/loss_trimmed", "/win_rate", "_acc", "/gen_len_tokens")
+LOWER_IS_BETTER = ("/loss", "/loss_trimmed")
 
 
 def collect_runs(root: Path) -> pd.DataFrame:
@@ -184,5 +186,9 @@ def headline_metrics(present: set[str]) -> list[str]:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Losses fall as a model improves; win rates and accuracies rise."""
-    return not metric.endswith("/loss")
+    """Losses fall as a model improves; win rates and accuracies rise.
+
+    Answer length (``gen_len_tokens``) counts as rising: the endpoint asks whether a selection
+    of short rows taught the model to stop early, so longer reads as better, not as "wordier".
+    """
+    return not metric.endswith(LOWER_IS_BETTER)

@@ -55,16 +55,19 @@ class ReferenceLossSpec:
     answers: str = knob()  # FastChat answers, or an SFT file holding prompts and answers
     reader: str = knob("fastchat", choices=prompt_readers)
     max_rows: int | None = knob(None, ge=1)
+    trimmed: bool = knob(False)  # also loss_trimmed: without each answer's first and last token
 
 
 @dataclass(kw_only=True)
 class PromptSetSpec:
-    """``eval.generation.sets.<name>``: a prompt file answered for the judge."""
+    """``eval.generation.sets.<name>``: a prompt file answered (for the judge, for its length)."""
 
     enabled: bool = knob()
     path: str = knob()
     reader: str = knob(choices=prompt_readers)
     max_rows: int | None = knob(None, ge=1)
+    max_new_tokens: int | None = knob(None, ge=1)  # null: eval.generation.max_new_tokens
+    judge: bool = knob(True)  # false: answered for gen_len_tokens only, never judged
 
 
 @dataclass(kw_only=True)
