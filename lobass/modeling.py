@@ -57,6 +57,16 @@ def locate_gguf(model_cfg: DictConfig, work: Path) -> Path:
     raise FileNotFoundError(f"{candidate} not found in package {model_cfg.gguf_package}")
 
 
+def shipped_tokenizer(tokenizer_cfg: DictConfig) -> Path | None:
+    """The tokenizer directory in lobass/resources/data that ``random_init.tokenizer_from`` names.
+
+    ``shipped_dir`` is relative there (a checkout's path never enters a key); None when the
+    tokenizer comes from a GGUF package instead.
+    """
+    relative = tokenizer_cfg.get("shipped_dir")
+    return Path(__file__).resolve().parent / "resources" / "data" / relative if relative else None
+
+
 def gguf_sources(gguf_cfg: DictConfig) -> list[Path]:
     """The package files a GGUF model is read from: its GGUF, or the chunks it is assembled from.
 
@@ -176,7 +186,11 @@ def _source_content(model_cfg: DictConfig, model_path: str | None, models_dir: P
     if model_cfg.source == "gguf":
         return _files_fingerprint(gguf_sources(model_cfg), models_dir)
     if model_cfg.source == "random":  # its weights are the seed's; its tokenizer a GGUF's
-        return _files_fingerprint(gguf_sources(model_cfg.random_init.tokenizer_from), models_dir)
+        tokenizer_from = model_cfg.random_init.tokenizer_from
+        shipped = shipped_tokenizer(tokenizer_from)
+        files = (sorted(f for f in shipped.iterdir() if f.is_file()) if shipped
+                 else gguf_sources(tokenizer_from))
+        return _files_fingerprint(files, models_dir)
     if model_path is not None and Path(model_path).is_dir():
         return checkpoint_fingerprint(Path(model_path), models_dir)
     return None
@@ -235,8 +249,8 @@ def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer_cfg = model_cfg.random_init.tokenizer_from
-    if tokenizer_cfg.get("shipped_dir"):
-        shipped = Path(__file__).resolve().parent / "resources" / "data" / tokenizer_cfg.shipped_dir
+    shipped = shipped_tokenizer(tokenizer_cfg)
+    if shipped:
         tokenizer = AutoTokenizer.from_pretrained(shipped)
     else:
         gguf = locate_gguf(tokenizer_cfg, work)

@@ -30,7 +30,8 @@ import torch
 from transformers import Trainer
 
 from lobass.formatting import IGNORE_INDEX
-from lobass.shared_prefix import PrefixCache
+from lobass.response_loss import base_model
+from lobass.shared_prefix import PrefixCache, cache_keyword, output_cache
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SharedPrefixTrainer(Trainer):
         # Positions continue after the prefix; the attention mask still covers all T keys.
         suffix["position_ids"] = torch.arange(start, ids.shape[1],
                                               device=ids.device).expand(len(ids), -1)
-        suffix["cache"] = cache.for_batch(len(ids))
+        suffix[cache_keyword(base_model(model))] = cache.for_batch(len(ids))
         suffix["use_cache"] = False
         return super().compute_loss(model, suffix, return_outputs, num_items_in_batch)
 
@@ -117,6 +118,6 @@ class SharedPrefixTrainer(Trainer):
             with torch.compiler.set_stance("force_eager"):
                 out = model(input_ids=prefix[None], use_cache=True,
                             logits_to_keep=torch.zeros(0, dtype=torch.long))
-            encoded = PrefixCache.of(out.cache, len(prefix))
+            encoded = PrefixCache.of(output_cache(out), len(prefix))
             self._prefix = _StepPrefix(self.state.global_step, encoded, encoded.detached())
         return self._prefix

@@ -10,6 +10,7 @@ runs only its rows' own tokens, attending to the prefix's cached keys and values
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,23 @@ def shared_prefix_length(features: Sequence[Features]) -> int:
     while length < limit and all(f.input_ids[length] == first[length] for f in features):
         length += 1
     return max(length, 0)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model``'s forward takes a key/value cache by: ``cache`` or ``past_key_values``.
+
+    transformers 5.20 renamed ``past_key_values`` to ``cache`` (in the outputs too); the GPU
+    image holds 5.17. Read from the forward's signature, so both releases work. ``model`` is the
+    transformers model itself (``response_loss.base_model``), not a peft wrapper, whose forward
+    takes ``**kwargs``.
+    """
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache of a forward's output under either release's field name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 @dataclass

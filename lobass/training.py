@@ -101,6 +101,21 @@ def shares_prefix(train_cfg: DictConfig) -> bool:
             and not bool(train_cfg.get("gradient_checkpointing", False)))
 
 
+def checkpointing_argument() -> str:
+    """``TrainingArguments``' name for activation checkpointing in the installed transformers.
+
+    5.20 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name stays as
+    a deprecated alias there); 5.17, the GPU image's, knows only the old one.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names \
+        else "gradient_checkpointing"
+
+
 def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
     """FSDP / DeepSpeed / DDP keyword arguments for ``TrainingArguments`` from the config group.
 
@@ -122,14 +137,14 @@ def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         # LoRA uses every adapter on every step: DDP need not search the graph for unused ones.
         "ddp_find_unused_parameters": False,
-        "activation_checkpointing": checkpointing,
+        checkpointing_argument(): checkpointing,
     }
     if fsdp:
         fsdp_config = OmegaConf.to_container(train_cfg.get("fsdp_config") or {}, resolve=True)
         assert isinstance(fsdp_config, dict)
         if checkpointing:
             fsdp_config.setdefault("activation_checkpointing", True)
-            kwargs["activation_checkpointing"] = False
+            kwargs[checkpointing_argument()] = False
         kwargs.update(fsdp=True, fsdp_config=fsdp_config)
     if deepspeed:
         # A path to a JSON file or an inline mapping, as TrainingArguments(deepspeed=...) takes.

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -116,3 +117,50 @@ def test_image_stubs_are_wheels_pip_takes_for_the_image_version(tmp_path):
     listing.write_text("torch>=2.6\n")
     with pytest.raises(ValueError, match=r"image.txt:1: expected name or name==version"):
         gpu_image.read_image_list(listing)
+
+
+@pytest.mark.slow
+def test_training_benchmark_writes_its_json_before_a_failed_loss_check(tmp_path, models_dir):
+    """bf16 on a GPU differs by ~6e-3 between the two paths: the figures must survive a check."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/training.py", "--model", "tiny_offline", "--dtype",
+         "bfloat16", "--steps", "2", "--batch-size", "2", "--repeats", "1",
+         "--loss-tolerance", "0", "--models-dir", str(models_dir), "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "over the bfloat16 tolerance 0.0e+00 (the figures are written)" in result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["dtype"] == "bfloat16" and figures["loss_check_ok"] is False
+    assert figures["runs"][0]["lobass_s"] > 0 and figures["runs"][0]["max_loss_diff"] >= 0
+
+
+def test_loss_tolerance_follows_the_dtype():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from training import loss_tolerance
+
+    assert loss_tolerance("float32") == 1e-4
+    assert loss_tolerance("bfloat16") == pytest.approx(2 * 2**-7)  # ~6e-3 was seen on a GPU
+    assert loss_tolerance("float16") == pytest.approx(2 * 2**-10)
+
+
+def test_version_dependent_names_are_the_ones_the_installed_transformers_takes(tiny):
+    """transformers 5.20 renamed the cache keyword and the checkpointing argument (5.17: old)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from lobass.shared_prefix import cache_keyword, output_cache
+    from lobass.training import checkpointing_argument
+
+    model, _ = tiny
+    decoder = model.get_decoder()
+    keyword = cache_keyword(decoder)
+    assert keyword in ("cache", "past_key_values")
+    out = decoder(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    cache = output_cache(out)
+    assert cache.layers[0].keys.shape[2] == 3  # (1, kv_heads, 3, head_dim)
+    # the cache goes back in under that keyword: the next token attends to the three cached
+    step = decoder(input_ids=torch.tensor([[4]]), use_cache=True, **{keyword: cache})
+    assert output_cache(step).layers[0].keys.shape[2] == 4
+    assert checkpointing_argument() in {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from lobass.formatting import IGNORE_INDEX, Features
 from lobass.response_loss import base_model
-from lobass.shared_prefix import PrefixCache, shared_prefix_length
+from lobass.shared_prefix import PrefixCache, cache_keyword, output_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCa
     device = next(model.parameters()).device
     ids = torch.tensor([list(prefix_ids)], device=device)
     out = base.get_decoder()(input_ids=ids, use_cache=True)
-    return PrefixCache.of(out.cache, len(prefix_ids))
+    return PrefixCache.of(output_cache(out), len(prefix_ids))
 
 
 def batch_response_losses(
@@ -101,9 +101,9 @@ def batch_response_losses(
         start, width = prefix.length, input_ids.shape[1]
         # Positions continue after the prefix; the mask covers prefix + suffix keys (B, T).
         positions = torch.arange(start, width, device=input_ids.device).expand(len(input_ids), -1)
+        cache = {cache_keyword(decoder): prefix.for_batch(len(input_ids))}
         hidden = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
-                         position_ids=positions, cache=prefix.for_batch(len(input_ids)),
-                         use_cache=False)[0]  # (B, T-P, H)
+                         position_ids=positions, use_cache=False, **cache)[0]  # (B, T-P, H)
     # Position t predicts token t+1: shift so targets line up with the states that predict them.
     targets = labels[:, start + 1:]  # (B, T-P-1)
     keep = targets != IGNORE_INDEX  # (B, T-P-1)
