@@ -34,9 +34,10 @@ EVAL = ("backend", *(f"{b}.{f}" for b in ("gsm8k", "ifeval")
         "gsm8k.test_path", "gsm8k.fewshot_path", "gsm8k.num_fewshot", "ifeval.path",
         "heldout.enabled", "heldout.path", "heldout.reader", "heldout.max_rows",
         "generation.enabled", "generation.max_new_tokens", "generation.batch_size",
-        *(f"generation.sets.<name>.{f}" for f in ("enabled", "path", "reader", "max_rows")),
+        *(f"generation.sets.<name>.{f}" for f in ("enabled", "path", "reader", "max_rows",
+                                                   "max_new_tokens", "judge")),
         *(f"reference_loss.<name>.{f}" for f in ("enabled", "questions", "answers", "reader",
-                                                  "max_rows")))
+                                                  "max_rows", "trimmed")))
 JUDGE = ("_target_", "name", "prompt", "bootstrap_iters", "model", "tie_margin", "max_length",
          "base_url", "api_key_env", "max_tokens", "temperature", "timeout_s", "retries",
          "max_workers")
