@@ -19,6 +19,7 @@ import yaml
 
 from conftest import ROOT
 from lobass.evaluation.gsm8k import gsm8k_metrics
+from lobass.jsonrows import DataError
 from lobass.pipeline import run
 from lobass.report import collect_runs, write_report
 from lobass.signals import Terminated, sigterm_raises
@@ -88,7 +89,7 @@ def test_a_failing_plot_leaves_no_report_files(tmp_path):
         _write_run(sweep, name, scorer=scorer, metrics={"eval/heldout/loss": loss},
                    artifacts={"scores": str(scores)})
     before = {p.name for p in sweep.iterdir()}
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(DataError, match=r"scores.jsonl:2: invalid JSON"):  # jsonrows.read_jsonl
         write_report(sweep)
     assert {p.name for p in sweep.iterdir()} == before  # no PNG, no report.md, no staging folder
     scores.write_text(json.dumps({"id": "a", "n_tokens": 3, "score": 0.5}) + "\n")  # repaired
