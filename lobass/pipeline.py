@@ -19,10 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
-from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs
+from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs, fingerprint
 from lobass.config import check_lora_targets, check_secrets, validate, validate_pool
 from lobass.contamination import audit
-from lobass.context import Context, StageResult
+from lobass.context import Context, Pool, StageResult
 from lobass.devices import check_device
 from lobass.evaluation.stage import evaluate
 from lobass.evaluation.suite import preflight_judge
@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 ctx, adapter, seed=cfg.seed, judge_baseline=baseline,
                 response_losses=compute_response_losses, run_dir=run_dir))
 
-        summary.point = point_identity(cfg, selected if need_select else None)
+        summary.point = point_identity(cfg, selected if need_select else None, pool)
         tracker.log_table("summary/point", ["key", "value"],
                           [[k, json.dumps(v)] for k, v in summary.point.items()])
         summary.metrics.update({f"time/{k}_seconds": v["seconds"]
@@ -157,23 +157,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary.as_dict()
 
 
-def point_identity(cfg: DictConfig, selected: StageResult | None) -> dict[str, Any]:
+def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) -> dict[str, Any]:
     """What makes this run a point of a study; the report groups runs by it, pooling only seeds.
 
-    Scorer (marked when ``score.exclude_eos`` changed its losses), selection rule (its mode,
-    size, order or band, per-source settings, as the select stage resolved them), training
-    budget, training seed and reference seed. ``train=none`` (the initial model) has no scorer,
-    selection or budget.
+    The pool (its content key: every row as read, with its source and raw record, and how its
+    text becomes tokens) and the initial model (its content key), then the scorer (marked when
+    ``score.exclude_eos`` changed its losses), selection rule (its mode, size, order or band,
+    per-source settings, as the select stage resolved them), training budget, training seed and
+    reference seed. ``train=none`` (the initial model) has no scorer, selection or budget.
     """
+    data = {"pool": f"{cfg.data.name}-" + fingerprint(
+                {**pool.tokens_key, "model": None, "rows": pool.rows_fingerprint()}),
+            "model": pool.tokens_key["model"]}
     if not cfg.train.get("enabled", True):
-        return {"scorer": None, "selection": None, "train": None, "seed": cfg.seed,
-                "reference_seed": None}
-    return {"scorer": scorer_label(cfg),
-            "selection": selected.identity if selected else None,
-            "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
-            "seed": cfg.seed,
-            # a scorer without L_ref does not depend on the reference: its seed is no identity
-            "reference_seed": cfg.reference.seed if needs_reference(cfg) else None}
+        return data | {"scorer": None, "selection": None, "train": None, "seed": cfg.seed,
+                       "reference_seed": None}
+    return data | {"scorer": scorer_label(cfg),
+                   "selection": selected.identity if selected else None,
+                   "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
+                   "seed": cfg.seed,
+                   # a scorer without L_ref does not depend on the reference: no identity
+                   "reference_seed": cfg.reference.seed if needs_reference(cfg) else None}
 
 
 def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResult:

@@ -2,6 +2,7 @@
 budget matched to another selection, and the initial model evaluated as a point of its own."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ def test_bottom_k_and_a_random_arm_matched_in_response_tokens(make_cfg, tmp_path
     assert [r["id"] for r in _selected(bottom)] == [r["id"] for r in ranked[:5]]
     assert bottom["point"]["selection"]["order"] == "bottom"
 
+    # its own run dir: a run removes the summary.json it finds in its own at its start
     matched = run(make_cfg(*TINY, "scorer=random", "stages=[select]", "selection.budget=tokens",
-                           f"selection.match_tokens={tmp_path / 'run'}"))
+                           f"selection.match_tokens={tmp_path / 'run'}",
+                           f"output_dir={tmp_path / 'matched'}"))
     budget = bottom["metrics"]["select/response_tokens"]  # the last run in tmp_path/run
     got = matched["metrics"]["select/response_tokens"]
     assert matched["point"]["selection"]["tokens"] == budget
@@ -69,8 +72,11 @@ def test_initial_model_is_a_point(make_cfg, tmp_path):
     summary = run(make_cfg(*TINY, "train=none", "eval.gsm8k.enabled=false",
                            "eval.generation.enabled=false"))
     assert list(summary["stages"]) == ["eval"]
-    assert summary["point"] == {"scorer": None, "selection": None, "train": None, "seed": 0,
-                                "reference_seed": None}
+    point = summary["point"]  # the pool and the model: content keys, "<name>-<16 hex>"
+    assert re.fullmatch(r"alpaca_gsm8k_cpu-[0-9a-f]{16}", point.pop("pool"))
+    assert re.fullmatch(r"tiny_random-[0-9a-f]{16}", point.pop("model"))
+    assert point == {"scorer": None, "selection": None, "train": None, "seed": 0,
+                     "reference_seed": None}
     assert not (tmp_path / "artifacts" / "finetune").exists()
     assert 5 < summary["metrics"]["eval/heldout/loss"] < 15  # random init: about ln(49152)
 

@@ -21,7 +21,9 @@ from conftest import ROOT
 from lobass.evaluation.gsm8k import gsm8k_metrics
 from lobass.jsonrows import DataError
 from lobass.pipeline import run
+from lobass.pool import read_pool
 from lobass.report import collect_runs, write_report
+from lobass.report.points import short_key
 from lobass.signals import Terminated, sigterm_raises
 from lobass.stats import wilson_interval
 
@@ -253,3 +255,39 @@ def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
     (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in _wandb_records(log) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]  # W&B's "failed" state; 0 reads "finished"
+
+
+# High 5: runs on two pools, or two initial models, are never seeds of one point
+
+
+def test_runs_on_two_jsonl_pools_or_two_initial_models_are_not_pooled_as_seeds(make_cfg, tmp_path):
+    """Two data=jsonl files (one data.name, "jsonl") and two tiny models (one model.name) were
+    averaged as two seeds of one point: the point named neither its pool nor its model."""
+    examples, _ = read_pool(make_cfg("data.max_rows=24").data)
+    shipped = [json.dumps(e.raw) for e in examples if e.source == "alpaca"]  # 24 Alpaca rows
+    files = {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"}
+    files["a"].write_text("\n".join(shipped[:12]) + "\n")
+    files["b"].write_text("\n".join(shipped[12:]) + "\n")
+    select_only = ["model=tiny_random", "logger=none", "scorer=random", "stages=[select]",
+                   "data=jsonl", "selection.ratio=0.5"]
+    for name, file, seed, model_seed in (("pool_a", "a", 0, 0), ("pool_b", "b", 1, 0),
+                                         ("model_1", "a", 1, 1)):
+        run(make_cfg(*select_only, f"data.path={files[file]}", f"seed={seed}",
+                     f"model.random_init.seed={model_seed}",
+                     f"output_dir={tmp_path / 'sweep' / name}"))
+    runs = collect_runs(tmp_path / "sweep").set_index("run")
+    assert runs["point_key"].nunique() == 3  # three experiments, one seed each
+    pool, model = runs["pool"], runs["model"]
+    assert model["pool_a"] == model["pool_b"] != model["model_1"]
+    assert pool["pool_a"] == pool["model_1"] != pool["pool_b"]
+    text = write_report(tmp_path / "sweep").read_text()
+    assert "3 runs, 0 failed, 3 points." in text
+    assert "Points differ in `pool` (the pool: every row as read" in text
+    assert "Points differ in `model` (the initial model: its files' content" in text
+    points = text.split("## Points")[1].split("\n## ")[0]
+    pooled = [line.split(" | ") for line in points.splitlines()
+              if line.startswith("| random ratio 0.5 · ")]
+    assert sorted(cells[0].split(" · ", 1)[1] for cells in pooled) == sorted(
+        f"model {short_key(model)} · pool {short_key(pool)}"
+        for pool, model in zip(runs["pool"], runs["model"], strict=True))
+    assert [cells[2] for cells in pooled] == ["1", "1", "1"]  # seeds

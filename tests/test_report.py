@@ -313,8 +313,9 @@ def test_pooling_uses_a_t_interval_over_seeds_and_one_runs_own_interval(tmp_path
     assert lobass["rows"] == pytest.approx(6)
 
 
-def test_runs_from_two_pools_are_refused_naming_both(tmp_path):
-    """A point does not name its pool: seeds from two pools would pool into one point."""
+def test_legacy_runs_from_two_pools_are_two_points_and_the_report_says_so(tmp_path):
+    """Runs written before summary.json named its pool: config.yaml's data.name and max_rows
+    stand in for it. Seeds from two pools are never pooled into one point."""
     _write_runs(tmp_path / "sweep", tmp_path / "no_scores.jsonl")
     write_report(tmp_path / "sweep", out=tmp_path / "no_pool")  # legacy configs: no data block
 
@@ -325,19 +326,19 @@ def test_runs_from_two_pools_are_refused_naming_both(tmp_path):
 
     for run in map(str, range(8)):
         set_pool(run, "alpaca200", 200)
-    initial = tmp_path / "sweep" / "initial"  # trains on no pool: its config's pool is moot
-    initial.mkdir()
-    (initial / "summary.json").write_text(json.dumps({
-        "point": {"scorer": None, "selection": None, "train": None, "seed": 0},
-        "metrics": {"eval/heldout/loss": 2.5}}))
-    (initial / "config.yaml").write_text(yaml.safe_dump({"data": {"name": "other"}}))
     text = write_report(tmp_path / "sweep", out=tmp_path / "one_pool").read_text()
-    assert "| initial model |" in text  # one pool and the initial model: reported
+    assert "| random ratio 0.06 | 6 | 3 |" in text and "differ in" not in text
     set_pool("3", "alpaca200", 400)  # random ratio 0.06, seed 1: the same name, more rows
-    with pytest.raises(ValueError, match=r"2 pools: alpaca200 \(max_rows=200\), e\.g\. .*/0; "
-                                         r"alpaca200 \(max_rows=400\), e\.g\. .*/3\."):
-        write_report(tmp_path / "sweep", out=tmp_path / "two_pools")
-    assert not (tmp_path / "two_pools" / "report.md").exists()
+    text = write_report(tmp_path / "sweep", out=tmp_path / "two_pools").read_text()
+    assert "Points differ in `pool` (the pool: every row as read" in text
+    assert ": alpaca200 (max_rows=200), alpaca200 (max_rows=400). They are kept apart" in text
+    assert "| random ratio 0.06 · pool alpaca200 (max_rows=200) | 6 | 2 |" in text
+    assert "| random ratio 0.06 · pool alpaca200 (max_rows=400) | 6 | 1 |" in text
+    # the arm is compared with random on its own pool only (2 seeds), never the other's 1 seed
+    arm = [line for line in text.splitlines()
+           if line.startswith("| lobass ratio 0.06 · pool alpaca200 (max_rows=200) | eval/")]
+    assert {line.split(" | ")[3] for line in arm} == {"random (2 seeds)", "full data · pool "
+                                                      "alpaca200 (max_rows=200) (1 seed)"}
 
 
 @pytest.mark.slow

@@ -34,9 +34,9 @@ from lobass.artifacts import atomic_write_text
 from lobass.report import diagnostics
 from lobass.report.compare import DEFAULT_MARGIN, compare_to_baselines, difference
 from lobass.report.plots import plot_losses, plot_metrics, plot_scores
-from lobass.report.points import common_settings, pool_over_seeds
+from lobass.report.points import common_settings, content_differences, pool_over_seeds
 from lobass.report.render import Diagnostics, render_csv, render_markdown
-from lobass.report.runs import RUN_COLUMNS, check_one_pool, collect_runs, headline_metrics
+from lobass.report.runs import RUN_COLUMNS, collect_runs, headline_metrics
 
 __all__ = ["collect_runs", "difference", "equivalence_margin", "main", "pool_over_seeds",
            "write_report"]
@@ -91,7 +91,6 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
 
     Raises:
         FileNotFoundError: no run directory under ``root``.
-        ValueError: the trained runs come from more than one pool (:func:`check_one_pool`).
 
     """
     out = out or root
@@ -99,7 +98,6 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
     runs = collect_runs(root)
     if runs.empty:
         raise FileNotFoundError(f"no summary.json under {root}")
-    check_one_pool(runs)
     margin, margin_source = equivalence_margin(runs, margin)
     metrics = headline_metrics({c for c in runs.columns if c not in RUN_COLUMNS})
     table = pool_over_seeds(runs, metrics)
@@ -117,7 +115,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
                             diagnostics.extreme_rows(runs), diagnostics.contamination(runs))
         text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
                                margin_source=margin_source, common=common_settings(runs),
-                               diagnostics=found)
+                               differences=content_differences(runs), diagnostics=found)
         atomic_write_text(stage / "report.csv", render_csv(runs, metrics))
         atomic_write_text(stage / "report.md", text)
     if wandb_project:

@@ -66,6 +66,8 @@ def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.S
     found = []
     for _, base in table.iterrows():
         key = _key(base["point_key"])
+        if any(key.get(k) != ours.get(k) for k in ("pool", "model")):
+            continue  # another pool or initial model: another experiment, no baseline of ours
         if key["kind"] == "full":
             found.append((f"{base['point']} ({_seeds(base)})", base))
         elif (key["kind"] != "subset" or key["scorer"] != "random" or key["train"] != ours["train"]

@@ -1,9 +1,11 @@
 """What makes a run a point of a study, a readable name for it, and pooling over training seeds.
 
-A point is everything in ``summary.json``'s ``point`` but the training seed: scorer, selection
-rule (mode, ratio or count or token budget or band, order, per-source settings), training budget
-and reference seed. Two runs pool (as seeds of one point) only when all of that agrees, so a
-sweep over ``selection.count=800,3120`` gives two points, never one point with two "seeds".
+A point is everything in ``summary.json``'s ``point`` but the training seed: the pool and the
+initial model (each by its content key, so two ``data=jsonl`` files or two checkpoints under one
+name stay apart), scorer, selection rule (mode, ratio or count or token budget or band, order,
+per-source settings), training budget and reference seed. Two runs pool (as seeds of one point)
+only when all of that agrees, so a sweep over ``selection.count=800,3120`` gives two points,
+never one point with two "seeds".
 
 Two kinds of point are baselines rather than arms: the initial model (``train=none``: no scorer,
 selection or budget) and the full data (a selection that kept every pool row, whichever scorer
@@ -39,9 +41,10 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
         metrics: the run's metrics (``select/count`` and ``data/pool_rows`` tell full data).
 
     Returns:
-        ``kind``, ``point_key`` (the identity without the seed, as sorted JSON), the selection's
-        fields, ``epochs``, ``max_steps``, ``seed`` and ``reference_seed``; ``point`` is filled
-        in later by :func:`label_points`, which needs the whole sweep.
+        ``kind``, ``point_key`` (the identity without the seed, as sorted JSON), ``pool`` and
+        ``model`` (content keys; None when unknown), the selection's fields, ``epochs``,
+        ``max_steps``, ``seed`` and ``reference_seed``; ``point`` is filled in later by
+        :func:`label_points`, which needs the whole sweep.
 
     """
     selection = point.get("selection") or {}
@@ -58,8 +61,10 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
         kind, key = "subset", {"kind": "subset", "scorer": point.get("scorer"),
                                "selection": selection or None, "train": train,
                                "reference_seed": point.get("reference_seed")}
+    # another pool or initial model is another experiment, whatever the rest says
+    data = {"pool": point.get("pool"), "model": point.get("model")}
     return {
-        "kind": kind, "point": "", "point_key": json.dumps(key, sort_keys=True),
+        "kind": kind, "point": "", "point_key": json.dumps(key | data, sort_keys=True), **data,
         "scorer": point.get("scorer") or "", "mode": selection.get("mode") or "",
         "ratio": math.nan if ratio is None else float(ratio),
         "count": math.nan if selection.get("count") is None else float(selection["count"]),
@@ -83,13 +88,26 @@ def _budget(run: pd.Series) -> str:
     return ""
 
 
-PARTS = ("order", "by_source", "keep", "budget", "reference")  # name parts, in name order
+PARTS = ("order", "by_source", "keep", "budget", "reference", "model", "pool")  # in name order
+# What each content key of a point stands for, as the report says when points differ in it.
+CONTENT_KEYS = {
+    "pool": "the pool: every row as read (content, source, raw record) and how its text becomes "
+            "tokens (data.max_length, model.template)",
+    "model": "the initial model: its files' content (or pinned revision), dtype, attention"}
+
+
+def short_key(value: str) -> str:
+    """``name-<16 hex>`` (a content key) as ``name-<6 hex>``; any other value as it is."""
+    name, _, digest = value.rpartition("-")
+    return f"{name}-{digest[:6]}" if name and len(digest) == 16 else value
 
 
 def _parts(run: pd.Series) -> dict[str, str | None]:
     """The name and each part of a point's name (None: the part does not apply to this kind)."""
+    content = {k: f"{k} {short_key(str(run[k]))}" if isinstance(run[k], str) else None
+               for k in CONTENT_KEYS}
     if run["kind"] == "initial":
-        return dict.fromkeys(PARTS, None) | {"name": "initial model"}
+        return dict.fromkeys(PARTS, None) | content | {"name": "initial model"}
     if run["mode"] == "listed":  # a peer's selection (selection.listed): the file names it
         size = f"listed {run['listed']}"
     elif run["mode"] == "band":
@@ -109,7 +127,8 @@ def _parts(run: pd.Series) -> dict[str, str | None]:
             if subset else None,
             "budget": _budget(run),
             # a scorer without L_ref has no reference seed: not a difference between points
-            "reference": None if not subset or pd.isna(ref) else f"reference seed {ref:.0f}"}
+            "reference": None if not subset or pd.isna(ref) else f"reference seed {ref:.0f}",
+            **content}
 
 
 def _values(parts: list[dict[str, str | None]], key: str) -> set[str]:
@@ -128,6 +147,24 @@ def label_points(runs: pd.DataFrame) -> pd.DataFrame:
     runs["point"] = [" · ".join([str(p["name"]), *(str(p[k]) for k in varying if p[k])])
                      for p in parts]
     return runs
+
+
+def content_differences(runs: pd.DataFrame) -> list[str]:
+    """One line per content key (pool, model) in which the finished runs differ, naming each.
+
+    Such runs are separate points (never seeds of one) and each arm is compared only with
+    baselines of its own pool and model (:func:`lobass.report.compare.baselines_for`).
+    """
+    ok = runs[runs["status"] == "ok"]
+    lines = []
+    for key, meaning in CONTENT_KEYS.items():
+        values = sorted({v for v in ok[key] if isinstance(v, str)})
+        if len(values) > 1:
+            lines.append(f"Points differ in `{key}` ({meaning}): "
+                         f"{', '.join(short_key(v) for v in values)}. They are kept apart, never "
+                         "pooled as seeds, and each arm is compared only with baselines of its "
+                         f"own {key}.")
+    return lines
 
 
 def common_settings(runs: pd.DataFrame) -> list[str]:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # The run table's fixed columns; every metric of every summary.json is a further column (NaN
 # where a run lacks it), so pooling is a pandas groupby on ``point_key``.
-RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "scorer", "mode", "ratio", "count",
+RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "pool", "model", "scorer", "mode",
+               "ratio", "count",
                "tokens", "band", "listed", "order", "by_source", "keep_sources", "epochs",
                "max_steps", "seed", "reference_seed", "status", "error", "scores_path",
                "selected_path", "eval_dir", "config"]
@@ -49,9 +50,11 @@ def collect_runs(root: Path) -> pd.DataFrame:
     Returns:
         One row per run with :data:`RUN_COLUMNS` (``kind`` ``initial``, ``full`` or ``subset``;
         ``point`` a readable label and ``point_key`` the identity without the training seed, as
-        text; ``path``, ``scores_path``, ``selected_path`` and ``eval_dir`` ``Path`` or None;
-        ``ratio``, ``count`` and ``tokens`` NaN when unset; ``status`` ``ok`` or ``failed``;
-        ``error`` the last line of ``error.txt``; ``config`` the run's resolved config as a dict)
+        text; ``pool`` and ``model`` the content keys of the pool and the initial model, None for
+        a failed run; ``path``, ``scores_path``, ``selected_path`` and ``eval_dir`` ``Path`` or
+        None; ``ratio``, ``count`` and ``tokens`` NaN when unset; ``status`` ``ok`` or ``failed``;
+        ``error`` the last line of ``error.txt`` or why the run did not finish; ``config`` the
+        run's resolved config as a dict)
         and one float column per metric key of the summaries, NaN where a run does not have it.
 
     """
@@ -69,31 +72,6 @@ def collect_runs(root: Path) -> pd.DataFrame:
     frame[["reference_seed", "max_steps"]] = frame[["reference_seed", "max_steps"]].astype(
         "Int64")
     return label_points(frame)
-
-
-def check_one_pool(runs: pd.DataFrame) -> None:
-    """Refuse a run table whose trained runs come from different pools.
-
-    A point's identity (scorer, selection rule, budget, reference seed) does not name the pool,
-    so "random ratio 0.06" on two pools would pool as seeds of one point and be compared with
-    baselines trained on another pool. The pool is read from each run's config (``data.name``
-    and ``data.max_rows``); the initial model trains on nothing and runs without a config (legacy)
-    say nothing, so both are left out.
-
-    Raises:
-        ValueError: two pools, naming each with one run directory that used it.
-
-    """
-    pools: dict[str, Path] = {}
-    for _, run in runs[runs["kind"] != "initial"].iterrows():
-        data = (run["config"] or {}).get("data") or {}
-        if data.get("name") is not None:
-            pools.setdefault(f"{data['name']} (max_rows={data.get('max_rows')})", run["path"])
-    if len(pools) > 1:
-        named = "; ".join(f"{pool}, e.g. {path}" for pool, path in pools.items())
-        raise ValueError(
-            f"the runs come from {len(pools)} pools: {named}. A point does not name its pool, so "
-            "their seeds would pool into one point: report each pool's runs from its own folder")
 
 
 def _is_run_config(path: Path) -> bool:
@@ -118,6 +96,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in summary.get("metrics", {}).items()}
     artifacts = summary.get("artifacts", {})
     point = summary.get("point") or _point_from_config(config)
+    if status == "failed":  # pooled with nothing; a config cannot give the content keys
+        point = {**point, "pool": None, "model": None}
     return {
         "run": run_dir.name,
         "path": run_dir,
@@ -138,10 +118,17 @@ def _path(value: str | None) -> Path | None:
 
 
 def _point_from_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A run written before ``summary.json`` had ``point``: scorer, ratio or count, seed."""
+    """A run written before ``summary.json`` had ``point``: scorer, ratio or count, seed.
+
+    Such runs predate the pool's and the model's content keys too: their names stand in for
+    them (``data.name`` with ``data.max_rows``, ``model.name``), None when the config has none.
+    """
     selection = config.get("selection") or {}
     ratio, count = selection.get("ratio"), selection.get("count")
-    return {"scorer": str((config.get("scorer") or {}).get("name", "?")),
+    data = config.get("data") or {}
+    pool = None if data.get("name") is None else f"{data['name']} (max_rows={data.get('max_rows')})"
+    return {"pool": pool, "model": (config.get("model") or {}).get("name"),
+            "scorer": str((config.get("scorer") or {}).get("name", "?")),
             "selection": {"mode": "ratio" if ratio is not None else "count", "ratio": ratio,
                           "count": count},
             "train": None, "seed": int(config.get("seed", 0)), "reference_seed": None}
