@@ -19,6 +19,7 @@ import yaml
 
 from conftest import ROOT
 from lobass.evaluation.gsm8k import gsm8k_metrics
+from lobass.evaluation.judge import find_baseline_generations
 from lobass.jsonrows import DataError
 from lobass.pipeline import run
 from lobass.pool import read_pool
@@ -291,3 +292,18 @@ def test_runs_on_two_jsonl_pools_or_two_initial_models_are_not_pooled_as_seeds(m
         f"model {short_key(model)} · pool {short_key(pool)}"
         for pool, model in zip(runs["pool"], runs["model"], strict=True))
     assert [cells[2] for cells in pooled] == ["1", "1", "1"]  # seeds
+
+
+# Low: judge baseline ids 1 and "1" collapsed into one answer
+
+
+def test_baseline_ids_1_and_text_1_are_refused_not_collapsed(tmp_path):
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text(json.dumps({"id": 1, "output": "first"}) + "\n"
+                        + json.dumps({"id": 2, "output": "second"}) + "\n"
+                        + json.dumps({"id": "1", "output": "another first"}) + "\n")
+    with pytest.raises(ValueError, match=r"baseline\.jsonl:3: id '1' is the id of line 1 \(1\) "
+                                         "as text; ids must be distinct"):
+        find_baseline_generations(baseline, "vicuna")
+    baseline.write_text(json.dumps({"id": 1, "output": "first"}) + "\n")  # numbers alone: fine
+    assert find_baseline_generations(baseline, "vicuna") == {"1": {"id": 1, "output": "first"}}

@@ -34,13 +34,15 @@ def read_generations(path: Path, *, repair_torn_tail: bool = False) -> dict[str,
             baseline, another run's answers) is read-only: a torn line there is an error.
 
     Raises:
-        ValueError: a malformed line, naming file and line.
+        ValueError: a malformed line, or an id that repeats another's as text (``1`` and
+            ``"1"``), naming file and line.
 
     """
     if not path.is_file():
         return {}
     lines = list(iter_jsonl(path))
     rows: dict[str, dict[str, Any]] = {}
+    first_line: dict[str, int] = {}  # id as text -> the line that holds it
     for index, (number, row) in enumerate(lines):
         if isinstance(row, InvalidJSON):
             last = index == len(lines) - 1
@@ -54,7 +56,12 @@ def read_generations(path: Path, *, repair_torn_tail: bool = False) -> dict[str,
             raise ValueError(f"{path}:{number}: {row}{torn}")
         if not isinstance(row, dict) or "id" not in row or "output" not in row:
             raise ValueError(f"{path}:{number}: a generation row needs 'id' and 'output'")
-        rows[str(row["id"])] = row
+        key = str(row["id"])  # prompt ids are text; a baseline may write 1 for "1"
+        if key in rows:  # 1 and "1", or one id twice: which answer is meant cannot be known
+            raise ValueError(f"{path}:{number}: id {row['id']!r} is the id of line "
+                             f"{first_line[key]} ({rows[key]['id']!r}) as text; ids must be "
+                             "distinct, one answer per prompt")
+        rows[key], first_line[key] = row, number
     return rows
 
 
