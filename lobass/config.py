@@ -200,7 +200,10 @@ def _check_selection(selection: dict[str, Any]) -> None:
                               "directory")
         return
     ratio, count = selection["ratio"], selection["count"]
-    if (ratio is None) == (count is None):
+    if ratio is not None and count is not None:  # `selection.count=N` over the default group
+        raise ConfigError(f"selection.count={count} is set beside selection.ratio={ratio} (the "
+                          f"ratio group's default): use selection=count selection.count={count}")
+    if ratio is None and count is None:
         raise ConfigError("set exactly one of selection.ratio and selection.count (got "
                           f"ratio={ratio}, count={count})")
 

@@ -25,6 +25,7 @@ from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
 from lobass.model_card import write_adapter_card
 from lobass.modeling import load_model
+from lobass.tracking import TrainingCurves
 from lobass.training import (
     gradient_accumulation,
     rows_per_pass,
@@ -203,8 +204,9 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
         zero3_args = (training_arguments(recipe, work / "checkpoints", seed, "none",
                                          cfg.model.dtype, device) if sharding == "zero3" else None)
         model = load_model(cfg.model, ctx.model_path, sharding=sharding)
+        curves = TrainingCurves(ctx.tracker, "reference" if name == "reference" else "finetune")
         metrics = train_lora(model, ctx.tokenizer, [pool.features[i] for i in rows], recipe,
-                             targets, work, seed=seed, report_to=ctx.tracker.report_to,
+                             targets, work, seed=seed, callbacks=[curves],
                              dtype=cfg.model.dtype, device=device)
         del model, zero3_args
         free_memory()  # the next stage loads its own copy

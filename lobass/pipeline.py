@@ -35,7 +35,7 @@ from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select
 from lobass.signals import sigterm_raises
 from lobass.summary import Summary, format_summary
-from lobass.tracking import NullLogger, make_logger
+from lobass.tracking import NullLogger, log_run_outputs, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_metrics(summary.metrics)
         tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
                           [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
+        log_run_outputs(tracker, summary.artifacts)  # adapters, scores, answers
     except BaseException:
         _record_failure(run_dir)  # beside the partial summary
         exit_code = 1  # the tracker marks the run failed

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +113,28 @@ def local_http_server(handler: type) -> Iterator[str]:
         httpd.server_close()
         thread.join()
 
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a ``.wandb`` file.
+
+    Written out because W&B's Python reader of this file went with its Go core (0.19+). The file
+    is a 7-byte header, then LevelDB's log format: 32 KiB blocks of chunks, each a 7-byte header
+    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

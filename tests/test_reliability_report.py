@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, wandb_records
 from lobass.evaluation.gsm8k import gsm8k_metrics
 from lobass.evaluation.judge import find_baseline_generations
 from lobass.jsonrows import DataError
@@ -218,31 +217,6 @@ def test_run_restores_the_previous_sigterm_handler_and_sigterm_raises_within(mak
 # Low: W&B recorded exit code 0 for a failed run
 
 
-def _wandb_records(path: Path) -> list[Any]:
-    """The protobuf records of a ``.wandb`` file.
-
-    Written out because W&B's Python reader of this file went with its Go core (0.19+). The file
-    is a 7-byte header, then LevelDB's log format: 32 KiB blocks of chunks, each a 7-byte header
-    (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = struct.unpack_from("<HB", data, pos + 4)
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
 def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -254,7 +228,7 @@ def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
 
     wandb.teardown()  # the service writes the run's file after finish() returns: wait for it
     (log,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    exits = [r.exit.exit_code for r in _wandb_records(log) if r.WhichOneof("record_type") == "exit"]
+    exits = [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]  # W&B's "failed" state; 0 reads "finished"
 
 
