@@ -33,7 +33,8 @@
 # the image's packages stood in for by scripts/gpu_image.py stubs); that the same packages, for
 # this interpreter (.wheelhouse/local), install offline over an interpreter holding only the
 # image's packages (links to this interpreter's, scripts/gpu_image.py site) and import there; that
-# the 7B shape builds (on the meta device); and that the pipeline step runs on the tiny model.
+# the 7B shape builds (on the meta device); that the GPU pipeline's config is valid; and that the
+# pipeline step runs on the tiny model (on the CPU).
 # It exits non-zero when any step fails.
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/.."
@@ -52,7 +53,10 @@ OUT_DIR=${OUT:-$WORK/out}
 # with time to rerun. The rehearsal's own steps have room for a busy shared CPU.
 declare -A LIMIT=([install]=25 [imports]=30 [bench_llama7b]=120 [bench_training]=55
                   [pipeline]=120 [gpu_tests]=60
-                  [resolve312]=120 [install_local]=150 [shape7b]=60)
+                  [resolve312]=120 [install_local]=150 [shape7b]=60 [gpu_config]=60)
+if [ "$MODE" = rehearse ]; then  # a 2-core CPU shared with others imports and trains slower
+  LIMIT[imports]=120 LIMIT[pipeline]=300
+fi
 for pair in ${GPU_CHECK_LIMITS:-}; do
   name=${pair%%=*} value=${pair#*=}
   if [ -z "${LIMIT[$name]+x}" ] || ! [[ "$value" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
@@ -85,7 +89,7 @@ else
 fi
 
 if [ "$MODE" != dry ]; then
-  rm -rf "$SITE" "$OUT_DIR/steps.jsonl"
+  rm -rf "$SITE" "$WORK/artifacts" "$WORK/run" "$OUT_DIR/steps.jsonl"  # nothing reused
   mkdir -p "$OUT_DIR" "$WORK"
   LOG=$OUT_DIR/gpu_check.log
   : >"$LOG"
@@ -157,6 +161,8 @@ PIPELINE=(
   eval.generation.sets.mt_bench.max_rows=2 eval.generation.sets.heldout_prompts.max_rows=2
   "artifacts_dir=$WORK/artifacts" "models_dir=$WORK/models" "output_dir=$WORK/run"
 )
+GPU_GROUPS=(model.device=cuda model.dtype=bfloat16 reference=lora_gpu train=lora_gpu score=gpu
+            eval=gpu reference.global_batch_size=8 train.global_batch_size=8)
 # pip check over the image and the wheelhouse: any broken requirement fails, except lobass's own
 # wandb and gguf when a checkout's egg-info is on the path (left out on purpose: see
 # scripts/gpu_requirements.txt).
@@ -202,7 +208,17 @@ params = sum(p.numel() for p in model.parameters())
 assert params == 6_738_415_616, params  # LLaMA-2-7B's published count
 assert next(model.parameters()).dtype == torch.bfloat16
 print('llama2_7b on meta:', params, 'parameters, bf16')"
-  # 4) the pipeline step, on this CPU
+  # 4) the GPU pipeline's config is valid (a typo would cost a GPU run), then the step on the CPU
+  step gpu_config "$PY" -c "
+import sys
+from hydra import compose, initialize_config_dir
+import lobass
+from lobass.config import validate
+with initialize_config_dir(config_dir='$ROOT/conf', version_base='1.3'):
+    cfg = compose(config_name='config', overrides=sys.argv[1:])
+validate(cfg)
+print('the GPU pipeline config is valid:', cfg.model.name, cfg.model.device, cfg.model.dtype)
+" "${PIPELINE[@]}" "${GPU_GROUPS[@]}"
   step pipeline "$PY" run.py "${PIPELINE[@]}" model.device=cpu
 else
   # 1) the wheels the image lacks, offline; pip check over image + wheelhouse
@@ -220,9 +236,7 @@ print(torch.cuda.get_device_name())"
     --repeats 1 --micro-batch-size 0 --models-dir "$WORK/models" \
     --json "$OUT_DIR/bench_training.json"
   # 3) the whole pipeline on the tiny model with the GPU groups
-  step pipeline "$PY" run.py "${PIPELINE[@]}" model.device=cuda model.dtype=bfloat16 \
-    reference=lora_gpu train=lora_gpu score=gpu eval=gpu reference.global_batch_size=8 \
-    train.global_batch_size=8
+  step pipeline "$PY" run.py "${PIPELINE[@]}" "${GPU_GROUPS[@]}"
   # 4) the CUDA-only tests (memory estimates against torch's measured peaks); a skip fails
   step gpu_tests bash -c "LOBASS_TEST_TINY_MODEL=tiny_offline '$PY' -m pytest -m gpu -q \
     -p no:cacheprovider --junitxml '$OUT_DIR/gpu_tests.xml' tests; rc=\$?;

@@ -164,3 +164,25 @@ def test_version_dependent_names_are_the_ones_the_installed_transformers_takes(t
     step = decoder(input_ids=torch.tensor([[4]]), use_cache=True, **{keyword: cache})
     assert output_cache(step).layers[0].keys.shape[2] == 4
     assert checkpointing_argument() in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def test_every_dependency_reaches_the_offline_gpu_machine():
+    """A new dependency must be in the image, in the wheelhouse's list, or left out with a why."""
+    import re
+
+    import tomllib
+
+    def names(path: Path) -> set[str]:
+        lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+        return {canonical(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]) for line in lines if line}
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {canonical(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0]) for d in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    image = names(ROOT / "scripts" / "gpu_image.txt")
+    wheelhouse = names(ROOT / "scripts" / "gpu_requirements.txt")
+    left_out = {"wandb", "gguf"}  # logger=wandb and GGUF models only (gpu_requirements.txt)
+    assert declared - image - wheelhouse - left_out == set()
+    assert not wheelhouse & image  # the wheelhouse carries only what the image lacks
