@@ -33,8 +33,8 @@
 # the image's packages stood in for by scripts/gpu_image.py stubs); that the same packages, for
 # this interpreter (.wheelhouse/local), install offline over an interpreter holding only the
 # image's packages (links to this interpreter's, scripts/gpu_image.py site) and import there; that
-# the 7B shape builds (on the meta device); that the GPU pipeline's config is valid; and that the
-# pipeline step runs on the tiny model (on the CPU).
+# the 7B shape builds (on the meta device); that the GPU pipeline's config is valid; that the
+# pipeline step runs on the tiny model (on the CPU); and that the GPU tests collect there.
 # It exits non-zero when any step fails.
 set -uo pipefail  # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/.."
@@ -53,7 +53,8 @@ OUT_DIR=${OUT:-$WORK/out}
 # with time to rerun. The rehearsal's own steps have room for a busy shared CPU.
 declare -A LIMIT=([install]=25 [imports]=30 [bench_llama7b]=120 [bench_training]=55
                   [pipeline]=120 [gpu_tests]=60
-                  [resolve312]=120 [install_local]=150 [shape7b]=60 [gpu_config]=60)
+                  [resolve312]=120 [install_local]=150 [shape7b]=60 [gpu_config]=60
+                  [gpu_tests_collect]=120)
 if [ "$MODE" = rehearse ]; then  # a 2-core CPU shared with others imports and trains slower
   LIMIT[imports]=120 LIMIT[pipeline]=300
 fi
@@ -220,6 +221,9 @@ validate(cfg)
 print('the GPU pipeline config is valid:', cfg.model.name, cfg.model.device, cfg.model.dtype)
 " "${PIPELINE[@]}" "${GPU_GROUPS[@]}"
   step pipeline "$PY" run.py "${PIPELINE[@]}" model.device=cpu
+  # 5) the GPU tests collect here as they will there (the shipped tokenizer, no GGUF package)
+  step gpu_tests_collect bash -c "LOBASS_TEST_TINY_MODEL=tiny_offline '$PY' -m pytest -m gpu \
+    --collect-only -q -p no:cacheprovider tests | grep -E '^[1-9][0-9]*/[0-9]+ tests? collected'"
 else
   # 1) the wheels the image lacks, offline; pip check over image + wheelhouse
   step install bash -c "'$PY' -m pip install -q --no-index --no-deps --target '$SITE' \

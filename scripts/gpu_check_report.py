@@ -29,7 +29,8 @@ from xml.etree import ElementTree
 GOAL_SPEEDUP = 5.0  # issue 4: scoring at least 5x the naive per-row loop on a GPU
 STEPS = {  # what each mode of gpu_check.sh runs, in order
     "run": ("install", "imports", "bench_llama7b", "bench_training", "pipeline", "gpu_tests"),
-    "rehearse": ("resolve312", "install_local", "imports", "shape7b", "gpu_config", "pipeline"),
+    "rehearse": ("resolve312", "install_local", "imports", "shape7b", "gpu_config", "pipeline",
+                 "gpu_tests_collect"),
 }
 TRAIN_KEYS = ("speedup", "speedup_same_batches", "lobass_matmul_fraction", "user_peak_mib",
               "lobass_peak_mib", "user_s", "lobass_s", "max_loss_diff")
