@@ -328,6 +328,7 @@ def test_legacy_runs_from_two_pools_are_two_points_and_the_report_says_so(tmp_pa
         set_pool(run, "alpaca200", 200)
     text = write_report(tmp_path / "sweep", out=tmp_path / "one_pool").read_text()
     assert "| random ratio 0.06 | 6 | 3 |" in text and "differ in" not in text
+    assert "\n\nEvery point has `pool` alpaca200 (max_rows=200).\n\n" in text
     set_pool("3", "alpaca200", 400)  # random ratio 0.06, seed 1: the same name, more rows
     text = write_report(tmp_path / "sweep", out=tmp_path / "two_pools").read_text()
     assert "Points differ in `pool` (the pool: every row as read" in text

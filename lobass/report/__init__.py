@@ -34,7 +34,7 @@ from lobass.artifacts import atomic_write_text
 from lobass.report import diagnostics
 from lobass.report.compare import DEFAULT_MARGIN, compare_to_baselines, difference
 from lobass.report.plots import plot_losses, plot_metrics, plot_scores
-from lobass.report.points import common_settings, content_differences, pool_over_seeds
+from lobass.report.points import common_settings, content_lines, pool_over_seeds
 from lobass.report.render import Diagnostics, render_csv, render_markdown
 from lobass.report.runs import RUN_COLUMNS, collect_runs, headline_metrics
 
@@ -115,7 +115,7 @@ def write_report(root: Path, *, out: Path | None = None, wandb_project: str | No
                             diagnostics.extreme_rows(runs), diagnostics.contamination(runs))
         text = render_markdown(runs, table, comparisons, metrics, plots, margin=margin,
                                margin_source=margin_source, common=common_settings(runs),
-                               differences=content_differences(runs), diagnostics=found)
+                               content=content_lines(runs), diagnostics=found)
         atomic_write_text(stage / "report.csv", render_csv(runs, metrics))
         atomic_write_text(stage / "report.md", text)
     if wandb_project:

@@ -149,28 +149,34 @@ def label_points(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def content_differences(runs: pd.DataFrame) -> list[str]:
-    """One line per content key (pool, model) in which the finished runs differ, naming each.
+def content_lines(runs: pd.DataFrame) -> list[str]:
+    """Per content key (pool, model) of the finished runs, a line: the one value, or the values.
 
-    Such runs are separate points (never seeds of one) and each arm is compared only with
-    baselines of its own pool and model (:func:`lobass.report.compare.baselines_for`).
+    Runs that differ in one are separate points (never seeds of one) and each arm is compared
+    only with baselines of its own pool and model (:func:`lobass.report.compare.baselines_for`);
+    the line names the field, so a reader sees why one label became several points.
     """
     ok = runs[runs["status"] == "ok"]
     lines = []
     for key, meaning in CONTENT_KEYS.items():
-        values = sorted({v for v in ok[key] if isinstance(v, str)})
-        if len(values) > 1:
-            lines.append(f"Points differ in `{key}` ({meaning}): "
-                         f"{', '.join(short_key(v) for v in values)}. They are kept apart, never "
-                         "pooled as seeds, and each arm is compared only with baselines of its "
-                         f"own {key}.")
+        values = [short_key(v) for v in sorted({v for v in ok[key] if isinstance(v, str)})]
+        if len(values) == 1:
+            lines.append(f"Every point has `{key}` {values[0]}.")
+        elif values:
+            lines.append(f"Points differ in `{key}` ({meaning}): {', '.join(values)}. They are "
+                         "kept apart, never pooled as seeds, and each arm is compared only with "
+                         f"baselines of its own {key}.")
     return lines
 
 
 def common_settings(runs: pd.DataFrame) -> list[str]:
-    """The parts of the point names that every run shares (said once above the tables)."""
+    """The parts of the point names that every run shares (said once above the tables).
+
+    Pool and model are left to :func:`content_lines`, which says them with their meaning.
+    """
     parts = [_parts(run) for _, run in runs.iterrows()]
-    return [v for k in PARTS for v in _values(parts, k) if len(_values(parts, k)) == 1 and v]
+    return [v for k in PARTS for v in _values(parts, k)
+            if len(_values(parts, k)) == 1 and v and k not in CONTENT_KEYS]
 
 
 def pool_over_seeds(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:

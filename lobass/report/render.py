@@ -82,7 +82,7 @@ def _table(out: io.StringIO, frame: pd.DataFrame, header: Sequence[str]) -> None
 def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.DataFrame,
                     metrics: Sequence[str], plots: Sequence[str], *, margin: float,
                     margin_source: str, common: Sequence[str] = (),
-                    differences: Sequence[str] = (),
+                    content: Sequence[str] = (),
                     diagnostics: Diagnostics | None = None) -> str:
     """The report as markdown: points, verdicts, composition, diagnostics, runs, plots.
 
@@ -95,7 +95,7 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
         margin: the equivalence margin used.
         margin_source: where it came from (flag, config key or default).
         common: settings shared by every point (left out of the point names).
-        differences: a line per content key (pool, model) the points differ in.
+        content: a line per content key (pool, model): shared, or where the points differ.
         diagnostics: the diagnostic tables.
 
     Returns:
@@ -108,7 +108,7 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
               f"{len(table)} points.")
     if common:
         out.write(f" Every point: {', '.join(common)}.")
-    for line in differences:
+    for line in content:
         out.write(f"\n\n{line}")
     out.write(f"\n\nEquivalence margin: ±{margin:g} ({margin_source}), in each metric's units: "
               "nats of mean response loss per token for `*/loss`, an absolute share "
