@@ -64,12 +64,17 @@ def test_wilson_bounds_never_cross_the_proportion_at_0_and_n_of_n():
 
 def test_report_of_a_run_with_gsm8k_0_of_50_is_written(tmp_path):
     """The default run's GSM8K: 0 of 50. The plot's error bar went negative and matplotlib
-    raised "'yerr' must not contain negative values"; no report.md was written."""
+    raised "'yerr' must not contain negative values"; no report.md was written. A summary
+    written before the fix (bound 6.9e-18 kept in it) is drawn too."""
     sweep = tmp_path / "sweep"
     for name, scorer, correct in (("lobass", "lobass", 0), ("random", "random", 50)):
         # the eval stage's own metrics function, as lm-eval's row would give it
         row = {"exact_match,strict-match": correct / 50, "exact_match,flexible-extract": 0.0}
         _write_run(sweep, name, scorer=scorer, metrics=gsm8k_metrics(row, 50))
+    # and a run written before the fix: its summary holds the old closed form's 6.9e-18
+    _write_run(sweep, "old", scorer="rho", metrics={
+        "eval/gsm8k/strict_acc": 0.0, "eval/gsm8k/strict_acc_ci_low": 6.938893903907228e-18,
+        "eval/gsm8k/strict_acc_ci_high": 0.0713475991333588})
     text = write_report(sweep).read_text()
     assert "![eval_gsm8k_strict_acc.png](eval_gsm8k_strict_acc.png)" in text
     assert (sweep / "eval_gsm8k_strict_acc.png").stat().st_size > 1000

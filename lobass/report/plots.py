@@ -81,6 +81,9 @@ def plot_metrics(table: pd.DataFrame, metrics: Sequence[str], out: Path) -> list
             y = points[metric].to_numpy()
             err = np.stack([y - points[f"{metric}_ci_low"].to_numpy(),
                             points[f"{metric}_ci_high"].to_numpy() - y])  # (2, points)
+            # A summary written before lobass.stats clipped Wilson bounds holds 0 correct with a
+            # lower bound of 7e-18: a bar of -7e-18 that matplotlib refuses. Draw it as 0.
+            err = np.clip(err, 0.0, None)
             same = labels.count(label) > 1  # two lines read alike: tell them apart by number
             ax.errorbar(points["rows"].to_numpy() * dodge, y, yerr=np.nan_to_num(err),
                         marker="o", capsize=3, label=f"{label} [{i}]" if same else label)
