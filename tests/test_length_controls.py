@@ -158,3 +158,24 @@ def test_length_controls_refuse_what_they_cannot_combine_with(make_cfg, tmp_path
         validate(make_cfg(*TINY, "selection.stratify=length", "selection.band=[0.4,0.6]"))
     with pytest.raises(ConfigError, match="selection.rank='by_length' is not supported"):
         validate(make_cfg(*TINY, "selection.rank=by_length"))
+
+
+def test_the_report_names_each_length_control_arm():
+    import pandas as pd
+
+    from lobass.report.points import identity_columns, label_points
+
+    rows = {"mode": "count", "ratio": None, "count": 12, "tokens": None, "band": None,
+            "order": "top", "by_source": False, "keep_sources": [], "listed": None}
+    arms = [("lobass", rows), ("lobass", {**rows, "rank": "residual_length"}),
+            ("lobass", {**rows, "stratify": "length", "length_bins": 10}),
+            ("random", {**rows, "mode": "length_matched", "count": None,
+                        "matched": "lobass_run@1f2e", "length_bins": 10})]
+    table = pd.DataFrame([identity_columns(
+        {"scorer": scorer, "selection": selection, "train": {"epochs": 3, "max_steps": -1},
+         "seed": 0, "reference_seed": 0}, {"select/count": 12, "data/pool_rows": 200})
+        for scorer, selection in arms])
+    assert label_points(table)["point"].tolist() == [
+        "lobass 12 rows", "lobass 12 rows (residual on log length)",
+        "lobass 12 rows (within 10 length bins)", "random length-matched to lobass_run"]
+    assert table["point_key"].nunique() == 4  # four points, never pooled as seeds

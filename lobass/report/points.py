@@ -71,11 +71,22 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
         "tokens": math.nan if selection.get("tokens") is None else float(selection["tokens"]),
         "band": f"{band[0]:g}-{band[1]:g}" if band else "",
         "listed": Path(str(selection.get("listed") or "")).name,
+        "length_control": length_control(selection),
         "order": selection.get("order") or "", "by_source": bool(selection.get("by_source")),
         "keep_sources": ",".join(selection.get("keep_sources") or ()),
         "epochs": None if train is None else train.get("epochs"),
         "max_steps": None if train is None else train.get("max_steps"),
         "seed": int(point.get("seed") or 0), "reference_seed": point.get("reference_seed")}
+
+
+def length_control(selection: dict[str, Any]) -> str:
+    """The selection's length control in words ("" for none): part of the point's name."""
+    if selection.get("mode") == "length_matched":
+        return f"length-matched to {str(selection.get('matched') or '').split('@')[0]}"
+    parts = ["residual on log length"] if selection.get("rank") == "residual_length" else []
+    if selection.get("stratify") == "length":
+        parts.append(f"within {selection.get('length_bins')} length bins")
+    return ", ".join(parts)
 
 
 def _budget(run: pd.Series) -> str:
@@ -110,6 +121,8 @@ def _parts(run: pd.Series) -> dict[str, str | None]:
         return dict.fromkeys(PARTS, None) | content | {"name": "initial model"}
     if run["mode"] == "listed":  # a peer's selection (selection.listed): the file names it
         size = f"listed {run['listed']}"
+    elif run["mode"] == "length_matched":  # as many rows as the selection it matches
+        size = ""
     elif run["mode"] == "band":
         size = f"band {run['band']}"
     elif run["mode"] == "tokens":
@@ -120,6 +133,9 @@ def _parts(run: pd.Series) -> dict[str, str | None]:
         size = f"ratio {run['ratio']:g}" if not math.isnan(run["ratio"]) else "no selection"
     subset = run["kind"] == "subset"
     ref = run["reference_seed"]
+    control = run.get("length_control") or ""
+    if control:  # the arm's length control names it ("... (residual on log length)")
+        size = f"{size} ({control})" if size else control
     return {"name": f"{run['scorer']} {size}" if subset else "full data",
             "order": run["order"] if subset else None,
             "by_source": ("per source" if run["by_source"] else "") if subset else None,

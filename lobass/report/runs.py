@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # where a run lacks it), so pooling is a pandas groupby on ``point_key``.
 RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "pool", "model", "scorer", "mode",
                "ratio", "count",
-               "tokens", "band", "listed", "order", "by_source", "keep_sources", "epochs",
+               "tokens", "band", "listed", "length_control", "order", "by_source", "keep_sources",
+               "epochs",
                "max_steps", "seed", "reference_seed", "status", "error", "scores_path",
                "selected_path", "eval_dir", "config"]
 
