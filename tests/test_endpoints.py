@@ -20,6 +20,7 @@ EVAL = [*TINY, "train=none", "logger=wandb", "eval.gsm8k.enabled=false",
         "eval.ifeval.enabled=false", "eval.generation.sets.vicuna.enabled=false",
         "eval.heldout.max_rows=4", f"eval.reference_loss.{SET}.max_rows=6",
         "eval.reference_loss.mt_bench_math_reasoning_coding_ref.max_rows=3",
+        "eval.generation.sets.alpaca_eval.enabled=true",
         "eval.generation.sets.alpaca_eval.max_rows=3",
         "eval.generation.sets.alpaca_eval.max_new_tokens=12"]
 

@@ -93,8 +93,6 @@ def test_default_pipeline_on_embedded_model(make_cfg, tmp_path):
         "selection=count", "selection.count=4", "train.epochs=2", "eval.gsm8k.limit=2",
         "eval.gsm8k.max_gen_toks=32", "eval.heldout.max_rows=8",
         "eval.generation.sets.vicuna.max_rows=2", "eval.generation.max_new_tokens=16",
-        "eval.generation.sets.alpaca_eval.max_rows=2",
-        "eval.generation.sets.alpaca_eval.max_new_tokens=16",
     ))
     m = summary["metrics"]
     assert m["data/pool_rows"] == 16 and m["select/count"] == 4
