@@ -1,15 +1,17 @@
-"""Exclusive file locks that say who holds them, and break only a lock whose holder is dead.
+"""Exclusive file locks (``filelock``) that say who holds them, and break only a dead holder's.
 
 Concurrent sweep points that need the same artifact wait on its lock instead of building it
-twice. A wait that lasts logs the holder (pid, host, since when), written into the lock file by
-whoever holds it; a lock whose recorded holder died on this host while a child it forked keeps the
-``flock`` is unlinked so that the next run locks a fresh file.
+twice. The lock itself is ``filelock.FileLock`` (``flock`` on POSIX). ``filelock`` cannot say who
+holds a native lock (its ``pid`` exists only for the soft, marker-file fallback), so the holder
+writes its own record (pid, host, process start, since when) into the lock file: a wait that
+lasts logs that holder, and a lock whose recorded holder died on this host while a child it forked
+keeps the ``flock`` is unlinked so that the next run locks a fresh file (``filelock`` refuses an
+unlinked inode, so no one takes the orphan's file again).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -17,7 +19,9 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ _LOCK_POLL_S = 0.2
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block's duration.
+    """Hold an exclusive lock on ``path`` (created if missing) for the block's duration.
 
     Concurrent sweep points that need the same artifact wait here instead of building it twice.
     The holder writes its pid, host, process start and the time it took the lock into the file.
@@ -46,68 +50,56 @@ def file_lock(path: Path) -> Iterator[None]:
     cannot be checked and is waited for.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _acquire_lock(path)
+    lock = _acquire_lock(path)
     try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        lock.release()
 
 
-def _acquire_lock(path: Path) -> IO[str]:
-    """Open and lock ``path``, waiting, reporting and breaking stale locks as described above."""
+def _acquire_lock(path: Path) -> FileLock:
+    """Take ``path``'s lock, waiting, reporting and breaking stale locks as described above."""
     started = time.monotonic()
     report_at = LOCK_REPORT_AFTER_S
+    # One lock object per call, shared by no thread and no other caller: each ``file_lock`` is
+    # its own holder (filelock's per-thread reentrancy would let two threads in at once).
+    lock = FileLock(path, thread_local=False, on_acquired=_record_lock_holder)
     while True:
-        handle = open(path, "a+")  # noqa: SIM115  (returned open, closed by file_lock)
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass
-            else:
-                if _same_file(handle, path):
-                    _record_lock_holder(handle)
-                    return handle
-                break  # the file was replaced (a stale lock broken) while we waited: reopen
-            if not _same_file(handle, path):
-                break
-            holder = _lock_holder(path)
-            if _holder_is_dead(holder):
-                log.warning("breaking stale lock %s: its holder pid %s on %s (since %s) is dead "
-                            "but a process it left behind still holds the lock", path,
-                            holder.get("pid"), holder.get("host"), holder.get("since"))
-                _unlink_if_same(path, handle)
-                break
-            waited = time.monotonic() - started
-            if waited >= report_at:
-                log.warning("waiting for lock %s: held by pid %s on %s since %s (%.0f s so far); "
-                            "if that process is stopped or hung, ending it releases the lock",
-                            path, holder.get("pid", "?"), holder.get("host", "?"),
-                            holder.get("since", "?"), waited)
-                report_at *= 2
-            time.sleep(_LOCK_POLL_S)
-        handle.close()
+        try:
+            lock.acquire(timeout=_LOCK_POLL_S, poll_interval=_LOCK_POLL_S / 4)
+        except Timeout:
+            pass
+        else:
+            return lock
+        try:
+            seen = os.stat(path)
+        except FileNotFoundError:
+            continue  # a stale lock was just broken: take the fresh file
+        holder = _lock_holder(path)
+        if _holder_is_dead(holder):
+            log.warning("breaking stale lock %s: its holder pid %s on %s (since %s) is dead "
+                        "but a process it left behind still holds the lock", path,
+                        holder.get("pid"), holder.get("host"), holder.get("since"))
+            _unlink_if_same(path, seen)
+            continue
+        waited = time.monotonic() - started
+        if waited >= report_at:
+            log.warning("waiting for lock %s: held by pid %s on %s since %s (%.0f s so far); "
+                        "if that process is stopped or hung, ending it releases the lock",
+                        path, holder.get("pid", "?"), holder.get("host", "?"),
+                        holder.get("since", "?"), waited)
+            report_at *= 2
 
 
-def _same_file(handle: IO[str], path: Path) -> bool:
-    """Whether ``path`` still names the file that ``handle`` has open."""
-    try:
-        here, there = os.fstat(handle.fileno()), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-def _record_lock_holder(handle: IO[str]) -> None:
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({
+def _record_lock_holder(fd: int) -> None:
+    """Write who holds the lock into the locked file (``filelock``'s ``on_acquired`` hook)."""
+    record = json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
         "start": _process_start(os.getpid()),
         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }) + "\n")
-    handle.flush()
+    }) + "\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record.encode(), 0)
 
 
 def _lock_holder(path: Path) -> dict[str, Any]:
@@ -153,16 +145,13 @@ def _holder_is_dead(holder: dict[str, Any]) -> bool:
     return holder.get("start") is not None and start != holder["start"]  # pid reused
 
 
-def _unlink_if_same(path: Path, handle: IO[str]) -> None:
-    """Unlink the lock file ``handle`` has open, unless another waiter already replaced it.
+def _unlink_if_same(path: Path, seen: os.stat_result) -> None:
+    """Unlink the stale lock file ``seen``, unless another waiter already replaced it.
 
     Waiters that find the same stale lock serialise on a second lock, held only for this
     check-and-unlink, so none of them unlinks the fresh file that another one already locked.
     """
-    with open(path.with_name(path.name + ".break"), "a+") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            if _same_file(handle, path):
-                path.unlink()
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)
+    guard = FileLock(path.with_name(path.name + ".break"), thread_local=False)
+    with guard, contextlib.suppress(FileNotFoundError):
+        if os.path.samestat(os.stat(path), seen) and _holder_is_dead(_lock_holder(path)):
+            path.unlink()

@@ -11,14 +11,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF
+from conftest import CONF, TINY
 from lobass.config import package_data
 from lobass.data import DataError
 from lobass.evaluation.generation import generate_batch, generate_responses, read_generations
 from lobass.evaluation.gsm8k import gsm8k_metrics, gsm8k_task_config
 from lobass.evaluation.harness import build_lm, build_task_manager
 from lobass.evaluation.heldout import heldout_loss_metrics
-from lobass.evaluation.ifeval import ifeval_missing
+from lobass.evaluation.ifeval import METRICS as IFEVAL_METRICS
+from lobass.evaluation.ifeval import evaluate_ifeval, ifeval_missing, ifeval_task_dir
 from lobass.evaluation.judge import (
     combine_orders,
     find_baseline_generations,
@@ -345,6 +346,24 @@ def test_unknown_or_missing_backend_fails_with_the_fix(tiny):
             build_lm(model, tokenizer, "vllm", batch_size=1, max_length=64, model_path="x")
 
 
-def test_ifeval_reports_what_it_lacks():
-    missing = ifeval_missing()
-    assert isinstance(missing, list) and all(isinstance(m, str) for m in missing)
+def test_ifeval_runs_offline_on_two_prompts_with_the_shipped_nltk_data(tiny, make_cfg):
+    # Nothing is missing on a plain install: langdetect and immutabledict are dependencies, the
+    # English punkt_tab ships in lobass/resources (before: "NLTK data 'punkt_tab'" was missing).
+    assert ifeval_missing() == []
+    from lm_eval.tasks.ifeval import instructions_util  # imports offline: punkt_tab is found
+
+    # the checkers' own sentence and word counts, on the shipped English Punkt model
+    assert instructions_util.count_sentences("Dr. Smith arrived at 5 p.m. today. He left.") == 2
+    assert instructions_util.nltk.word_tokenize("Don't stop.") == ["Do", "n't", "stop", "."]
+    cfg = make_cfg(*TINY)
+    model, tokenizer = tiny
+    metrics = evaluate_ifeval(model, tokenizer, cfg.eval.ifeval, chat=False, seed=0,
+                              task_manager=build_task_manager([ifeval_task_dir()]))
+    assert cfg.eval.ifeval.limit == 2 and metrics["eval/ifeval/n"] == 2
+    for name in IFEVAL_METRICS:
+        value = metrics[f"eval/ifeval/{name}"]
+        assert 0 <= value <= 1
+        assert metrics[f"eval/ifeval/{name}_ci_low"] <= value <= metrics[
+            f"eval/ifeval/{name}_ci_high"]
+    # prompt-level: a whole number of the 2 prompts passed
+    assert metrics["eval/ifeval/prompt_level_strict_acc"] in (0.0, 0.5, 1.0)

@@ -293,16 +293,22 @@ def test_a_200_mb_row_is_read_and_truncated_in_bounded_memory(tmp_path, tiny, mo
 # left behind is broken. Real processes, real flock.
 
 _HOLDER = r"""
-import os, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 from lobass.locks import file_lock
 
-path, orphan = Path(sys.argv[1]), sys.argv[2] == "orphan"
+path, mode = Path(sys.argv[1]), sys.argv[2]
 with file_lock(path):
-    child = os.fork() if orphan else -1
-    if child == 0:  # inherits the locked descriptor and outlives its parent
-        time.sleep(300)
-        os._exit(0)
+    child = -1
+    if mode == "fork":  # a Python fork: filelock closes the locked descriptor in the child
+        child = os.fork()
+        if child == 0:
+            time.sleep(300)
+            os._exit(0)
+    elif mode == "orphan":  # a program handed the locked descriptor keeps the flock after us
+        fd = next(int(n) for n in os.listdir("/proc/self/fd")
+                  if os.path.realpath(f"/proc/self/fd/{n}") == str(path.resolve()))
+        child = subprocess.Popen(["sleep", "300"], pass_fds=[fd]).pid
     print(os.getpid(), child, flush=True)
     time.sleep(300)
 """
@@ -373,6 +379,24 @@ def test_lock_left_held_by_a_dead_holders_child_is_broken(tmp_path, caplog):
         acquired, release, thread = _lock_in_thread(path)
         assert acquired.wait(10), "waited on a lock whose holder is dead"
         assert f"breaking stale lock {path}: its holder pid {pid}" in caplog.text
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        release.set()
+        thread.join(5)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_python_fork_of_the_holder_does_not_keep_its_lock(tmp_path, caplog):
+    import signal
+
+    path = tmp_path / "key.lock"
+    proc, pid, child = _start_holder(path, "fork")
+    try:
+        proc.send_signal(signal.SIGKILL)  # the holder dies; its forked child lives on
+        proc.wait()
+        acquired, release, thread = _lock_in_thread(path)
+        assert acquired.wait(5), "a forked child kept the dead holder's lock"
+        assert "breaking stale lock" not in caplog.text  # freed by the kernel, nothing broken
         assert json.loads(path.read_text())["pid"] == os.getpid()
         release.set()
         thread.join(5)
