@@ -24,9 +24,9 @@ from lobass.config import check_lora_targets, check_secrets, validate, validate_
 from lobass.contamination import audit
 from lobass.context import Context, Pool, StageResult
 from lobass.devices import check_device
-from lobass.evaluation.stage import evaluate
+from lobass.evaluation.stage import eval_recipe, evaluate
 from lobass.evaluation.suite import preflight_judge
-from lobass.finetune import finetune, fit_reference
+from lobass.finetune import finetune, fit_reference, weights_recipe
 from lobass.memory import check_memory
 from lobass.modeling import load_tokenizer, model_key, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool
@@ -166,11 +166,22 @@ def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) ->
     ``score.exclude_eos`` changed its losses), selection rule (its mode, size, order or band,
     per-source settings, as the select stage resolved them), training budget, training seed and
     reference seed. ``train=none`` (the initial model) has no scorer, selection or budget.
+
+    ``recipe`` and ``eval`` are content keys too: runs trained with another learning rate or
+    LoRA rank (the recipes of ``train`` and, where the scorer reads it, ``reference``, without
+    their budget, which ``train`` names), or measured on other eval sets or sizes, are other
+    experiments, never seeds of one point.
     """
+    fine_tune = bool(cfg.train.get("enabled", True))
+    budget = ("epochs", "max_steps")
+    recipe = {"train": {k: v for k, v in weights_recipe(cfg.train).items() if k not in budget},
+              "reference": weights_recipe(cfg.reference) if needs_reference(cfg) else None}
     data = {"pool": f"{cfg.data.name}-" + fingerprint(
                 {**pool.tokens_key, "model": None, "rows": pool.rows_fingerprint()}),
-            "model": pool.tokens_key["model"]}
-    if not cfg.train.get("enabled", True):
+            "model": pool.tokens_key["model"],
+            "recipe": f"recipe-{fingerprint(recipe)}" if fine_tune else None,
+            "eval": f"eval-{fingerprint(eval_recipe(cfg.eval, None))}"}
+    if not fine_tune:
         return data | {"scorer": None, "selection": None, "train": None, "seed": cfg.seed,
                        "reference_seed": None}
     return data | {"scorer": scorer_label(cfg),

@@ -75,6 +75,8 @@ def test_initial_model_is_a_point(make_cfg, tmp_path):
     point = summary["point"]  # the pool and the model: content keys, "<name>-<16 hex>"
     assert re.fullmatch(r"alpaca_gsm8k_cpu-[0-9a-f]{16}", point.pop("pool"))
     assert re.fullmatch(r"tiny_random-[0-9a-f]{16}", point.pop("model"))
+    assert re.fullmatch(r"eval-[0-9a-f]{16}", point.pop("eval"))
+    assert point.pop("recipe") is None  # nothing is trained
     assert point == {"scorer": None, "selection": None, "train": None, "seed": 0,
                      "reference_seed": None}
     assert not (tmp_path / "artifacts" / "finetune").exists()

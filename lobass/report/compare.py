@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from lobass.artifacts import read_row_losses
-from lobass.report.points import members_of
+from lobass.report.points import CONTENT_KEYS, members_of
 from lobass.report.runs import higher_is_better
 from lobass.stats import (
     MIN_BOOTSTRAP_RUNS,
@@ -66,8 +66,8 @@ def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.S
     found = []
     for _, base in table.iterrows():
         key = _key(base["point_key"])
-        if any(key.get(k) != ours.get(k) for k in ("pool", "model")):
-            continue  # another pool or initial model: another experiment, no baseline of ours
+        if any(key.get(k) != ours.get(k) for k in CONTENT_KEYS):
+            continue  # another pool, model, recipe or eval: another experiment, not a baseline
         if key["kind"] == "full":
             found.append((f"{base['point']} ({_seeds(base)})", base))
         elif (key["kind"] != "subset" or key["scorer"] != "random" or key["train"] != ours["train"]

@@ -62,7 +62,7 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
                                "selection": selection or None, "train": train,
                                "reference_seed": point.get("reference_seed")}
     # another pool or initial model is another experiment, whatever the rest says
-    data = {"pool": point.get("pool"), "model": point.get("model")}
+    data = {key: point.get(key) for key in CONTENT_KEYS}
     return {
         "kind": kind, "point": "", "point_key": json.dumps(key | data, sort_keys=True), **data,
         "scorer": point.get("scorer") or "", "mode": selection.get("mode") or "",
@@ -99,12 +99,16 @@ def _budget(run: pd.Series) -> str:
     return ""
 
 
-PARTS = ("order", "by_source", "keep", "budget", "reference", "model", "pool")  # in name order
+# in name order
+PARTS = ("order", "by_source", "keep", "budget", "reference", "model", "pool", "recipe", "eval")
 # What each content key of a point stands for, as the report says when points differ in it.
 CONTENT_KEYS = {
     "pool": "the pool: every row as read (content, source, raw record) and how its text becomes "
             "tokens (data.max_length, model.template)",
-    "model": "the initial model: its files' content (or pinned revision), dtype, attention"}
+    "model": "the initial model: its files' content (or pinned revision), dtype, attention",
+    "recipe": "the training recipe, budget aside: learning rate, LoRA rank and targets, batch "
+              "size, ... of train and, where the scorer reads it, reference",
+    "eval": "the evaluation: its sets (by content), sizes and generation settings"}
 
 
 def short_key(value: str) -> str:

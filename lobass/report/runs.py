@@ -21,13 +21,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lobass.report.points import identity_columns, label_points
+from lobass.report.points import CONTENT_KEYS, identity_columns, label_points
 
 log = logging.getLogger(__name__)
 
 # The run table's fixed columns; every metric of every summary.json is a further column (NaN
 # where a run lacks it), so pooling is a pandas groupby on ``point_key``.
-RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", "pool", "model", "scorer", "mode",
+RUN_COLUMNS = ["run", "path", "kind", "point", "point_key", *CONTENT_KEYS, "scorer", "mode",
                "ratio", "count",
                "tokens", "band", "listed", "length_control", "order", "by_source", "keep_sources",
                "epochs",
@@ -98,7 +98,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     artifacts = summary.get("artifacts", {})
     point = summary.get("point") or _point_from_config(config)
     if status == "failed":  # pooled with nothing; a config cannot give the content keys
-        point = {**point, "pool": None, "model": None}
+        point = {**point, **dict.fromkeys(CONTENT_KEYS)}
     return {
         "run": run_dir.name,
         "path": run_dir,
