@@ -33,13 +33,14 @@ def _answer(model, tokenizer, messages, max_tokens):
 @pytest.fixture
 def server(tiny) -> Iterator[dict]:
     model, tokenizer = tiny
-    state = {"requests": [], "fail_next": 1, "auth": set()}
+    state = {"requests": [], "fail_next": 1, "auth": set(), "posts": 0}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802  (http.server's naming)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["auth"].add(self.headers.get("Authorization"))
+            state["posts"] += 1
             with lock:
                 if state["fail_next"]:  # one transient failure: the client must retry
                     state["fail_next"] -= 1
@@ -114,5 +115,13 @@ def test_missing_key_and_client_errors_are_clear(server, monkeypatch):
     server["fail_next"] = 0
     wrong = OpenAICompatibleJudge(base_url=server["base_url"] + "/nope", model="m",
                                   api_key_env=None)
-    with pytest.raises(RuntimeError, match="HTTP 404"):
+    posts = server["posts"]
+    with pytest.raises(RuntimeError, match=r"base_url=http://127\.0\.0\.1:\d+/v1/nope: HTTP 404"):
         wrong.complete("hi")
+    assert server["posts"] == posts + 1  # a client error is not retried (retries=3)
+    server["fail_next"] = 5  # a server that stays down: retried, then a clear error
+    down = OpenAICompatibleJudge(base_url=server["base_url"], model="m", api_key_env=None,
+                                 retries=2)
+    with pytest.raises(RuntimeError, match=r"chat/completions failed after 2 tries \(HTTP 503\)"):
+        down.complete("hi")
+    assert server["posts"] == posts + 3 and server["fail_next"] == 3

@@ -7,18 +7,16 @@ in both orders. Built from config by ``hydra.utils.instantiate`` (``_target_`` i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import torch
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 from torch.nn import functional as F
 
 from lobass.evaluation.judge import VERDICT_TAGS, parse_verdict
@@ -29,7 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OpenAICompatibleJudge:
-    """Any OpenAI-style ``/chat/completions`` server (OpenAI, a local vLLM, ...), via stdlib HTTP.
+    """Any OpenAI-style ``/chat/completions`` server (OpenAI, a local vLLM, ...), via ``httpx``.
+
+    Transient failures (no connection, a timeout, HTTP 429 and 5xx) are retried by ``tenacity``
+    with exponential back-off (1, 2, 4 ... s) up to ``retries`` tries in all; any other HTTP
+    error means the request is wrong and fails at once. Errors name ``base_url`` and the URL.
 
     The key is read from the environment variable named by ``api_key_env`` at call time and sent
     only in the ``Authorization`` header; it never reaches configs or logs.
@@ -74,52 +76,59 @@ class OpenAICompatibleJudge:
         if self.probe_timeout_s is None:
             return
         url = self.base_url.rstrip("/") + "/models"
-        request = urllib.request.Request(url, headers=headers, method="GET")
         try:
-            with urllib.request.urlopen(request, timeout=self.probe_timeout_s):
-                pass
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise RuntimeError(f"eval.judge.base_url={self.base_url}: HTTP {err.code} from "
-                                   f"{url}: the server refused the key in ${self.api_key_env}"
-                                   ) from err
-            log.info("eval.judge.base_url=%s answers (HTTP %d from %s)", self.base_url,
-                     err.code, url)
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            reason = getattr(err, "reason", err)
+            response = httpx.get(url, headers=headers, timeout=self.probe_timeout_s)
+        except httpx.TransportError as err:
             raise RuntimeError(f"eval.judge.base_url={self.base_url}: no answer from {url} within "
-                               f"{self.probe_timeout_s} s ({reason}); start the server or fix the "
+                               f"{self.probe_timeout_s} s ({err!r}); start the server or fix the "
                                "URL (eval.judge.probe_timeout_s=null skips this check)") from err
+        if response.status_code in (401, 403):
+            raise RuntimeError(f"eval.judge.base_url={self.base_url}: HTTP "
+                               f"{response.status_code} from {url}: the server refused the key in "
+                               f"${self.api_key_env}")
+        if response.is_error:
+            log.info("eval.judge.base_url=%s answers (HTTP %d from %s)", self.base_url,
+                     response.status_code, url)
 
     def complete(self, prompt: str) -> str:
         """The judge model's answer to one user message (greedy), retrying transient errors."""
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        body = {"model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "messages": [{"role": "user", "content": prompt}]}
         url = self.base_url.rstrip("/") + "/chat/completions"
-        for attempt in range(self.retries):
-            request = urllib.request.Request(url, data=body, headers=self._headers(),
-                                             method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    answer = json.loads(response.read())
-                content: str = answer["choices"][0]["message"]["content"]
-                return content
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                code = getattr(err, "code", None)
-                if code is not None and code < 500 and code != 429:  # our request is wrong
-                    raise RuntimeError(f"eval.judge.base_url={self.base_url}: HTTP {code} "
-                                       f"from {url}") from err
-                if attempt == self.retries - 1:
-                    raise RuntimeError(f"eval.judge.base_url={self.base_url}: {url} failed "
-                                       f"after {self.retries} tries ({err})") from err
-                time.sleep(2.0 ** attempt)  # back off: rate limits and restarting servers
-        raise AssertionError("unreachable")
+        retrying = Retrying(stop=stop_after_attempt(self.retries), reraise=True,
+                            wait=wait_exponential(multiplier=1.0, exp_base=2.0),
+                            retry=retry_if_exception(_is_transient))
+        try:
+            for attempt in retrying:
+                with attempt:
+                    response = httpx.post(url, json=body, headers=self._headers(),
+                                          timeout=self.timeout_s)
+                    response.raise_for_status()
+        except httpx.HTTPStatusError as err:
+            code = err.response.status_code
+            if not _is_transient(err):  # our request is wrong: no retry
+                raise RuntimeError(f"eval.judge.base_url={self.base_url}: HTTP {code} "
+                                   f"from {url}") from err
+            raise RuntimeError(f"eval.judge.base_url={self.base_url}: {url} failed after "
+                               f"{self.retries} tries (HTTP {code})") from err
+        except httpx.TransportError as err:
+            raise RuntimeError(f"eval.judge.base_url={self.base_url}: {url} failed after "
+                               f"{self.retries} tries ({err!r})") from err
+        content: str = response.json()["choices"][0]["message"]["content"]
+        return content
 
     def judge(self, prompts: Sequence[str]) -> list[dict[str, Any]]:  # noqa: D102
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             texts = list(pool.map(self.complete, prompts))
         return [{"verdict": parse_verdict(t), "raw": t} for t in texts]
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Worth another try: no connection or a timeout, a rate limit (429), a server error (5xx)."""
+    if isinstance(err, httpx.HTTPStatusError):
+        code = err.response.status_code
+        return code == 429 or code >= 500
+    return isinstance(err, httpx.TransportError)
 
 
 @dataclass
