@@ -22,14 +22,14 @@ from lobass import distributed
 from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs, fingerprint
 from lobass.config import check_lora_targets, check_secrets, validate, validate_pool
 from lobass.contamination import audit
-from lobass.context import Context, Pool, StageResult
+from lobass.context import Context, StageResult
 from lobass.devices import check_device
 from lobass.evaluation.stage import eval_recipe, evaluate
 from lobass.evaluation.suite import preflight_judge
 from lobass.finetune import finetune, fit_reference, weights_recipe
 from lobass.memory import check_memory
 from lobass.modeling import load_tokenizer, model_key, resolve_model_path
-from lobass.pool import read_pool, tokenize_pool
+from lobass.pool import Pool, read_pool, tokenize_pool
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select

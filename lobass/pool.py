@@ -7,16 +7,45 @@ Runs before any model loads (only the tokenizer is needed), so a bad row or an o
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from omegaconf import DictConfig
 
-from lobass.context import Pool
+from lobass.artifacts import fingerprint
 from lobass.data import Example, ReadStats, read_examples
-from lobass.formatting import tokenize_example
+from lobass.formatting import Features, tokenize_example
 from lobass.schema import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The pool, read and tokenised, and what identifies its tokens."""
+
+    examples: list[Example]
+    features: list[Features]
+    # model, template, max_length: what turns a row's content into the same tokens
+    tokens_key: dict[str, Any]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        """Content ids in pool order (built once: stages index it row by row)."""
+        return [e.id for e in self.examples]
+
+    def content_key(self) -> dict[str, Any]:
+        """What a model's per-row outputs depend on: every row's tokens, in pool order."""
+        return {**self.tokens_key, "rows": fingerprint(self.ids)}
+
+    def rows_fingerprint(self) -> str:
+        """Every row as stored: content, ``source`` label and the raw record an export carries.
+
+        Its ``id``, ``category`` or source name changes no loss, but it changes what the scores
+        and the export show, so the artifacts that show them are keyed on this.
+        """
+        return fingerprint([[e.id, e.source, e.raw] for e in self.examples])
 
 
 def pool_sources(data_cfg: DictConfig) -> dict[str, DictConfig]:

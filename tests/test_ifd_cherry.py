@@ -48,9 +48,9 @@ import pytest
 import torch
 
 from lobass.config import package_data
-from lobass.context import Pool
 from lobass.data import Example, read_examples
 from lobass.pipeline import run
+from lobass.pool import Pool
 from lobass.scoring import SCORERS, compute_response_losses, get_scorer, needed_losses
 from lobass.scoring.cherry import (
     PROMPT_INPUT,

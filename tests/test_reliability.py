@@ -134,6 +134,7 @@ def test_pipeline_bad_rows_error_or_skip_and_count_and_long_rows_score_finite(ma
     assert m["data/truncated"] >= 1  # the 400-word response at least, cut to 64 tokens
     scores = [json.loads(x) for x in Path(summary["artifacts"]["scores"]).read_text().splitlines()]
     assert len(scores) == 11 and m["score/nonfinite"] == 0
+    assert "score/skipped" not in m  # one count of flagged rows: score/nonfinite (issue 32)
     assert all(isinstance(r["score"], float) and r["n_tokens"] <= 64 for r in scores)
 
 

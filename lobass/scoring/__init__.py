@@ -18,8 +18,6 @@ from lobass.scoring.scorers import (
     SCORERS,
     Scorer,
     get_scorer,
-    is_finite,
-    mean_finite,
     needed_losses,
 )
 
@@ -31,9 +29,7 @@ __all__ = [
     "batch_response_losses",
     "compute_response_losses",
     "get_scorer",
-    "is_finite",
     "length_batches",
-    "mean_finite",
     "needed_losses",
     "shared_prefix_length",
 ]

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from lobass.artifacts import fingerprint
-from lobass.context import Pool
 from lobass.formatting import IGNORE_INDEX, Features, response_only
+from lobass.pool import Pool
 from lobass.scoring.cherry import cherry_fields, cherry_passes
 from lobass.scoring.engine import adapter_state, compute_response_losses
 from lobass.scoring.store import ComputeFn

@@ -9,7 +9,6 @@ whatever scorers it asks for.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,14 +89,3 @@ def get_scorer(name: str) -> Scorer:
 def needed_losses(scorers: Sequence[Scorer]) -> list[str]:
     """The union of the losses ``scorers`` need, each once, in first-needed order."""
     return list(dict.fromkeys(loss for s in scorers for loss in s.needs))
-
-
-def is_finite(values: np.ndarray) -> np.ndarray:
-    """Boolean mask of finite values (NaN and inf losses must never be selected silently)."""
-    return np.isfinite(values)
-
-
-def mean_finite(values: np.ndarray) -> float:
-    """Mean over finite values (NaN when there are none)."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if len(finite) else math.nan

@@ -185,7 +185,8 @@ def score(ctx: Context, reference: StageResult | None) -> StageResult:
     metrics.update({
         "score/rows": float(len(pool.ids)), "score/model_loads": float(model.loads),
         "score/truncated": float(sum(f.truncated for f in pool.features)),
-        "score/nonfinite": float(flagged.sum()), "score/skipped": float(flagged.sum()),
+        # rows flagged for a non-finite loss (score.on_nonfinite=drop): never selected
+        "score/nonfinite": float(flagged.sum()),
     })
     seeded = any(s.name == "random" for s in scorers)
     key = fingerprint({"losses": loss_keys, "scorers": [s.name for s in scorers],
