@@ -38,8 +38,8 @@ def compiled_layers(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 
     With ``share_prefix`` every pass hands the layers a cache that holds the prefix, and the
     cache is read at the layer's own index, an integer that dynamo treats as a constant: each
-    layer compiles its own graph (measured on 2 CPU cores: 30 graphs in about 40 s for SmolLM2,
-    18 in about 330 s for Gemma 3 270M).
+    layer compiles its own graph, a one-time cost per process (figures per model:
+    benchmarks/README.md, "Figures behind design choices").
     Under dynamo's default limit of 8 graphs per code object, the 9th layer on would silently run
     eager, so the limit is raised to one graph per layer, plus a few for its other variants.
     """

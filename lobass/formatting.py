@@ -121,7 +121,8 @@ def _trie_pattern(strings: list[str]) -> str:
     """A regex matching any of ``strings``, longest first, built as a prefix tree.
 
     Written by hand because a flat alternation of Gemma's 6,249 special tokens is tried one
-    alternative at a time at every ``<`` (0.3 ms a row); the tree tries each character once.
+    alternative at a time at every ``<`` (its cost per row: benchmarks/README.md); the tree tries
+    each character once.
     """
     trie: dict[str, Any] = {}
     for string in strings:

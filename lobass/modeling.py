@@ -1,8 +1,8 @@
 """Load models and tokenizers (GGUF package, hub id or random init) and attach LoRA adapters.
 
-GGUF files are dequantised by transformers on load, which is slow (30-90 s here), so each GGUF is
-converted once into a float safetensors checkpoint under ``<artifacts_dir>/models/`` and loaded
-from there afterwards (under a second, identical logits).
+GGUF files are dequantised by transformers on every load, which is slow (benchmarks/README.md),
+so each GGUF is converted once into a float safetensors checkpoint under
+``<artifacts_dir>/models/`` and loaded from there afterwards (fast, identical logits).
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def _prefix_layer_class() -> type:
     """A cache layer that lends its prefix to attention but keeps none of the batch's own keys.
 
     A plain ``DynamicLayer`` would store the key/value states of every token run, which no one
-    reads again: 190 MB per 4096-token batch on SmolLM2, a third of the model's own size.
+    reads again: a large share of the model's own memory per batch (benchmarks/README.md,
+    "Figures behind design choices").
     """
     from transformers.cache_utils import DynamicLayer
 

@@ -334,9 +334,9 @@ def train_lora(
 def _return_freed_heap() -> None:
     """Hand the freed activations of training back to the OS (glibc keeps them otherwise).
 
-    A CPU training step of 8 x 256 tokens on SmolLM2 frees ~4.5 GB of activations that glibc's
-    allocator keeps mapped: every later stage of the same process would run with that much more
-    resident memory (measured: 5.5 GB resident after training, 1.1 GB after the trim).
+    A CPU training step frees gigabytes of activations that glibc's allocator keeps mapped: every
+    later stage of the same process would run with that much more resident memory (before and
+    after the trim: benchmarks/README.md, "Figures behind design choices").
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,8 +1,9 @@
 """lm-eval plumbing shared by the benchmark tasks: the model wrapper and one task manager.
 
-lm-eval's default task registry takes ~15 s to index and fetches its datasets from the hub, so we
-never build it: tasks come from YAMLs shipped in ``lobass/tasks`` (or, for IFEval, lm-eval's own
-folder alone) with local data files substituted, and one ``TaskManager`` serves a whole run.
+lm-eval's default task registry is slow to index (benchmarks/README.md) and fetches its datasets
+from the hub, so we never build it: tasks come from YAMLs shipped in ``lobass/tasks`` (or, for
+IFEval, lm-eval's own folder alone) with local data files substituted, and one ``TaskManager``
+serves a whole run.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 LOSSES = ("init", "ref", "uncond", "ifd_cond", "ifd_alone")
 INITIAL_MODEL_LOSSES = ("init", "uncond", "ifd_cond", "ifd_alone")  # the adapter disabled
 HEAD_CHUNK = 64  # response positions per LM-head call: bounds the (n, V) float32 logits
-# On CPU a forward over many more padded tokens than this is memory-bound: an idle 2-core run
-# measured 16384-token batches at 0.90x the per-row loop against 1.40x at 4096 and 1.64x at 1024
-# (benchmarks/README.md). Larger budgets are split on CPU; GPUs keep the configured budget.
+# On CPU a forward over many more padded tokens than this is memory-bound, slower than the
+# per-row loop (benchmarks/README.md, "Figures behind design choices"). Larger budgets are split
+# on CPU; GPUs keep the configured budget.
 CPU_MAX_TOKENS_PER_BATCH = 4096
 
 
