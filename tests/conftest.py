@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,3 +139,21 @@ def wandb_records(path: Path) -> list[Any]:
             records.append(record)
             pending = b""
     return records
+
+
+def compact_tables(markdown: str) -> str:
+    """``markdown`` with each table row's cell padding removed (``| a | b |``, one space a side).
+
+    The report's tables come from ``DataFrame.to_markdown``, which pads cells to align columns;
+    the tests match rows as text, so they read the compact form.
+    """
+    lines = []
+    for line in markdown.splitlines(keepends=True):
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.rstrip("\n"))[1:-1]]
+            if cells and all(re.fullmatch(r":?-+:?", c) for c in cells):
+                line = "|" + "---|" * len(cells) + "\n"
+            else:
+                line = "| " + " | ".join(cells) + " |\n"
+        lines.append(line)
+    return "".join(lines)

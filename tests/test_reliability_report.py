@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT, wandb_records
+from conftest import ROOT, compact_tables, wandb_records
 from lobass.evaluation.gsm8k import gsm8k_metrics
 from lobass.evaluation.judge import find_baseline_generations
 from lobass.jsonrows import DataError
@@ -75,7 +75,7 @@ def test_report_of_a_run_with_gsm8k_0_of_50_is_written(tmp_path):
     _write_run(sweep, "old", scorer="rho", metrics={
         "eval/gsm8k/strict_acc": 0.0, "eval/gsm8k/strict_acc_ci_low": 6.938893903907228e-18,
         "eval/gsm8k/strict_acc_ci_high": 0.0713475991333588})
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     assert "![eval_gsm8k_strict_acc.png](eval_gsm8k_strict_acc.png)" in text
     assert (sweep / "eval_gsm8k_strict_acc.png").stat().st_size > 1000
     line = next(x for x in text.splitlines() if x.startswith("| lobass ratio 0.25 |"))
@@ -156,7 +156,7 @@ def test_a_point_stopped_by_sigterm_writes_error_txt_and_the_report_lists_it_fai
     assert json.loads((point / "summary.json").read_text())["stages"]["reference"]["seconds"] > 0
     runs = collect_runs(tmp_path / "sweep")
     assert list(runs["status"]) == ["failed"]
-    text = write_report(tmp_path / "sweep").read_text()
+    text = compact_tables(write_report(tmp_path / "sweep").read_text())
     assert "1 runs, 1 failed, 0 points." in text
     assert "failed: lobass.signals.Terminated: SIGTERM received" in text
 
@@ -196,7 +196,7 @@ def test_a_started_run_without_summary_is_listed_failed_never_dropped(tmp_path):
     assert runs.loc["partial", "error"] == \
         "killed or still running: summary.json is partial (no point)"
     (partial / "summary.json").write_text('{"stages": {}, "metr')  # cut mid-write
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     assert "3 runs, 2 failed, 1 points." in text
     assert "| started | lobass ratio 0.5 | 1 | failed: killed or still running: no summary.json |" \
         in text
@@ -260,7 +260,7 @@ def test_runs_on_two_jsonl_pools_or_two_initial_models_are_not_pooled_as_seeds(m
     pool, model = runs["pool"], runs["model"]
     assert model["pool_a"] == model["pool_b"] != model["model_1"]
     assert pool["pool_a"] == pool["model_1"] != pool["pool_b"]
-    text = write_report(tmp_path / "sweep").read_text()
+    text = compact_tables(write_report(tmp_path / "sweep").read_text())
     assert "3 runs, 0 failed, 3 points." in text
     assert "Points differ in `pool` (the pool: every row as read" in text
     assert "Points differ in `model` (the initial model: its files' content" in text

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from scipy.stats import spearmanr
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, compact_tables
 from lobass.pool import read_pool
 from lobass.report import (
     collect_runs,
@@ -73,7 +73,7 @@ def test_report_on_fixed_summaries(tmp_path):
                               for i in range(50)))
     _write_runs(tmp_path / "sweep", scores)
     report = write_report(tmp_path / "sweep")
-    text = report.read_text()
+    text = compact_tables(report.read_text())
     rows = list(csv.DictReader((tmp_path / "sweep" / "report.csv").open()))
     assert len(rows) == 8 and sum(r["status"] == "failed" for r in rows) == 1
     assert "failed: ValueError: out of memory in train" in text
@@ -159,7 +159,7 @@ def test_paired_difference_over_rows_against_a_hand_computation(tmp_path):
         (-0.5 / 3 - 12.7062 * se, -0.5 / 3 + 12.7062 * se), abs=1e-4)
     assert math.isnan(found["boot_low"]) and math.isnan(found["boot_p"])  # 1 and 2 runs: none
     assert difference(ours, base, "eval/gsm8k/strict_acc")["method"] == ""  # no metric, no runs
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     line = next(x for x in text.splitlines()
                 if x.startswith("| lobass ratio 0.06 | eval/heldout"))
     assert "| pooled t over runs (one run on a side), df 1, 3 items | 1 vs 2 |" in line
@@ -195,7 +195,7 @@ def test_three_runs_per_arm_give_the_welch_interval_on_run_means(tmp_path):
     assert found["n_items"] == 20
     # the bootstrap is not shown with 3 runs per arm, not even as the secondary view
     assert all(math.isnan(found[k]) for k in ("boot_low", "boot_high", "boot_p"))
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     line = next(x for x in text.splitlines() if x.startswith("| lobass ratio 0.06 | eval/held"))
     assert f"[{interval.low:.4g}, {interval.high:.4g}] | Welch t over runs, df {welch.df:.3g}, " \
            "20 items | 3 vs 3 |" in line
@@ -224,7 +224,7 @@ def test_the_bootstrap_is_a_secondary_view_only_with_ten_runs_per_arm(tmp_path):
     assert found["boot_low"] < -0.05 and found["boot_high"] < 0
     # nine runs on one side: no bootstrap at all
     assert math.isnan(difference(ours.iloc[:9], base, "eval/heldout/loss")["boot_low"])
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     line = next(x for x in text.splitlines() if x.startswith("| lobass ratio 0.06 | eval/held"))
     assert f"| [{found['boot_low']:.4g}, {found['boot_high']:.4g}], p <0.001 | better |" in line
 
@@ -326,11 +326,11 @@ def test_legacy_runs_from_two_pools_are_two_points_and_the_report_says_so(tmp_pa
 
     for run in map(str, range(8)):
         set_pool(run, "alpaca200", 200)
-    text = write_report(tmp_path / "sweep", out=tmp_path / "one_pool").read_text()
+    text = compact_tables(write_report(tmp_path / "sweep", out=tmp_path / "one_pool").read_text())
     assert "| random ratio 0.06 | 6 | 3 |" in text and "differ in" not in text
     assert "\n\nEvery point has `pool` alpaca200 (max_rows=200).\n\n" in text
     set_pool("3", "alpaca200", 400)  # random ratio 0.06, seed 1: the same name, more rows
-    text = write_report(tmp_path / "sweep", out=tmp_path / "two_pools").read_text()
+    text = compact_tables(write_report(tmp_path / "sweep", out=tmp_path / "two_pools").read_text())
     assert "Points differ in `pool` (the pool: every row as read" in text
     assert ": alpaca200 (max_rows=200), alpaca200 (max_rows=400). They are kept apart" in text
     assert "| random ratio 0.06 · pool alpaca200 (max_rows=200) | 6 | 2 |" in text
@@ -370,7 +370,7 @@ def test_two_by_two_sweep_on_tiny_model_builds_one_reference_and_one_scoring_pas
     # real selection and scores files
     assert sorted(runs["point"]) == ["lobass ratio 0.25", "lobass ratio 0.5", "rho ratio 0.25",
                                      "rho ratio 0.5"]
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     assert "Every point: top, 3 steps, reference seed 0." in text
     assert "| lobass ratio 0.25 | alpaca | " in text  # composition, from select/alpaca/*
     overlap = next(x for x in text.splitlines()
@@ -633,7 +633,7 @@ def test_margin_from_the_flag_or_the_runs_config_and_holm_over_the_tested_rows(t
     assert top["diff_low"] < -0.05 and top["diff_high"] > 0.04 and top["verdict"] == \
         "inconclusive"  # the default margin, 0.02, is narrower than the interval
     assert equivalence_margin(runs) == (0.02, "default")
-    text = write_report(tmp_path / "sweep", margin=0.1).read_text()
+    text = compact_tables(write_report(tmp_path / "sweep", margin=0.1).read_text())
     assert "Equivalence margin: ±0.1 (--equivalence-margin)" in text
     line = next(x for x in text.splitlines() if x.startswith(
         "| lobass 800 rows · top · 3 epochs · reference seed 0 | eval/heldout/loss | 1.01 | "
@@ -644,7 +644,7 @@ def test_margin_from_the_flag_or_the_runs_config_and_holm_over_the_tested_rows(t
     done = subprocess.run([sys.executable, "-m", "lobass.report", str(tmp_path / "configured")],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    text = (tmp_path / "configured" / "report.md").read_text()
+    text = compact_tables((tmp_path / "configured" / "report.md").read_text())
     assert "±0.1 (config key report.equivalence_margin)" in text
     assert "| equivalent (±0.1) |" in text
     # the initial model and full data are baselines: rows, and lines in the plots
@@ -699,7 +699,7 @@ def test_diagnostics_on_the_shipped_pool(tmp_path, make_cfg):
             ("rho_ref0", _point("rho", size=10), lambda i: float(i * i), [*range(8), 20, 21])):
         _write_point_run(sweep, name, point, composition, config=config, artifacts={
             "scores": scores_file(name, score), "selected": selected_file(name, chosen)})
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     # the contamination audit as the three runs counted it (no data.decontaminate: none dropped)
     assert "| heldout | 1 | 2 |  |  | 3 |" in text and "| any set |  |  | 2 | 0 | 3 |" in text
     # composition from each run's select/<source>/* metrics
@@ -755,7 +755,7 @@ def test_a_real_count_sweep_with_seeds_baselines_and_verdicts_end_to_end(tmp_pat
         out = subprocess.run([sys.executable, str(ROOT / "run.py"), *flags, *common, *overrides],
                              capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
-    text = write_report(sweep).read_text()
+    text = compact_tables(write_report(sweep).read_text())
     runs = collect_runs(sweep)
     table = pool_over_seeds(runs, ["eval/heldout/loss"])
     assert list(zip(table["point"], table["seeds"], table["rows"].fillna(0), strict=True)) == [

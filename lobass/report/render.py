@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,19 +64,27 @@ def fmt_interval(low: float, high: float) -> str:
     return "" if math.isnan(low) or math.isnan(high) else f"[{low:.4g}, {high:.4g}]"
 
 
-def _row(cells: Sequence[Any]) -> str:
-    # a pipe or line break inside a cell would end the cell or the row
-    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
-                             for c in cells) + " |\n"
+def _cell(value: Any) -> str:
+    # a pipe or line break inside a cell would end the cell or the row; tabulate escapes neither
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _header(cells: Sequence[str]) -> str:
-    return _row(cells) + "|" + "---|" * len(cells) + "\n"
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured pipe table of already formatted cells, by ``DataFrame.to_markdown``.
+
+    ``disable_numparse``: cells are our formatted text (``fmt``); tabulate must not re-format
+    ``0.1000``-like strings or align them as numbers.
+    """
+    frame = pd.DataFrame([[_cell(c) for c in row] for row in rows],
+                         columns=[_cell(h) for h in header], dtype=object)
+    if frame.empty:  # tabulate drops the header of a table without rows
+        return "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return str(frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)) + "\n"
 
 
 def _table(out: io.StringIO, frame: pd.DataFrame, header: Sequence[str]) -> None:
-    out.write(_header(header))
-    out.writelines(_row([fmt(v) for v in row]) for row in frame.itertuples(index=False))
+    out.write(_markdown_table(header, ([fmt(v) for v in row]
+                                       for row in frame.itertuples(index=False))))
 
 
 def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.DataFrame,
@@ -117,7 +125,7 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
     header = ["point", "rows", "seeds", "steps", "tokens trained", "interval"]
     for metric in metrics:
         header += [f"{metric} {'↑' if higher_is_better(metric) else '↓'}", "95% CI"]
-    out.write(_header(header))
+    rows = []
     for _, entry in table.iterrows():
         kinds = dict.fromkeys(k for m in metrics if (k := entry[f"{m}_ci_kind"]))
         cells = [entry["point"], fmt(entry["rows"]), str(entry["seeds"]), fmt(entry["steps"]),
@@ -125,20 +133,21 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
         for metric in metrics:
             cells += [fmt(entry[metric]),
                       fmt_interval(entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"])]
-        out.write(_row(cells))
+        rows.append(cells)
+    out.write(_markdown_table(header, rows))
     if not comparisons.empty:
         tested = int(comparisons["p"].notna().sum())
         out.write(f"\n## Each arm against its baselines\n\n{VERDICT_NOTE}\n\n"
                   f"{len(comparisons)} comparisons, {tested} tested (Holm over {tested}), "
                   f"{len(comparisons) - tested} not tested.\n\n")
-        out.write(_header(VERDICT_HEADER))
-        out.writelines(_row(_comparison_cells(c)) for _, c in comparisons.iterrows())
+        out.write(_markdown_table(VERDICT_HEADER, (_comparison_cells(c)
+                                                   for _, c in comparisons.iterrows())))
     _diagnostics(out, diagnostics or Diagnostics())
     out.write("\n## Runs\n\n")
-    out.write(_header(["run", "point", "seed", "status"]))
-    for _, run in runs.iterrows():
-        status = run["status"] if not run["error"] else f"failed: {run['error'][:120]}"
-        out.write(_row([run["run"], run["point"], str(run["seed"]), status]))
+    out.write(_markdown_table(["run", "point", "seed", "status"], (
+        [run["run"], run["point"], str(run["seed"]),
+         run["status"] if not run["error"] else f"failed: {run['error'][:120]}"]
+        for _, run in runs.iterrows())))
     if plots:
         out.write("\n## Plots\n\n")
         out.writelines(f"![{p}]({p})\n\n" for p in plots)
