@@ -3,7 +3,7 @@
 # (3.12) already has CUDA torch, transformers, accelerate, peft, pandas, scipy, pyarrow and pytest
 # (scripts/gpu_image.txt): nothing is fetched and no weights travel. Before sending the checkout,
 # build the wheels it lacks on a networked machine: `bash scripts/gpu_wheelhouse.sh` (.wheelhouse/,
-# about 13 MiB). Steps, each under its own time limit (defaults add up to 410 s):
+# about 14 MiB). Steps, each under its own time limit (defaults add up to 410 s):
 #   install         the cp312 wheelhouse into a --target folder on PYTHONPATH (pip --no-index
 #                   --no-deps: exactly the wheels the image lacks), then `pip check` over both
 #   imports         every module the steps use, from the right places; CUDA visible

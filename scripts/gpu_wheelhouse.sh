@@ -24,10 +24,10 @@ mkdir -p "$OUT/local" "$TMP/built"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
 # 1) Pure-Python dependencies published only as source (lm-eval's sqlitedict, rouge-score,
-#    word2number; omegaconf's antlr4 runtime pinned to 4.9.*): built into py3-none-any wheels
-#    here, so both sets stay --only-binary and nothing compiles on the GPU machine.
+#    word2number, langdetect; omegaconf's antlr4 runtime pinned to 4.9.*): built into
+#    py3-none-any wheels here, so both sets stay --only-binary and nothing compiles there.
 "${PIP[@]}" wheel -q --no-deps -w "$TMP/built" \
-  "antlr4-python3-runtime==4.9.3" sqlitedict rouge-score word2number
+  "antlr4-python3-runtime==4.9.3" sqlitedict rouge-score word2number "langdetect>=1.0.9"
 cp "$TMP/built"/*.whl "$OUT/"
 cp "$TMP/built"/*.whl "$OUT/local/"
 
