@@ -142,6 +142,8 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
                   f"{len(comparisons) - tested} not tested.\n\n")
         out.write(_markdown_table(VERDICT_HEADER, (_comparison_cells(c)
                                                    for _, c in comparisons.iterrows())))
+    else:
+        out.write(f"\n## No comparison\n\n{no_comparison_text(len(table))}\n")
     _diagnostics(out, diagnostics or Diagnostics())
     out.write("\n## Runs\n\n")
     out.write(_markdown_table(["run", "point", "seed", "status"], (
@@ -152,6 +154,29 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, comparisons: pd.Dat
         out.write("\n## Plots\n\n")
         out.writelines(f"![{p}]({p})\n\n" for p in plots)
     return out.getvalue()
+
+
+def no_comparison_text(points: int) -> str:
+    """Why the report has no verdicts, and the command that gives a report with some.
+
+    Args:
+        points: how many points the report pools its runs into.
+
+    Returns:
+        One paragraph of markdown.
+
+    """
+    why = {0: "No finished point: nothing to compare.",
+           1: "One point: nothing to compare."}.get(
+        points, f"{points} points, but no arm among them has a baseline here.")
+    return (f"{why} A verdict sets a selecting arm against a baseline from the same folder: "
+            "random rows at the same size (or matched on tokens), or full data; the initial "
+            "model (`train=none`) is shown beside them. For a report with one, run "
+            "`bash experiments/quick_compare.sh` (LoBaSS against random, 2 seeds each, and the "
+            "initial model; sized for about 13 min on 2 idle CPU cores), or the same by hand: "
+            "`python run.py -m experiment=quick_compare scorer=lobass,random seed=0,1`, "
+            "`python run.py -m experiment=quick_compare train=none`, then "
+            "`python -m lobass.report multirun/quick_compare`.")
 
 
 def _diagnostics(out: io.StringIO, d: Diagnostics) -> None:
