@@ -63,13 +63,23 @@ def _acquire_lock(path: Path) -> FileLock:
     report_at = LOCK_REPORT_AFTER_S
     # One lock object per call, shared by no thread and no other caller: each ``file_lock`` is
     # its own holder (filelock's per-thread reentrancy would let two threads in at once).
-    lock = FileLock(path, thread_local=False, on_acquired=_record_lock_holder)
+    try:
+        lock = FileLock(path, thread_local=False, on_acquired=_record_lock_holder)
+        hooked = True
+    except TypeError:  # filelock < 4.3 (an older GPU image's) has no hook: write it by path
+        lock, hooked = FileLock(path, thread_local=False), False
     while True:
         try:
             lock.acquire(timeout=_LOCK_POLL_S, poll_interval=_LOCK_POLL_S / 4)
         except Timeout:
             pass
         else:
+            if not hooked:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    _record_lock_holder(fd)
+                finally:
+                    os.close(fd)
             return lock
         try:
             seen = os.stat(path)
