@@ -168,14 +168,17 @@ def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) ->
     reference seed. ``train=none`` (the initial model) has no scorer, selection or budget.
 
     ``recipe`` and ``eval`` are content keys too: runs trained with another learning rate or
-    LoRA rank (the recipes of ``train`` and, where the scorer reads it, ``reference``, without
-    their budget, which ``train`` names), or measured on other eval sets or sizes, are other
-    experiments, never seeds of one point.
+    LoRA rank (the recipe of ``train`` without its budget, which ``train`` names), or measured
+    on other eval sets or sizes, are other experiments, never seeds of one point. The
+    reference's recipe, where the scorer reads it, is the scorer's like ``reference_seed``
+    (``reference_recipe``): it keeps two LoBaSS points apart, and random rows, which read no
+    reference, stay LoBaSS's baseline.
     """
     fine_tune = bool(cfg.train.get("enabled", True))
     budget = ("epochs", "max_steps")
-    recipe = {"train": {k: v for k, v in weights_recipe(cfg.train).items() if k not in budget},
-              "reference": weights_recipe(cfg.reference) if needs_reference(cfg) else None}
+    # the train recipe only: an arm and its random baseline must share it, and random reads
+    # no reference; the reference's recipe, like its seed, is the scorer's (below)
+    recipe = {"train": {k: v for k, v in weights_recipe(cfg.train).items() if k not in budget}}
     data = {"pool": f"{cfg.data.name}-" + fingerprint(
                 {**pool.tokens_key, "model": None, "rows": pool.rows_fingerprint()}),
             "model": pool.tokens_key["model"],
@@ -189,7 +192,9 @@ def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) ->
                    "train": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
                    "seed": cfg.seed,
                    # a scorer without L_ref does not depend on the reference: no identity
-                   "reference_seed": cfg.reference.seed if needs_reference(cfg) else None}
+                   "reference_seed": cfg.reference.seed if needs_reference(cfg) else None,
+                   "reference_recipe": f"recipe-{fingerprint(weights_recipe(cfg.reference))}"
+                   if needs_reference(cfg) else None}
 
 
 def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResult:

@@ -58,3 +58,18 @@ def test_quick_compare_runs_the_three_arms_and_reports_them(tmp_path, models_dir
         ("lobass ratio 0.25", "eval/alpaca_eval_gpt4_turbo/loss", "random (2 seeds)"),
         ("lobass ratio 0.25", "eval/heldout/loss", "random (2 seeds)")]
     assert (sweep / "eval_alpaca_eval_gpt4_turbo_loss.png").stat().st_size > 0
+
+
+def test_lobass_and_random_share_the_recipe_key_and_the_reference_recipe_is_the_scorers(
+        make_cfg, tmp_path):
+    # random reads no reference: were the reference recipe in the content key `recipe`, every
+    # LoBaSS point would lose random rows as its baseline (the three-arm test above then fails)
+    cheap = [*TINY, "stages=[select]"]
+    for name, extra in (("random", ["scorer=random"]), ("lobass", ["scorer=lobass"]),
+                        ("lobass_lr", ["scorer=lobass", "reference.learning_rate=1e-3"])):
+        run(make_cfg(*cheap, *extra, f"output_dir={tmp_path / 'sweep' / name}"))
+    runs = collect_runs(tmp_path / "sweep").set_index("run")
+    assert runs.loc["random", "recipe"] == runs.loc["lobass", "recipe"] == \
+        runs.loc["lobass_lr", "recipe"]
+    assert runs["point_key"].nunique() == 3  # the reference's learning rate still tells apart
+    assert '"reference_recipe": null' in runs.loc["random", "point_key"]

@@ -60,7 +60,8 @@ def identity_columns(point: dict[str, Any], metrics: dict[str, float]) -> dict[s
     else:
         kind, key = "subset", {"kind": "subset", "scorer": point.get("scorer"),
                                "selection": selection or None, "train": train,
-                               "reference_seed": point.get("reference_seed")}
+                               "reference_seed": point.get("reference_seed"),
+                               "reference_recipe": point.get("reference_recipe")}
     # another pool or initial model is another experiment, whatever the rest says
     data = {key: point.get(key) for key in CONTENT_KEYS}
     return {
@@ -107,7 +108,7 @@ CONTENT_KEYS = {
             "tokens (data.max_length, model.template)",
     "model": "the initial model: its files' content (or pinned revision), dtype, attention",
     "recipe": "the training recipe, budget aside: learning rate, LoRA rank and targets, batch "
-              "size, ... of train and, where the scorer reads it, reference",
+              "size, ... of train (the reference's, where read, is the scorer's)",
     "eval": "the evaluation: its sets (by content), sizes and generation settings"}
 
 
