@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 
 from conftest import CONF, TINY
 from lobass.artifacts import artifact_problem, atomic_write_text, ensure_artifact, is_complete
@@ -64,7 +63,8 @@ def test_selection_count_larger_than_the_pool_fails_after_reading_before_models(
     cfg = _compose(tmp_path, "model=tiny_random", "logger=none", "data.max_rows=10",
                    "data.mix.gsm8k.max_rows=5", "selection=count", "selection.count=16")
     with pytest.raises(ConfigError, match=r"selection.count=16 is larger than the pool \(15 rows "
-                       r"read from data=alpaca_gsm8k_cpu\); choose a count in \[1, 15\]"):
+                       r"ranked of 15 read from data=alpaca_gsm8k_cpu\); choose a count in "
+                       r"\[1, 15\]"):
         run(cfg)
     assert not (tmp_path / "models").exists()
     for bad in ("selection.count=0", "selection.count=2.5"):
@@ -98,8 +98,11 @@ def test_lora_target_matching_no_module_fails_before_training(tmp_path, models_d
 
 
 def test_models_never_run_remote_code_unless_configured():
+    # composed, not read raw: an option may inherit its fields (tiny_offline from tiny_random)
     for path in sorted((CONF / "model").glob("*.yaml")):
-        assert OmegaConf.load(path).trust_remote_code is False, path.name
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            model = compose(config_name="config", overrides=[f"model={path.stem}"]).model
+        assert model.trust_remote_code is False, path.name
 
 
 # ---------------------------------------------------------------------------------------------
