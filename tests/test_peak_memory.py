@@ -1,5 +1,10 @@
-"""Per-stage peak memory: each stage's own peak, and the run's peak what outside tools see."""
+"""Per-stage peak memory: each stage's own peak, and the run's peak what outside tools see.
 
+Each scenario runs in a fresh interpreter: the process's lifetime peak (what ``getrusage`` and
+``/usr/bin/time`` report) must start from nothing that earlier tests loaded.
+"""
+
+import json
 import re
 import subprocess
 import sys
@@ -8,54 +13,62 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+
+BLOCK_MB = 400
+
+STAGES = """
+import json, sys, time
+from pathlib import Path
 from lobass.context import StageResult
 from lobass.peak_memory import max_rss_mb
 from lobass.summary import Summary
 
-BLOCK_MB = 400
-
-
-def _allocate(mb: int) -> StageResult:
-    block = bytearray(mb * 1024 * 1024)  # zero-filled by the allocator: every page is touched
-    block[::4096] = b"\x01" * len(block[::4096])
+def allocate(mb, hold=0.3):
+    block = bytearray(mb * 1024 * 1024)
+    block[::4096] = b"\\x01" * len(block[::4096])  # touch every page
+    time.sleep(hold)  # a stage holds its memory a while (and releases the GIL meanwhile)
     del block  # a block this large is its own mapping: freed, it leaves the resident set
     return StageResult(Path("."), reused=False)
 
+s = Summary()
+for name, mb in json.loads(sys.argv[1]):
+    s.stage(name, lambda mb=mb: allocate(mb) if mb else StageResult(Path("."), reused=False))
+print(json.dumps({"stages": {k: v["peak_rss_mb"] for k, v in s.stages.items()},
+                  "lifetime": max_rss_mb()}))
+"""
+
+
+def _stages(*stages: tuple[str, int], timer: bool = False) -> tuple[dict, str]:
+    command = [sys.executable, "-c", STAGES, json.dumps(stages)]
+    done = subprocess.run(["/usr/bin/time", "-v", *command] if timer else command,
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
 
 def test_a_stage_that_allocates_a_known_block_shows_it_in_its_own_peak():
-    summary = Summary()
-    summary.stage("quiet_before", lambda: StageResult(Path("."), reused=False))
-    summary.stage("big", lambda: _allocate(BLOCK_MB))
-    summary.stage("quiet_after", lambda: StageResult(Path("."), reused=False))
-    before, big, after = (summary.stages[name]["peak_rss_mb"]
-                          for name in ("quiet_before", "big", "quiet_after"))
+    out, _ = _stages(("quiet_before", 0), ("big", BLOCK_MB), ("quiet_after", 0))
+    before, big, after = (out["stages"][k] for k in ("quiet_before", "big", "quiet_after"))
     assert big - before == pytest.approx(BLOCK_MB, abs=40)
     # the stage after it reports its own peak, not the process's lifetime high-water mark ...
     assert after < big - BLOCK_MB / 2
     # ... which is left alone for outside tools: it still holds the big stage's peak
-    assert max_rss_mb() == pytest.approx(big, abs=5)
+    assert out["lifetime"] == pytest.approx(big, abs=5)
+
+
+def test_a_stage_below_the_lifetime_peak_still_shows_its_own_block():
+    # getrusage cannot see this stage (an earlier one set the lifetime peak): the sampler does
+    out, _ = _stages(("bigger_first", BLOCK_MB + 200), ("quiet", 0), ("big", BLOCK_MB))
+    quiet, big = out["stages"]["quiet"], out["stages"]["big"]
+    assert big - quiet == pytest.approx(BLOCK_MB, abs=40)
+    assert out["lifetime"] == pytest.approx(out["stages"]["bigger_first"], abs=5)
 
 
 def test_usr_bin_time_agrees_with_the_largest_stage_peak():
     if not Path("/usr/bin/time").exists():
         pytest.skip("/usr/bin/time is not installed")
-    script = f"""
-import json, sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_peak_memory import _allocate
-from lobass.summary import Summary
-from lobass.context import StageResult
-from pathlib import Path
-s = Summary()
-s.stage("big", lambda: _allocate({BLOCK_MB}))
-s.stage("small", lambda: _allocate(50))
-print(json.dumps(s.stages))
-"""
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", script],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
+    out, stderr = _stages(("big", BLOCK_MB), ("small", 50), timer=True)
     outside_mb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)",
-                               done.stderr).group(1)) / 1024
-    stages = __import__("json").loads(done.stdout.strip().splitlines()[-1])
-    largest = max(stage["peak_rss_mb"] for stage in stages.values())
+                               stderr).group(1)) / 1024
+    largest = max(out["stages"].values())
     assert largest == pytest.approx(outside_mb, rel=0.10)
-    assert stages["small"]["peak_rss_mb"] < largest - BLOCK_MB / 2
+    assert out["stages"]["small"] < largest - BLOCK_MB / 2
