@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from lobass.jsonrows import iter_json_rows
+from lobass.jsonrows import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def log_run_outputs(tracker: RunLogger, artifacts: dict[str, str], sample: int =
         if name in artifacts:
             tracker.log_file(name, "model", Path(artifacts[name]))
     if "scores" in artifacts:
-        rows = [row for _, row in iter_json_rows(Path(artifacts["scores"]))]
+        rows = read_jsonl(Path(artifacts["scores"]))
         for column in ("loss_init", "loss_ref", "score"):
             values = np.array([r[column] for r in rows if r.get(column) is not None], float)
             if len(values):
@@ -232,6 +232,6 @@ def log_run_outputs(tracker: RunLogger, artifacts: dict[str, str], sample: int =
         tracker.log_table("score/sample", columns, [[r.get(c) for c in columns] for r in shown])
     for name, path in artifacts.items():
         if name.startswith("generations/"):
-            answers = [row for _, row in iter_json_rows(Path(path))]
+            answers = read_jsonl(Path(path))
             columns = sorted({k for r in answers for k in r})
             tracker.log_table(name, columns, [[r.get(c) for c in columns] for r in answers])
