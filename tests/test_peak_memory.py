@@ -1,7 +1,9 @@
 """Per-stage peak memory: each stage's own peak, and the run's peak what outside tools see.
 
-Each scenario runs in a fresh interpreter: the process's lifetime peak (what ``getrusage`` and
-``/usr/bin/time`` report) must start from nothing that earlier tests loaded.
+Each scenario runs in a fresh interpreter, started through a small launcher process: Linux
+carries a process's resident size at fork over into the exec'd child's ``ru_maxrss``, so a child
+forked straight from a pytest that has grown to gigabytes would start with that as its lifetime
+peak (CI saw 3630 MiB). The launcher is a fresh, small process: its child inherits only its size.
 """
 
 import json
@@ -38,8 +40,11 @@ print(json.dumps({"stages": {k: v["peak_rss_mb"] for k, v in s.stages.items()},
 """
 
 
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
 def _stages(*stages: tuple[str, int], timer: bool = False) -> tuple[dict, str]:
-    command = [sys.executable, "-c", STAGES, json.dumps(stages)]
+    command = [sys.executable, "-c", LAUNCHER, sys.executable, "-c", STAGES, json.dumps(stages)]
     done = subprocess.run(["/usr/bin/time", "-v", *command] if timer else command,
                           capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
