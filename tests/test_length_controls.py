@@ -179,3 +179,14 @@ def test_the_report_names_each_length_control_arm():
         "lobass 12 rows", "lobass 12 rows (residual on log length)",
         "lobass 12 rows (within 10 length bins)", "random length-matched to lobass_run"]
     assert table["point_key"].nunique() == 4  # four points, never pooled as seeds
+    # random at the same size is the baseline of the residualised arm too (study 2 found none)
+    from lobass.report.compare import baselines_for
+
+    plain = pd.DataFrame([identity_columns(
+        {"scorer": "random", "selection": rows, "train": {"epochs": 3, "max_steps": -1},
+         "seed": 0, "reference_seed": None}, {"select/count": 12, "data/pool_rows": 200})])
+    table = label_points(pd.concat([table, plain], ignore_index=True)).assign(seeds=1)
+    named = {row["point"]: [n for n, _ in baselines_for(row, table)]
+             for _, row in table.iterrows()}
+    assert named["lobass 12 rows (residual on log length)"] == ["random (1 seed)"]
+    assert named["lobass 12 rows"] == ["random (1 seed)"]

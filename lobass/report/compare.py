@@ -57,8 +57,8 @@ def _key(point_key: str) -> dict[str, Any]:
 def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     """The baselines of one arm: random at the same size, random matched on tokens, full data.
 
-    Random at the same size shares the arm's selection rule (order aside: a random bottom-k is
-    still random) and training budget. A random arm with a token budget equal to the arm's
+    Random at the same size shares the arm's selection rule (order and ranking aside: a random
+    bottom-k, or random residualised on length, is still random) and training budget. A random arm with a token budget equal to the arm's
     selected response tokens is its token-matched control. Every full-data point is a baseline
     (full data at matched steps and full data trained as the reference was are both listed).
     """
@@ -83,7 +83,9 @@ def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.S
 
 
 def _without_order(selection: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in selection.items() if k != "order"}
+    # what the arm ranks by (its order, its score or the score less a length fit) is no part of
+    # the random baseline's rule: random at the same size is every ranked arm's baseline
+    return {k: v for k, v in selection.items() if k not in ("order", "rank")}
 
 
 def _seeds(point: pd.Series) -> str:
