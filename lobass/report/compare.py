@@ -58,9 +58,10 @@ def baselines_for(entry: pd.Series, table: pd.DataFrame) -> list[tuple[str, pd.S
     """The baselines of one arm: random at the same size, random matched on tokens, full data.
 
     Random at the same size shares the arm's selection rule (order and ranking aside: a random
-    bottom-k, or random residualised on length, is still random) and training budget. A random arm with a token budget equal to the arm's
-    selected response tokens is its token-matched control. Every full-data point is a baseline
-    (full data at matched steps and full data trained as the reference was are both listed).
+    bottom-k, or random residualised on length, is still random) and training budget. A random
+    arm with a token budget equal to the arm's selected response tokens is its token-matched
+    control. Every full-data point is a baseline (full data at matched steps and full data
+    trained as the reference was are both listed).
     """
     ours = _key(entry["point_key"])
     found = []
