@@ -31,6 +31,7 @@ from lobass.schema import (
     check_key_env,
     refuse_secrets,
 )
+from lobass.schema.eval_specs import JUDGE_PROMPTS, clashing_set_names, judge_prompt_path
 
 __all__ = ["ConfigError", "RefuseSecrets", "check_lora_targets", "check_secrets", "package_data",
            "validate", "validate_pool"]
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "resources"
 STAGES = ("reference", "score", "select", "train", "eval")
-JUDGE_PROMPTS = Path(__file__).resolve().parents[1] / "conf" / "judge" / "prompts"
 
 
 def package_data(relative: str) -> str:
@@ -258,15 +258,13 @@ def _check_eval_files(ev: dict[str, Any]) -> None:
         else []
     for name in sets:
         files.append((f"eval.generation.sets.{name}.path", generation["sets"][name]["path"]))
-    clash = set(sets) & ({"heldout", "gsm8k", "ifeval"} | set(ev.get("reference_loss") or {}))
+    clash = clashing_set_names(sets, ev.get("reference_loss") or {})
     if clash:
-        raise ConfigError(f"eval.generation.sets {sorted(clash)} share a name with another eval "
-                          "metric group; rename them")
+        raise ConfigError(f"eval.generation.sets {clash} share a name with another eval metric "
+                          "group; rename them")
     judge = ev["judge"]
     if judge["baseline"] is not None and sets:
-        prompt = Path(judge["prompt"])
-        files.append(("eval.judge.prompt", str(prompt if prompt.is_absolute()
-                                               else JUDGE_PROMPTS / prompt)))
+        files.append(("eval.judge.prompt", str(judge_prompt_path(judge["prompt"]))))
         if judge["baseline"] != "full_data" and not Path(judge["baseline"]).exists():
             raise ConfigError(f"eval.judge.baseline={judge['baseline']}: no such file or "
                               "directory; give full_data, a run dir, an eval artifact dir or a "

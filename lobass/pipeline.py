@@ -10,32 +10,27 @@ paths, flat metrics) into the run directory.
 
 from __future__ import annotations
 
-import json
 import logging
-import traceback
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
-from lobass.artifacts import atomic_write_json, atomic_write_text, check_output_dirs, fingerprint
-from lobass.config import check_lora_targets, check_secrets, validate, validate_pool
-from lobass.contamination import audit
+from lobass.artifacts import atomic_write_json, fingerprint
+from lobass.config import STAGES, check_lora_targets
 from lobass.context import Context, StageResult
-from lobass.devices import check_device
 from lobass.evaluation.stage import eval_recipe, evaluate
-from lobass.evaluation.suite import preflight_judge
 from lobass.finetune import finetune, fit_reference, weights_recipe
-from lobass.memory import check_memory
-from lobass.modeling import load_tokenizer, model_key, resolve_model_path
-from lobass.pool import Pool, read_pool, tokenize_pool
+from lobass.pool import Pool
+from lobass.preflight import open_context, preflight, record_failure
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select
 from lobass.signals import sigterm_raises
-from lobass.summary import Summary, format_summary
-from lobass.tracking import NullLogger, log_run_outputs, make_logger
+from lobass.summary import Summary, format_summary, publish
+from lobass.tracking import NullLogger, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -54,100 +49,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = _run_dir(cfg)
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
     (run_dir / "summary.json").unlink(missing_ok=True)  # and its partial summary: not this run's
-    try:
-        check_secrets(cfg)  # a key typed into the config must reach no file, not even config.yaml
-        # The resolved config beside summary.json: what the report reads a point's identity from.
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        validate(cfg)  # every value, before any file is read or model loaded
-        check_output_dirs(run_dir, Path(cfg.artifacts_dir), Path(cfg.models_dir))
-        check_device(cfg.model)  # model.device=cuda without CUDA fails here, not as a CPU crawl
-        preflight_judge(cfg.eval, list(cfg.stages))  # a remote judge's key and server, now
-    except Exception:  # a sweep point with a bad value fails alone, and says why
-        _record_failure(run_dir)
-        raise
-    wanted = set(cfg.stages)
-    # train=none: the initial model itself is the point (every arm is measured from it)
-    fine_tune = bool(cfg.train.get("enabled", True))
-    if not fine_tune:  # nothing to select or train: only the evaluation is asked for
-        log.info("train=none (train.enabled=false): evaluating the initial model; stages %s "
-                 "skipped", sorted(wanted - {"eval"}))
-        wanted &= {"eval"}
-    need_train = fine_tune and bool(wanted & {"train", "eval"})
-    need_select = need_train or "select" in wanted
-    need_score = need_select or "score" in wanted
-    need_reference = "reference" in wanted or (need_score and needs_reference(cfg))
+    preflight(cfg, run_dir)  # every value, the device, the judge: before any row or model
     summary = Summary()
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.
     tracker = (make_logger(cfg.logger, {**_loggable_config(cfg), "provenance": summary.provenance},
                            run_dir) if distributed.is_main() else NullLogger())
     exit_code = 0
     try:
-        # 0) pool: read and check the data and the LoRA targets before any model loads; tokenise
-        examples, read_metrics = read_pool(cfg.data)
-        summary.metrics.update(read_metrics)
-        # overlap with every eval set counted (data/contamination/*), dropped if data.decontaminate
-        examples, audit_metrics = audit(examples, cfg.eval,
-                                        drop=bool(cfg.data.get("decontaminate", False)))
-        summary.metrics.update(audit_metrics)
-        # selection.count per ranked group, keep_sources and the listed file, against the pool
-        summary.metrics.update(validate_pool(cfg, examples))
-        models_dir = Path(cfg.models_dir).resolve()
-        model_path, _ = resolve_model_path(cfg.model, models_dir)
-        check_memory(cfg, model_path)  # logs the per-device estimate; fails before any load
-        if need_reference or need_train:
-            check_lora_targets(cfg.model, model_path)  # meta device: no weights are read
-        tokenizer = load_tokenizer(cfg.model, model_path)
-        pool, pool_metrics = tokenize_pool(cfg, examples, tokenizer,
-                                           model_key(cfg.model, model_path, models_dir))
-        summary.metrics.update(pool_metrics)
-        ctx = Context(cfg, pool, model_path, tokenizer, Path(cfg.artifacts_dir).resolve(),
-                      tracker)
-
-        # 1) reference: the initial model fine-tuned with LoRA on the pool, or one per fold of it
-        #    (reference.fit=cross_fit); reference.seed: one serves every training seed of a sweep
-        reference = None
-        if need_reference:
-            reference = summary.stage("reference", lambda: fit_reference(ctx))
-
-        # 2) score: per-row losses (each computed once) combined by the scorer
-        if need_score:
-            scored = summary.stage("score", lambda: score(ctx, reference))
-
-        # 3) select: top rows by score, exported in the pool's own format
-        if need_select:
-            selected = summary.stage("select", lambda: select(ctx, scored))
-
-        # 4) train: LoRA fine-tune of the initial model on the selection (the reference itself
-        #    when the selection is the whole pool and the recipes and seeds agree)
-        if need_train:
-            chosen = set(selected.ids)
-            rows = [i for i, row_id in enumerate(pool.ids) if row_id in chosen]
-            trained = summary.stage("train", lambda: finetune(ctx, rows, cfg.train,
-                                                              seed=cfg.seed))
-
-        # 5) eval: benchmarks, reference-answer losses, answers judged against a baseline's
-        if "eval" in wanted:
-            baseline = cfg.eval.judge.baseline
-            if baseline == "full_data":
-                full = summary.stage("baseline", lambda: _full_data_baseline(
-                    ctx, trained if need_train else None))
-                baseline = full.artifacts.get("baseline_eval")  # None: this run is full data
-            adapter = Path(trained.artifacts["adapter"]) if need_train else None
-            summary.stage("eval", lambda: evaluate(
-                ctx, adapter, seed=cfg.seed, judge_baseline=baseline,
-                response_losses=compute_response_losses, run_dir=run_dir))
-
-        summary.point = point_identity(cfg, selected if need_select else None, pool)
-        tracker.log_table("summary/point", ["key", "value"],
-                          [[k, json.dumps(v)] for k, v in summary.point.items()])
-        summary.metrics.update({f"time/{k}_seconds": v["seconds"]
-                                for k, v in summary.stages.items()})
-        tracker.log_metrics(summary.metrics)
-        tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
-                          [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
-        log_run_outputs(tracker, summary.artifacts)  # adapters, scores, answers
+        ctx = open_context(cfg, summary.metrics, tracker)  # 0) the pool, before any model loads
+        wanted = wanted_stages(cfg)
+        if fine_tunes(cfg, wanted):
+            check_lora_targets(cfg.model, ctx.model_path)  # meta device: no weights are read
+        stages = Stages(ctx, summary, run_dir)
+        for name in wanted:  # each pulls the stages it reads, once
+            getattr(stages, name)
+        summary.point = point_identity(cfg, stages.selection(), ctx.pool)
+        publish(summary, tracker)
     except BaseException:
-        _record_failure(run_dir)  # beside the partial summary
+        record_failure(run_dir)  # beside the partial summary
         exit_code = 1  # the tracker marks the run failed
         raise
     finally:
@@ -156,6 +75,88 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(exit_code)
     log.info("summary written to %s\n%s", run_dir / "summary.json", format_summary(summary))
     return summary.as_dict()
+
+
+def wanted_stages(cfg: DictConfig) -> list[str]:
+    """The stages ``cfg.stages`` names, in run order; ``train=none`` keeps only ``eval``."""
+    wanted = [name for name in STAGES if name in set(cfg.stages)]
+    if not bool(cfg.train.get("enabled", True)):  # the initial model itself is the point
+        log.info("train=none (train.enabled=false): evaluating the initial model; stages %s "
+                 "skipped", sorted(set(wanted) - {"eval"}))
+        return [name for name in wanted if name == "eval"]
+    return wanted
+
+
+def fine_tunes(cfg: DictConfig, wanted: list[str]) -> bool:
+    """Whether the run trains an adapter: the reference, or one on the selection.
+
+    Its LoRA targets are then checked before the first stage, not found wrong after minutes of
+    scoring.
+    """
+    trains = bool({"train", "eval"} & set(wanted)) and bool(cfg.train.get("enabled", True))
+    scores = trains or bool({"score", "select"} & set(wanted))
+    return trains or "reference" in wanted or (scores and needs_reference(cfg))
+
+
+class Stages:
+    """The recipe's stages, each run on first use after the stages it reads.
+
+    Asking for ``eval`` trains, which selects, which scores, which fits the reference when the
+    scorer reads ``L_ref``: what a stage needs is derived here, by the stage, and each runs once.
+    """
+
+    def __init__(self, ctx: Context, summary: Summary, run_dir: Path) -> None:
+        self.ctx, self.cfg, self.summary, self.run_dir = ctx, ctx.cfg, summary, run_dir
+
+    @cached_property
+    def reference(self) -> StageResult:
+        """1) The initial model fine-tuned with LoRA on the pool.
+
+        Or one adapter per fold of it (reference.fit=cross_fit). reference.seed: one reference
+        serves every training seed of a sweep.
+        """
+        return self.summary.stage("reference", lambda: fit_reference(self.ctx))
+
+    @cached_property
+    def score(self) -> StageResult:
+        """2) per-row losses (each computed once) combined by the scorer."""
+        reference = (self.reference if needs_reference(self.cfg) or "reference" in vars(self)
+                     else None)
+        return self.summary.stage("score", lambda: score(self.ctx, reference))
+
+    @cached_property
+    def select(self) -> StageResult:
+        """3) top rows by score, exported in the pool's own format."""
+        scored = self.score
+        return self.summary.stage("select", lambda: select(self.ctx, scored))
+
+    @cached_property
+    def train(self) -> StageResult:
+        """4) LoRA fine-tune of the initial model on the selection.
+
+        The reference itself when the selection is the whole pool and recipes and seeds agree.
+        """
+        chosen = set(self.select.ids)
+        rows = [i for i, row_id in enumerate(self.ctx.pool.ids) if row_id in chosen]
+        return self.summary.stage("train", lambda: finetune(self.ctx, rows, self.cfg.train,
+                                                            seed=self.cfg.seed))
+
+    @cached_property
+    def eval(self) -> StageResult:
+        """5) benchmarks, reference-answer losses, answers judged against a baseline's."""
+        trained = self.train if bool(self.cfg.train.get("enabled", True)) else None
+        baseline = self.cfg.eval.judge.baseline
+        if baseline == "full_data":
+            full = self.summary.stage("baseline", lambda: _full_data_baseline(self.ctx, trained))
+            baseline = full.artifacts.get("baseline_eval")  # None: this run is full data
+        adapter = Path(trained.artifacts["adapter"]) if trained else None
+        return self.summary.stage("eval", lambda: evaluate(
+            self.ctx, adapter, seed=self.cfg.seed, judge_baseline=baseline,
+            response_losses=compute_response_losses, run_dir=self.run_dir))
+
+    def selection(self) -> StageResult | None:
+        """The select stage's result when this run selected, else None (no stage is run)."""
+        return vars(self).get("select")
 
 
 def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) -> dict[str, Any]:
@@ -216,11 +217,6 @@ def _full_data_baseline(ctx: Context, trained: StageResult | None) -> StageResul
                   judge_baseline=None, response_losses=compute_response_losses)
     return StageResult(ev.directory, full.reused and ev.reused,
                        artifacts={"baseline_eval": str(ev.directory)})
-
-
-def _record_failure(run_dir: Path) -> None:
-    """Keep the traceback being handled in ``error.txt``, where the sweep report looks."""
-    atomic_write_text(run_dir / "error.txt", traceback.format_exc())
 
 
 def _run_dir(cfg: DictConfig) -> Path:

@@ -33,6 +33,51 @@ def base_model(model: torch.nn.Module) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def logit_softcap(model: torch.nn.Module) -> float | None:
+    """The final-logit soft-cap of the model's text config (Gemma style), or None."""
+    return getattr(base_model(model).config.get_text_config(), "final_logit_softcapping", None)
+
+
+def response_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module,
+                          softcap: float | None, *, start: int = 0, chunk: int | None = None,
+                          reduction: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each response token from the decoder state that predicts it.
+
+    The one core of every response loss: scoring (per row), the training loss (summed) and the
+    eval losses (through scoring). The LM head is applied at response positions only.
+
+    Args:
+        hidden: ``(B, T - start, H)`` the decoder's last hidden states for positions start..T-1.
+        labels: ``(B, T)`` token ids with ``-100`` on prompt and padding positions.
+        head: the LM head (output embeddings).
+        softcap: ``final_logit_softcapping`` (:func:`logit_softcap`), applied as the model does.
+        start: positions before it (a shared prefix) have no state here.
+        chunk: response positions per LM-head call, bounding the ``(n, V)`` float32 logits
+            (None: all at once).
+        reduction: ``none`` (one loss per response token) or ``sum``.
+
+    Returns:
+        The losses (``(N,)`` float32, or a scalar sum) and ``keep``: ``(B, T - start - 1)`` True
+        where a state predicts a response token.
+
+    """
+    # Position t predicts token t+1: shift so targets line up with the states that predict them.
+    targets = labels[:, start + 1:]  # (B, T-P-1)
+    keep = targets != IGNORE_INDEX  # (B, T-P-1)
+    states = hidden[:, :-1][keep]  # (N, H), N = response tokens in the batch
+    wanted = targets[keep]  # (N,)
+    step = chunk or max(len(wanted), 1)
+    parts = []
+    for lo in range(0, len(wanted), step):
+        logits = head(states[lo:lo + step]).float()  # (n, V); float32 for a stable softmax
+        if softcap:  # Gemma-style soft-capping, as the model's own forward applies it
+            logits = torch.tanh(logits / softcap) * softcap
+        parts.append(F.cross_entropy(logits, wanted[lo:lo + step], reduction=reduction))
+    if reduction == "sum":
+        return (torch.stack(parts).sum() if len(parts) > 1 else parts[0]), keep
+    return (torch.cat(parts) if parts else states.new_zeros(0, dtype=torch.float32)), keep
+
+
 def head_is_adapted(model: torch.nn.Module) -> bool:
     """Whether the LM head carries trainable parameters (a LoRA target or unfrozen)."""
     head = base_model(model).get_output_embeddings()
@@ -61,7 +106,7 @@ class ResponseLoss:
                              "the response-only loss needs a frozen head")
         base = base_model(model)
         self.head = base.get_output_embeddings()
-        self.softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        self.softcap = logit_softcap(model)
         self.hidden: torch.Tensor | None = None
         self.hook = base.get_decoder().register_forward_hook(self._keep_hidden)
 
@@ -96,14 +141,8 @@ class ResponseLoss:
         hidden, self.hidden = self.hidden, None  # drop the reference: the graph keeps it alive
         if hidden is None:
             raise RuntimeError("ResponseLoss: no decoder output captured; was the model called?")
-        # Position t predicts token t+1: shift so targets line up with the states predicting them.
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != IGNORE_INDEX  # (B, T-1)
-        states = hidden[:, :-1][keep]  # (N, H), N = response tokens of this micro-batch
-        logits = self.head(states).float()  # (N, V); float32 for the softmax, as the model does
-        if self.softcap:  # Gemma-style soft-capping, as the model's own forward applies it
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+        total, keep = response_token_losses(hidden, labels, self.head, self.softcap,
+                                            reduction="sum")
         if num_items_in_batch is None:
             return total / keep.sum()
         if isinstance(num_items_in_batch, torch.Tensor):

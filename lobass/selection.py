@@ -30,21 +30,13 @@ from lobass.jsonrows import jsonl_text, read_jsonl
 def selection_size(n_pool: int, ratio: float | None, count: int | None) -> int:
     """How many rows to keep: ``count`` when given, else ``ratio`` of the pool (rounded, >= 1).
 
-    Raises:
-        ValueError: neither or both given, a ratio outside (0, 1], or a count outside [1, pool].
-
+    The rules on the two are the config's, checked once before any work: exactly one of them
+    (``lobass.config.validate``), a ratio in (0, 1] (the schema) and a count within each ranked
+    group (``lobass.config.validate_pool``).
     """
-    if (ratio is None) == (count is None):
-        raise ValueError("set exactly one of selection.ratio and selection.count "
-                         f"(got ratio={ratio}, count={count})")
     if count is not None:
-        if not 1 <= count <= n_pool:
-            raise ValueError(f"selection.count must be in [1, {n_pool}] (the pool size), "
-                             f"got {count}")
         return int(count)
     assert ratio is not None
-    if not 0 < ratio <= 1:
-        raise ValueError(f"selection.ratio must be in (0, 1], got {ratio}")
     return max(1, min(n_pool, math.floor(ratio * n_pool + 0.5)))
 
 

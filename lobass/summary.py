@@ -7,6 +7,7 @@ printed at the end of a run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 from lobass.context import StageResult
 from lobass.peak_memory import StagePeak
 from lobass.provenance import provenance
+from lobass.tracking import RunLogger, log_run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +72,14 @@ def format_summary(summary: Summary) -> str:
     lines.append(f"\n{'metric':<32}{'value':>12}")
     lines += [f"{k:<32}{summary.metrics[k]:>12.4f}" for k in shown]
     return "\n".join(lines)
+
+
+def publish(summary: Summary, tracker: RunLogger) -> None:
+    """Add the stage times to the metrics and send the point, metrics, stages and outputs."""
+    tracker.log_table("summary/point", ["key", "value"],
+                      [[k, json.dumps(v)] for k, v in summary.point.items()])
+    summary.metrics.update({f"time/{k}_seconds": v["seconds"] for k, v in summary.stages.items()})
+    tracker.log_metrics(summary.metrics)
+    tracker.log_table("summary/stages", ["stage", "seconds", "reused"],
+                      [[k, v["seconds"], v["reused"]] for k, v in summary.stages.items()])
+    log_run_outputs(tracker, summary.artifacts)  # adapters, scores, answers

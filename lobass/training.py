@@ -124,15 +124,9 @@ def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
     documentation lists their keys), with one translation: under FSDP ``gradient_checkpointing``
     becomes FSDP's own ``fsdp_config.activation_checkpointing``, because the ``Trainer`` refuses
     both and the plain kind adds a redundant all-gather in the backward pass.
-
-    Raises:
-        ValueError: when both FSDP and DeepSpeed are asked for.
-
     """
     fsdp = bool(train_cfg.get("fsdp", False))
-    deepspeed = train_cfg.get("deepspeed")
-    if fsdp and deepspeed:
-        raise ValueError("set at most one of train.fsdp and train.deepspeed (reference.* likewise)")
+    deepspeed = train_cfg.get("deepspeed")  # at most one of the two: lobass.config.validate
     checkpointing = bool(train_cfg.gradient_checkpointing)
     kwargs: dict[str, Any] = {
         # LoRA uses every adapter on every step: DDP need not search the graph for unused ones.

@@ -26,10 +26,10 @@ from lobass.evaluation.judge import Judge, find_baseline_generations, judge_pair
 from lobass.evaluation.prompts import read_prompts, read_reference_set
 from lobass.jsonrows import jsonl_text, read_jsonl
 from lobass.schema import check_key_env, plain_http_host
+from lobass.schema.eval_specs import JUDGE_PROMPTS, judge_prompt_path
 
 log = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "conf" / "judge" / "prompts"
 # eval.judge keys the pairwise protocol reads (judge_inputs, judge_sets); the rest of the group
 # are the arguments of its _target_ class.
 PROTOCOL_KEYS = ("baseline", "prompt", "bootstrap_iters", "tie_margin")
@@ -89,19 +89,13 @@ def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bo
 def enabled_prompt_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
     """The generation prompt sets switched on, by name.
 
-    Raises:
-        ValueError: a set named like a reference-loss set (their metric keys would collide).
-
+    Their names were checked against the other metric groups by ``lobass.config.validate``
+    (``schema.eval_specs.clashing_set_names``).
     """
     generation = eval_cfg.generation
     if not generation.enabled:
         return {}
-    sets = {str(k): v for k, v in generation.sets.items() if v.enabled}
-    clash = set(sets) & ({"heldout", "gsm8k", "ifeval"} | set(eval_cfg.get("reference_loss") or {}))
-    if clash:
-        raise ValueError(f"eval.generation.sets {sorted(clash)} share a name with another eval "
-                         "metric group; rename them")
-    return sets
+    return {str(k): v for k, v in generation.sets.items() if v.enabled}
 
 
 def judged_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
@@ -172,12 +166,11 @@ def judge_prompt(judge_cfg: DictConfig) -> tuple[str, str]:
     ``eval.judge.prompt`` is a file name under ``conf/judge/prompts/`` or a path; prompts are
     versioned by name (``pairwise_v1.txt``) and the hash goes into every raw verdict record.
     """
-    path = Path(judge_cfg.prompt)
-    if not path.is_absolute():
-        path = PROMPTS_DIR / path
+    path = judge_prompt_path(judge_cfg.prompt)
     if not path.is_file():
+        shipped = sorted(p.name for p in JUDGE_PROMPTS.glob("*"))
         raise FileNotFoundError(f"eval.judge.prompt={judge_cfg.prompt}: {path} does not exist; "
-                                f"shipped prompts: {sorted(p.name for p in PROMPTS_DIR.glob('*'))}")
+                                f"shipped prompts: {shipped}")
     text = path.read_text(encoding="utf-8")
     missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in text]
     if missing:

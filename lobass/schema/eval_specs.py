@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from lobass.schema.registries import prompt_readers, readers
 from lobass.schema.walk import BatchSize, knob
+
+JUDGE_PROMPTS = Path(__file__).resolve().parents[2] / "conf" / "judge" / "prompts"
+# eval metric groups of their own: a generation set named like one would overwrite its metrics
+OTHER_EVAL_GROUPS = ("heldout", "gsm8k", "ifeval")
+
+
+def judge_prompt_path(prompt: str) -> Path:
+    """``eval.judge.prompt``: a file name under ``conf/judge/prompts/``, or a path."""
+    path = Path(prompt)
+    return path if path.is_absolute() else JUDGE_PROMPTS / path
+
+
+def clashing_set_names(sets: Iterable[str], reference_loss: Iterable[str]) -> list[str]:
+    """Generation sets named like another eval metric group (their metric keys would collide)."""
+    return sorted(set(sets) & (set(OTHER_EVAL_GROUPS) | set(reference_loss)))
 
 
 @dataclass(kw_only=True)

@@ -19,10 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from lobass.formatting import IGNORE_INDEX, Features
-from lobass.response_loss import base_model
+from lobass.response_loss import base_model, logit_softcap, response_token_losses
 from lobass.shared_prefix import PrefixCache, cache_keyword, output_cache, shared_prefix_length
 
 log = logging.getLogger(__name__)
@@ -104,20 +103,8 @@ def batch_response_losses(
         cache = {cache_keyword(decoder): prefix.for_batch(len(input_ids))}
         hidden = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                          position_ids=positions, use_cache=False, **cache)[0]  # (B, T-P, H)
-    # Position t predicts token t+1: shift so targets line up with the states that predict them.
-    targets = labels[:, start + 1:]  # (B, T-P-1)
-    keep = targets != IGNORE_INDEX  # (B, T-P-1)
-    states = hidden[:, :-1][keep]  # (N, H), N = response tokens in the batch
-    wanted = targets[keep]  # (N,)
-    head = base.get_output_embeddings()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    token_loss = torch.empty(len(wanted), device=states.device)  # (N,)
-    for lo in range(0, len(wanted), HEAD_CHUNK):  # chunks bound the (n, V) logits in memory
-        logits = head(states[lo:lo + HEAD_CHUNK]).float()  # (n, V); float32 for a stable softmax
-        if cap:  # Gemma-style soft-capping, as the model's own forward applies it
-            logits = torch.tanh(logits / cap) * cap
-        token_loss[lo:lo + HEAD_CHUNK] = F.cross_entropy(logits, wanted[lo:lo + HEAD_CHUNK],
-                                                         reduction="none")
+    token_loss, keep = response_token_losses(hidden, labels, base.get_output_embeddings(),
+                                             logit_softcap(model), start=start, chunk=HEAD_CHUNK)
     row = keep.nonzero()[:, 0]  # (N,) batch row of each response token
     sums = torch.zeros(len(labels), device=labels.device).index_add_(0, row, token_loss)  # (B,)
     counts = keep.sum(dim=1).float()  # (B,)
