@@ -73,10 +73,10 @@ from lobass.modeling import (  # noqa: E402
 )
 from lobass.shared_prefix import shared_prefix_length  # noqa: E402
 from lobass.training import (  # noqa: E402
-    rows_per_pass,
     shares_prefix,
     train_lora,
     training_arguments,
+    training_plan,
 )
 
 
@@ -319,7 +319,7 @@ def main() -> None:
     print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} "
           f"rows={len(features)} tokens={tokens} "
           f"response_tokens={sum(f.n_response for f in features)} "
-          f"batch={args.batch_size} rows_per_pass={rows_per_pass(cfg.reference)} "
+          f"batch={args.batch_size} rows_per_pass={training_plan(cfg.reference).rows_per_pass} "
           f"lora_dropout={cfg.reference.lora.dropout} compile={args.compile} "
           f"shared_prefix={prefix} "
           f"steps={args.steps} load={os.getloadavg()[0]:.1f}")

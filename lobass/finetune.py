@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -27,11 +26,11 @@ from lobass.model_card import write_adapter_card
 from lobass.modeling import load_model
 from lobass.tracking import TrainingCurves
 from lobass.training import (
-    gradient_accumulation,
     rows_per_pass,
     shares_prefix,
     train_lora,
     training_arguments,
+    training_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -166,12 +165,9 @@ def response_tokens_trained(n_response: Sequence[int], steps: int, recipe: DictC
     ``max_steps`` run) count their rows at the mean response length, because length-grouped
     batches make the exact rows of a partial epoch a matter of the sampler's order.
     """
-    world = distributed.world_size()
-    rows_per_step = int(recipe.batch_size) * gradient_accumulation(recipe, world) * world
-    micro_batches = math.ceil(len(n_response) / (int(recipe.batch_size) * world))
-    steps_per_epoch = math.ceil(micro_batches / gradient_accumulation(recipe, world))
-    epochs, rest = divmod(steps, steps_per_epoch)
-    partial_rows = min(len(n_response), rest * rows_per_step)
+    plan = training_plan(recipe)
+    epochs, rest = divmod(steps, plan.steps_per_epoch(len(n_response)))
+    partial_rows = min(len(n_response), rest * plan.rows_per_step)
     mean = sum(n_response) / len(n_response)
     return float(epochs * sum(n_response) + partial_rows * mean)
 

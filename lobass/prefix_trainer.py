@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Trainer
 
+from lobass.batches import SampledTrainer
 from lobass.formatting import IGNORE_INDEX
 from lobass.response_loss import base_model
 from lobass.shared_prefix import PrefixCache, cache_keyword, output_cache
@@ -53,13 +53,13 @@ class _StepPrefix:
             torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
 
 
-class SharedPrefixTrainer(Trainer):
+class SharedPrefixTrainer(SampledTrainer):
     """``Trainer`` whose passes skip the prefix that every row of the dataset shares.
 
     Args:
         prefix_ids: the shared prefix (``shared_prefix_length`` tokens of any row); it must stop
             before every row's first response token, which ``shared_prefix_length`` ensures.
-        *args, **kwargs: ``Trainer``'s. The loss must come from ``compute_loss_func``
+        *args, **kwargs: ``SampledTrainer``'s. The loss must come from ``compute_loss_func``
             (``ResponseLoss``): the passes return hidden states of the suffix only.
 
     """

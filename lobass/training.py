@@ -13,16 +13,18 @@ import ctypes
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json
-from lobass.batches import EpochSeededLengthSampler, FeatureDataset
+from lobass.batches import EpochSeededLengthSampler, FeatureDataset, SampledTrainer
 from lobass.checkpoints import last_complete_checkpoint
 from lobass.compilation import compiled_layers
 from lobass.devices import resolve_device
@@ -61,18 +63,43 @@ def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
     return int(global_batch) // per_step
 
 
-def micro_batching(train_cfg: DictConfig, world: int) -> tuple[int, int]:
-    """``(rows per forward pass, forward passes per optimiser step)`` on one process.
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a ``train``/``reference`` recipe batches its rows: computed once, read everywhere.
 
-    ``micro_batch_size`` splits each ``batch_size`` batch into equal micro-batches (of
-    :func:`rows_per_pass` rows) whose
-    gradients accumulate: activation memory falls with the micro-batch while every optimiser
-    step still sees the same ``batch_size x grad_accum`` rows (the sampler groups by the
-    optimiser batch, and the loss divides by the whole step's response tokens), so the
-    training is the same up to float rounding and the LoRA dropout masks drawn per pass.
+    The Trainer's arguments and sampler, the memory estimate, a fine-tune's token count and the
+    training benchmark all read it from :func:`training_plan`. Per process, ``batch_size`` rows
+    make one batch, split into forward passes of ``rows_per_pass`` rows whose gradients
+    accumulate (activation memory falls with the pass, the optimiser step is the same: the
+    sampler groups by the optimiser batch, and the loss divides by the whole step's response
+    tokens), and ``accumulation`` batches make one optimiser step.
     """
-    micro = rows_per_pass(train_cfg)
-    return micro, gradient_accumulation(train_cfg, world) * int(train_cfg.batch_size) // micro
+
+    batch_size: int  # rows per process per batch
+    rows_per_pass: int  # rows per forward pass: the largest divisor of batch_size <= the cap
+    accumulation: int  # batches per optimiser step
+    world: int  # processes
+
+    @property
+    def passes_per_step(self) -> int:
+        """Forward passes per optimiser step on one process."""
+        return self.accumulation * self.batch_size // self.rows_per_pass
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimiser step, over every process."""
+        return self.batch_size * self.accumulation * self.world
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimiser steps of one epoch over ``rows`` rows (a last short step counts)."""
+        return math.ceil(math.ceil(rows / (self.batch_size * self.world)) / self.accumulation)
+
+
+def training_plan(train_cfg: DictConfig, world: int | None = None) -> TrainingPlan:
+    """The recipe's :class:`TrainingPlan` on ``world`` processes (default: this run's)."""
+    world = world_size() if world is None else world
+    return TrainingPlan(int(train_cfg.batch_size), rows_per_pass(train_cfg),
+                        gradient_accumulation(train_cfg, world), world)
 
 
 def rows_per_pass(train_cfg: DictConfig) -> int:
@@ -168,7 +195,7 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
 
     on_gpu = resolve_device(device or "auto", "training") == "cuda"
     parallel = parallel_arguments(train_cfg)
-    micro, passes = micro_batching(train_cfg, world_size())
+    plan = training_plan(train_cfg)
     if parallel.get("fsdp"):
         # load_model(sharding="fsdp") leaves the weights on the CPU, real on rank 0 only: FSDP2
         # broadcasts them while it shards, so no rank ever holds the whole model on its GPU.
@@ -177,8 +204,8 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         output_dir=str(output_dir),
         num_train_epochs=train_cfg.epochs,
         max_steps=train_cfg.max_steps,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=passes,
+        per_device_train_batch_size=plan.rows_per_pass,
+        gradient_accumulation_steps=plan.passes_per_step,
         learning_rate=train_cfg.learning_rate,
         lr_scheduler_type=train_cfg.lr_scheduler,
         warmup_steps=train_cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
@@ -247,7 +274,7 @@ def train_lora(
 
     """
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, set_seed
 
     from lobass.prefix_trainer import SharedPrefixTrainer
 
@@ -271,19 +298,18 @@ def train_lora(
     if response_only:
         loss = ResponseLoss(peft_model)  # LM head at response positions only
         collator = loss.collate(collator)
-    common = {"model": peft_model, "args": args, "train_dataset": FeatureDataset(features),
-              "data_collator": collator, "compute_loss_func": loss,
-              "callbacks": list(callbacks) or None}
-    trainer = (SharedPrefixTrainer(**common, prefix_ids=list(features[0].input_ids[:prefix]))
-               if prefix else Trainer(**common))
-    log.info("training %d rows; shared prefix encoded once per step: %d tokens", len(features),
-             prefix)
     # Length-grouped batches (less padding) in an order that a resume in any epoch replays
     # exactly; see EpochSeededLengthSampler for why transformers' own sampler does not.
+    plan = training_plan(train_cfg)
     sampler = EpochSeededLengthSampler([len(f.input_ids) for f in features],
-                                       args.train_batch_size * args.gradient_accumulation_steps,
-                                       args.data_seed)
-    trainer._get_train_sampler = lambda *_: sampler  # type: ignore[method-assign]
+                                       plan.batch_size * plan.accumulation, args.data_seed)
+    common = {"model": peft_model, "args": args, "train_dataset": FeatureDataset(features),
+              "data_collator": collator, "compute_loss_func": loss, "sampler": sampler,
+              "callbacks": list(callbacks) or None}
+    trainer = (SharedPrefixTrainer(**common, prefix_ids=list(features[0].input_ids[:prefix]))
+               if prefix else SampledTrainer(**common))
+    log.info("training %d rows; shared prefix encoded once per step: %d tokens", len(features),
+             prefix)
     resume = last_complete_checkpoint(checkpoints)
     resumed_step = 0
     if resume is not None:

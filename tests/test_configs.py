@@ -154,9 +154,9 @@ BAD = [  # (overrides, message); one or more per group
     (["scorer.name=perplexity"], "scorer.name='perplexity' is not supported; choose one of"),
     (["selection.ratio=true"], "selection.ratio must be a number in (0, 1], got True"),
     (["selection.count=3"], "use selection=count selection.count=3"),
-    (["selection.ratio=0.0"], "selection.ratio must be a number in (0, 1], got 0.0"),
-    (["selection.ratio=1.5"], "selection.ratio must be a number in (0, 1], got 1.5"),
-    (["selection.ratio=-0.1"], "selection.ratio must be a number in (0, 1], got -0.1"),
+    (["selection.ratio=0.0"], "selection.ratio must be in (0, 1], got 0.0"),
+    (["selection.ratio=1.5"], "selection.ratio must be in (0, 1], got 1.5"),
+    (["selection.ratio=-0.1"], "selection.ratio must be in (0, 1], got -0.1"),
     (["selection.ratio=null"], "set exactly one of selection.ratio and selection.count"),
     (["selection.band=[0.3,0.2]"], "selection.band must be [lo, hi] score quantiles with 0 <= lo "
                                    "< hi <= 1, got [0.3, 0.2]"),

@@ -154,12 +154,14 @@ def test_micro_batch_size_caps_the_rows_per_pass_at_a_divisor_of_the_batch(batch
     from omegaconf import OmegaConf
 
     from lobass.finetune import weights_recipe
-    from lobass.training import micro_batching, rows_per_pass
+    from lobass.training import rows_per_pass, training_plan
 
     recipe = OmegaConf.create({"batch_size": batch, "micro_batch_size": cap, "grad_accum": 1,
                                "logging_steps": 1})
     assert rows_per_pass(recipe) == rows
-    assert micro_batching(recipe, 1) == (rows, batch // rows)
+    plan = training_plan(recipe, world=1)
+    assert (plan.rows_per_pass, plan.passes_per_step, plan.rows_per_step) == (rows, batch // rows,
+                                                                               batch)
     # The artifact key names the rows a pass holds, and nothing when the batch is not split.
     assert weights_recipe(recipe).get("micro_batch_size") == (None if rows == batch else rows)
 
