@@ -18,7 +18,7 @@ from lobass.config import check_secrets, validate, validate_pool
 from lobass.contamination import audit
 from lobass.context import Context
 from lobass.devices import check_device
-from lobass.evaluation.suite import preflight_judge
+from lobass.evaluation.judge import preflight_judge
 from lobass.memory import check_memory
 from lobass.modeling import load_tokenizer, model_key, resolve_model_path
 from lobass.pool import read_pool, tokenize_pool

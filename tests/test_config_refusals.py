@@ -206,7 +206,7 @@ def test_the_judge_key_variable_must_name_a_key(make_cfg):
 def test_the_preflight_sends_no_other_variable_and_warns_on_plain_http(monkeypatch, caplog):
     from http.server import BaseHTTPRequestHandler
 
-    from lobass.evaluation.suite import preflight_judge
+    from lobass.evaluation.judge import preflight_judge
 
     sent = []
 

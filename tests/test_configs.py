@@ -276,8 +276,8 @@ def test_a_refused_secret_reaches_no_file_of_the_run(make_cfg, tmp_path):
 # Objects chosen by config are built from their _target_; the judge is checked before stage 1
 
 def test_judges_and_loggers_are_built_from_their_target(tiny, tmp_path):
+    from lobass.evaluation.judge import make_judge
     from lobass.evaluation.judges import LocalHFJudge, OpenAICompatibleJudge
-    from lobass.evaluation.suite import make_judge
     from lobass.tracking import NullLogger, WandbLogger, make_logger
 
     cfg = _compose("judge=openai_compatible", "eval.judge.model=judge-7b", "eval.judge.retries=5")
@@ -349,7 +349,7 @@ def _free_port() -> int:
 
 
 def test_judge_key_and_server_are_checked_before_the_first_stage(models_endpoint, monkeypatch):
-    from lobass.evaluation.suite import preflight_judge
+    from lobass.evaluation.judge import preflight_judge
 
     def check(*overrides, stages=("eval",)):
         cfg = _compose("judge=openai_compatible", "eval.judge.baseline=full_data",

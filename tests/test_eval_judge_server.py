@@ -16,9 +16,8 @@ from omegaconf import OmegaConf
 
 from conftest import local_http_server
 from lobass.evaluation.generation import generate_batch
-from lobass.evaluation.judge import judge_pairwise, render_prompt
+from lobass.evaluation.judge import judge_pairwise, judge_prompt, render_prompt
 from lobass.evaluation.judges import OpenAICompatibleJudge
-from lobass.evaluation.suite import judge_prompt
 from lobass.formatting import format_prompt, prompt_token_ids
 
 KEY = "sk-test-not-a-secret-123"

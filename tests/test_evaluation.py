@@ -14,7 +14,13 @@ from omegaconf import OmegaConf
 from conftest import CONF, TINY
 from lobass.config import package_data
 from lobass.data import DataError
-from lobass.evaluation.generation import generate_batch, generate_responses, read_generations
+from lobass.evaluation.generation import (
+    enabled_prompt_sets,
+    generate_batch,
+    generate_responses,
+    judged_sets,
+    read_generations,
+)
 from lobass.evaluation.gsm8k import gsm8k_metrics, gsm8k_task_config
 from lobass.evaluation.harness import build_lm, build_task_manager
 from lobass.evaluation.heldout import heldout_loss_metrics
@@ -24,17 +30,13 @@ from lobass.evaluation.judge import (
     combine_orders,
     find_baseline_generations,
     judge_pairwise,
+    judge_prompt,
     parse_verdict,
     render_prompt,
 )
 from lobass.evaluation.judges import LocalHFJudge
 from lobass.evaluation.prompts import read_prompts, read_reference_examples, read_reference_set
-from lobass.evaluation.suite import (
-    enabled_prompt_sets,
-    judge_prompt,
-    judged_sets,
-    reference_sets,
-)
+from lobass.evaluation.suite import reference_sets
 from lobass.formatting import format_prompt, prompt_token_ids
 from lobass.stats import bootstrap_interval, wilson_interval
 

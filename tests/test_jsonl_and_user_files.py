@@ -16,9 +16,9 @@ from lobass.evaluation.generation import (
     read_generations,
     visible_answer,
 )
-from lobass.evaluation.judge import find_baseline_generations, render_prompt
+from lobass.evaluation.judge import find_baseline_generations, judge_prompt, render_prompt
 from lobass.evaluation.prompts import Prompt, read_prompts, read_reference_examples
-from lobass.evaluation.suite import generation_set_metrics, judge_prompt
+from lobass.evaluation.suite import generation_set_metrics
 from lobass.jsonrows import jsonl_text, read_jsonl
 
 SEPARATORS = "line\u2028separator\u2029paragraph\x85next\x1c\x1d\x1e"  # all str.splitlines ends

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from lobass.artifacts import atomic_write_text
 from lobass.evaluation.prompts import Prompt
@@ -192,3 +193,23 @@ def generation_metrics(rows: Sequence[dict[str, Any]], name: str) -> dict[str, f
         f"eval/{name}/truncated_share": sum(not r["finished"] for r in rows) / n,
         f"eval/{name}/empty": float(sum(not visible_answer(r["output"]) for r in rows)),
     }
+
+
+def enabled_prompt_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
+    """The generation prompt sets switched on, by name.
+
+    Their names were checked against the other metric groups by ``lobass.config.validate``
+    (``schema.eval_specs.clashing_set_names``).
+    """
+    generation = eval_cfg.generation
+    if not generation.enabled:
+        return {}
+    return {str(k): v for k, v in generation.sets.items() if v.enabled}
+
+
+def judged_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
+    """The enabled prompt sets whose answers the judge compares (``sets.<name>.judge``).
+
+    A set answered only for its length (``alpaca_eval``) needs no baseline answers and no judge.
+    """
+    return {k: v for k, v in enabled_prompt_sets(eval_cfg).items() if v.get("judge", True)}

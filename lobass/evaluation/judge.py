@@ -16,6 +16,11 @@ swapped, because LLM judges favour one position:
   ``tie_margin`` nats).
 
 The judge's raw output (text, or the log-probabilities) is kept for every order.
+
+Everything of the judge lives here: its prompt file, what its verdicts depend on (the eval key),
+building it from ``eval.judge`` (Hydra ``_target_``), the pre-flight of a remote judge, both-order
+calls and parsing, and the per-set records. The judge classes themselves are in
+:mod:`lobass.evaluation.judges`.
 """
 
 from __future__ import annotations
@@ -23,14 +28,31 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from lobass.evaluation.generation import read_generations, visible_answer
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lobass.artifacts import atomic_write_text, file_sha256, fingerprint
+from lobass.evaluation.generation import (
+    enabled_prompt_sets,
+    judged_sets,
+    read_generations,
+    visible_answer,
+)
+from lobass.jsonrows import jsonl_text, read_jsonl
+from lobass.schema import check_key_env, plain_http_host
+from lobass.schema.eval_specs import JUDGE_PROMPTS, judge_prompt_path
 from lobass.stats import bootstrap_interval
 
 log = logging.getLogger(__name__)
+
+# eval.judge keys the pairwise protocol reads (judge_inputs, judge_sets); the rest of the group
+# are the arguments of its _target_ class.
+PROTOCOL_KEYS = ("baseline", "prompt", "bootstrap_iters", "tie_margin")
+CHECK_KEYS = ("allow_any_env",)  # read by the config check and preflight_judge, not the class
 
 VERDICT_TAGS = {"A": "A", "B": "B", "C": "tie"}  # what the prompt asks for -> our verdict name
 OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "lose": 0.0}  # AlpacaEval: a tie counts half
@@ -199,3 +221,129 @@ def find_baseline_generations(baseline: str | Path, set_name: str) -> dict[str, 
         return read_generations(path / f"{set_name}.jsonl")
     raise FileNotFoundError(f"eval.judge.baseline={baseline}: no answers for prompt set "
                             f"{set_name!r}; looked in {tried}")
+
+
+def judge_prompt(judge_cfg: DictConfig) -> tuple[str, str]:
+    """The judge prompt's text and sha256.
+
+    ``eval.judge.prompt`` is a file name under ``conf/judge/prompts/`` or a path; prompts are
+    versioned by name (``pairwise_v1.txt``) and the hash goes into every raw verdict record.
+    """
+    path = judge_prompt_path(judge_cfg.prompt)
+    if not path.is_file():
+        shipped = sorted(p.name for p in JUDGE_PROMPTS.glob("*"))
+        raise FileNotFoundError(f"eval.judge.prompt={judge_cfg.prompt}: {path} does not exist; "
+                                f"shipped prompts: {shipped}")
+    text = path.read_text(encoding="utf-8")
+    missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in text]
+    if missing:
+        raise ValueError(f"eval.judge.prompt={path} lacks the placeholders {missing}")
+    return text, file_sha256(path)
+
+
+def judge_inputs(eval_cfg: DictConfig) -> dict[str, Any] | None:
+    """What the judge's results depend on beyond the config: the baseline answers and prompt.
+
+    Called before the eval artifact's key is made, so that new baseline answers (same path)
+    re-judge, and a wrong baseline path fails before any model is loaded.
+    """
+    judge_cfg = eval_cfg.judge
+    if judge_cfg.baseline is None:
+        return None
+    if not judged_sets(eval_cfg):
+        log.warning("eval.judge.baseline is set but no eval.generation set is enabled with "
+                    "judge: true: nothing to judge")
+        return None
+    baseline = {name: fingerprint(find_baseline_generations(judge_cfg.baseline, name))
+                for name in judged_sets(eval_cfg)}
+    # "render": how answers are put in the prompt (fenced since issue 27); a change re-judges.
+    return {"baseline": baseline, "prompt": judge_prompt(judge_cfg)[1], "render": "fenced-v1"}
+
+
+def _judge_arguments(judge_cfg: DictConfig) -> dict[str, Any]:
+    """``eval.judge`` without the keys the pairwise protocol reads (see ``PROTOCOL_KEYS``)."""
+    spec = OmegaConf.to_container(judge_cfg, resolve=True)
+    assert isinstance(spec, dict)
+    return {str(k): v for k, v in spec.items() if k not in PROTOCOL_KEYS + CHECK_KEYS}
+
+
+def make_judge(judge_cfg: DictConfig, load_local: Callable[[str | None], tuple[Any, Any]],
+               template: str) -> Judge:
+    """The judge ``eval.judge`` describes, built from its ``_target_`` by Hydra.
+
+    Args:
+        judge_cfg: the ``eval.judge`` config.
+        load_local: ``load_local(model)`` gives (model, tokenizer) for ``local_hf``, whose
+            ``eval.judge.model`` is a checkpoint to load (``None``: the run's initial model).
+        template: ``model.template``, the chat format a local judge's prompt is rendered in.
+
+    Returns:
+        The judge.
+
+    """
+    build = instantiate(_judge_arguments(judge_cfg), _partial_=True, _convert_="all")
+    if judge_cfg.name == "local_hf":
+        model, tokenizer = load_local(judge_cfg.model)
+        judge: Judge = build(model=model, tokenizer=tokenizer, template=template)
+        return judge
+    judge = build()
+    return judge
+
+
+def preflight_judge(eval_cfg: DictConfig, stages: Sequence[str]) -> None:
+    """Before the first stage: the judge's prompt, and a remote judge's key and server.
+
+    Does nothing unless the eval stage will judge (``eval`` in ``stages``, a baseline set and a
+    prompt set enabled). A judge class with a ``preflight()`` method (``openai_compatible``) is
+    built and asked: its key must be in the environment and its ``base_url`` must answer. Before
+    that key is sent, ``api_key_env`` must name a key's variable (``check_key_env``), and a plain
+    ``http://`` URL to another machine is warned about (the key would travel unencrypted).
+
+    Raises:
+        ConfigError: ``api_key_env`` names no key's variable.
+        FileNotFoundError: the judge prompt file is missing.
+        ValueError: the prompt lacks a placeholder.
+        RuntimeError: from the judge's own check, naming the setting to change.
+
+    """
+    judge_cfg = eval_cfg.judge
+    if "eval" not in stages or judge_cfg.baseline is None or not enabled_prompt_sets(eval_cfg):
+        return
+    judge_prompt(judge_cfg)
+    if "api_key_env" in judge_cfg:
+        check_key_env("eval.judge", judge_cfg)
+        host = plain_http_host(str(judge_cfg.get("base_url") or ""))
+        if host is not None:
+            sent = f"the key in ${judge_cfg.api_key_env}, " if judge_cfg.api_key_env else ""
+            log.warning("eval.judge.base_url=%s is plain http:// to %s, not this machine: %sthe "
+                        "prompts and the answers cross the network unencrypted; use https://",
+                        judge_cfg.base_url, host, sent)
+    if hasattr(get_class(judge_cfg._target_), "preflight"):
+        instantiate(_judge_arguments(judge_cfg), _partial_=True, _convert_="all")().preflight()
+
+
+def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path], work: Path, *,
+               seed: int) -> dict[str, float]:
+    """Judge each set against the baseline; raw verdicts go to ``work/judge/<set>.jsonl``.
+
+    Returns:
+        ``eval/<set>/{win,tie,lose,unparsed,n,win_rate,win_rate_ci_low,win_rate_ci_high}``.
+
+    """
+    template, prompt_sha = judge_prompt(judge_cfg)
+    metrics: dict[str, float] = {}
+    for name, path in generations.items():
+        ours = read_jsonl(path)
+        baseline = find_baseline_generations(judge_cfg.baseline, name)
+        records, counts = judge_pairwise(
+            judge, template, ours, baseline, tie_margin=float(judge_cfg.get("tie_margin", 0.0)),
+            bootstrap_iters=int(judge_cfg.bootstrap_iters), seed=seed)
+        for record in records:
+            record.update({"judge": judge.name, "prompt_file": judge_cfg.prompt,
+                           "prompt_sha256": prompt_sha})
+        atomic_write_text(work / "judge" / f"{name}.jsonl", jsonl_text(records))
+        metrics.update({f"eval/{name}/{k}": float(v) for k, v in counts.items()})
+        log.info("eval.judge=%s on %s: %d win / %d tie / %d lose, win rate %.3f [%.3f, %.3f]",
+                 judge.name, name, counts["win"], counts["tie"], counts["lose"],
+                 counts["win_rate"], counts["win_rate_ci_low"], counts["win_rate_ci_high"])
+    return metrics

@@ -28,7 +28,9 @@ from lobass.artifacts import (
 )
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
+from lobass.evaluation import judge as judging
 from lobass.evaluation import suite
+from lobass.evaluation.generation import judged_sets
 from lobass.evaluation.heldout import (
     PER_PROMPT_COLUMNS,
     PER_PROMPT_LOSSES,
@@ -74,7 +76,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     cfg = ctx.cfg
     ev = OmegaConf.merge(cfg.eval, {"judge": {"baseline": judge_baseline}})
     assert isinstance(ev, DictConfig)
-    judged = suite.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
+    judged = judging.judge_inputs(ev)  # baseline answers and judge prompt: a change re-judges
     # format 3: the artifact keeps per_prompt_losses.csv (with the trimmed losses), and answer
     # lengths are gen_len_tokens.
     # What is evaluated: a fine-tune (its key names the initial model and how rows are tokenised)
@@ -136,9 +138,9 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         free_memory()
         # d) pairwise judge against the baseline's answers, both orders
         if judged is not None:
-            judge = suite.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
-            metrics.update(suite.judge_sets(judge, ev.judge, {
-                k: v for k, v in generations.items() if k in suite.judged_sets(ev)}, work,
+            judge = judging.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
+            metrics.update(judging.judge_sets(judge, ev.judge, {
+                k: v for k, v in generations.items() if k in judged_sets(ev)}, work,
                 seed=seed))
             del judge
             free_memory()
