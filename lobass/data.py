@@ -20,6 +20,7 @@ from typing import Any
 
 from lobass.artifacts import fingerprint
 from lobass.jsonrows import DataError, InvalidJSON, iter_json_rows
+from lobass.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,11 @@ def chat_messages(row: dict[str, Any]) -> list[Message]:
 
 
 # Each converter takes the row, plus keyword options from ``data.<reader>`` (data.gsm8k).
-CONVERTERS: dict[str, Callable[..., list[Message]]] = {
-    "alpaca": alpaca_messages,
-    "dolly": dolly_messages,
-    "gsm8k": gsm8k_messages,
-    "jsonl": chat_messages,
-}
+CONVERTERS: Registry[Callable[..., list[Message]]] = Registry("data reader", DataError)
+CONVERTERS.add("alpaca", alpaca_messages)
+CONVERTERS.add("dolly", dolly_messages)
+CONVERTERS.add("gsm8k", gsm8k_messages)
+CONVERTERS.add("jsonl", chat_messages)
 
 
 def example_id(messages: list[Message]) -> str:
@@ -197,12 +197,11 @@ def read_examples(
         DataError: a bad row (with ``on_bad_row=error``), an unreadable or empty file.
 
     """
-    if reader not in CONVERTERS:
-        raise DataError(f"unknown data reader {reader!r}; choose one of {sorted(CONVERTERS)}")
+    converter = CONVERTERS.lookup(reader)
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = Path(path)
-    convert = functools.partial(CONVERTERS[reader], **dict(options or {}))
+    convert = functools.partial(converter, **dict(options or {}))
     stats = ReadStats()
     examples: list[Example] = []
     seen: dict[str, int] = {}

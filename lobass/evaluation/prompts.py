@@ -10,13 +10,21 @@ loss).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lobass.data import DataError, Example, InvalidJSON, example_id, iter_json_rows, read_examples
-
-PROMPT_READERS = ("fastchat", "alpaca", "dolly", "gsm8k", "jsonl")
+from lobass.data import (
+    CONVERTERS,
+    DataError,
+    Example,
+    InvalidJSON,
+    example_id,
+    iter_json_rows,
+    read_examples,
+)
+from lobass.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,36 @@ def _fastchat_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _fastchat_prompts(path: Path, max_rows: int | None) -> list[Prompt]:
+    """A FastChat question file's first turns (``max_rows`` is applied by the caller)."""
+    return [Prompt(str(row["question_id"]), ({"role": "user", "content": row["turns"][0]},),
+                   str(row.get("category", "")))
+            for _, row in _fastchat_rows(path)]
+
+
+def _sft_prompts(reader: str) -> Callable[[Path, int | None], list[Prompt]]:
+    """Prompts from an SFT file read by data reader ``reader``: each row without its answer."""
+
+    def read(path: Path, max_rows: int | None) -> list[Prompt]:
+        examples, _ = read_examples(path, reader, source="prompts", max_rows=max_rows)
+        return [Prompt(e.id, e.messages[:-1]) for e in examples]
+
+    return read
+
+
+PROMPT_READERS: Registry[Callable[[Path, int | None], list[Prompt]]] = Registry(
+    "prompt reader", DataError)
+PROMPT_READERS.add("fastchat", _fastchat_prompts)
+for _reader in CONVERTERS:  # every SFT data reader also reads prompts
+    PROMPT_READERS.add(_reader, _sft_prompts(_reader))
+
+
 def read_prompts(path: str | Path, reader: str, max_rows: int | None = None) -> list[Prompt]:
     """The first ``max_rows`` prompts of a prompt file.
 
     Args:
         path: FastChat question JSONL (``reader=fastchat``) or an SFT data file.
-        reader: ``fastchat`` or a :data:`lobass.data.CONVERTERS` reader name.
+        reader: a :data:`PROMPT_READERS` name: ``fastchat`` or a data reader's.
         max_rows: keep the first N prompts (``None``: all).
 
     Raises:
@@ -59,16 +91,7 @@ def read_prompts(path: str | Path, reader: str, max_rows: int | None = None) -> 
 
     """
     path = Path(path)
-    if reader not in PROMPT_READERS:
-        raise DataError(f"unknown prompt reader {reader!r}; choose one of {PROMPT_READERS}")
-    if reader == "fastchat":
-        prompts = [Prompt(str(row["question_id"]),
-                          ({"role": "user", "content": row["turns"][0]},),
-                          str(row.get("category", "")))
-                   for _, row in _fastchat_rows(path)]
-    else:
-        examples, _ = read_examples(path, reader, source="prompts", max_rows=max_rows)
-        prompts = [Prompt(e.id, e.messages[:-1]) for e in examples]
+    prompts = PROMPT_READERS.lookup(reader)(path, max_rows)
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: duplicate prompt ids")

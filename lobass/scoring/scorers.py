@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lobass.registry import Registry
+
 log = logging.getLogger(__name__)
 
 
@@ -63,27 +65,24 @@ def _random(losses: dict[str, np.ndarray], n_tokens: np.ndarray, seed: int) -> n
     return np.random.default_rng(seed).random(len(n_tokens))
 
 
-SCORERS: dict[str, Scorer] = {
-    s.name: s
-    for s in (
-        Scorer("lobass", ("init", "ref"), _lobass, "(L_init - L_ref) / L_init"),
-        Scorer("rho", ("init", "ref"), lambda ls, n, s: ls["init"] - ls["ref"], "L_init - L_ref"),
-        Scorer("loss", ("init",), lambda ls, n, s: ls["init"].copy(), "L_init (hardest first)"),
-        Scorer("ifd", ("ifd_cond", "ifd_alone"), _ifd,
-               "Cherry LLM's IFD L(y|x) / L(y) on its Alpaca prompt; rows above 1 unscored"),
-        Scorer("ifd_chat", ("init", "uncond"), _ifd_chat,
-               "L_init / L(response after one start token), lobass's template"),
-        Scorer("length", (), lambda ls, n, s: n.astype(np.float64), "response tokens"),
-        Scorer("random", (), _random, "uniform, seeded by `seed`"),
-    )
-}
+SCORERS: Registry[Scorer] = Registry("scorer")
+for _scorer in (
+    Scorer("lobass", ("init", "ref"), _lobass, "(L_init - L_ref) / L_init"),
+    Scorer("rho", ("init", "ref"), lambda ls, n, s: ls["init"] - ls["ref"], "L_init - L_ref"),
+    Scorer("loss", ("init",), lambda ls, n, s: ls["init"].copy(), "L_init (hardest first)"),
+    Scorer("ifd", ("ifd_cond", "ifd_alone"), _ifd,
+           "Cherry LLM's IFD L(y|x) / L(y) on its Alpaca prompt; rows above 1 unscored"),
+    Scorer("ifd_chat", ("init", "uncond"), _ifd_chat,
+           "L_init / L(response after one start token), lobass's template"),
+    Scorer("length", (), lambda ls, n, s: n.astype(np.float64), "response tokens"),
+    Scorer("random", (), _random, "uniform, seeded by `seed`"),
+):
+    SCORERS.add(_scorer.name, _scorer)
 
 
 def get_scorer(name: str) -> Scorer:
-    """Look up a scorer by name, listing the valid names when it is unknown."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name]
+    """Look up a scorer by name, listing the valid names when it is unknown (ValueError)."""
+    return SCORERS.lookup(name)
 
 
 def needed_losses(scorers: Sequence[Scorer]) -> list[str]:
