@@ -44,6 +44,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from scoring import matmul_flops  # noqa: E402
 from training import layer_gemm_flops  # noqa: E402
 
+from lobass.config import with_defaults  # noqa: E402
 from lobass.memory.shape import architecture_config  # noqa: E402
 from lobass.modeling import lora_config, resolve_model_path  # noqa: E402
 
@@ -104,7 +105,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={args.model}"])
+        cfg = with_defaults(compose(config_name="config", overrides=[f"model={args.model}"]))
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     config = architecture_config(cfg.model, path, num_hidden_layers=args.layers)
     torch.manual_seed(0)

@@ -55,7 +55,7 @@ from flops import bf16_peak_tflops, engine_flops, model_dims, naive_flops  # noq
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import lobass  # noqa: E402,F401
-from lobass.config import package_data  # noqa: E402
+from lobass.config import package_data, with_defaults  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
 from lobass.formatting import tokenize_example  # noqa: E402
 from lobass.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
@@ -221,7 +221,8 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         # bf16 on CUDA: float32 there would time a configuration no GPU recipe uses.
         on_gpu = ["model.dtype=bfloat16", "model.device=cuda"] if args.device == "cuda" else []
-        cfg = compose(config_name="config", overrides=[f"model={args.model}", *on_gpu])
+        cfg = with_defaults(compose(config_name="config", overrides=[f"model={args.model}",
+                                                                     *on_gpu]))
     path, _ = resolve_model_path(cfg.model, Path(args.models_dir).resolve())
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
@@ -243,7 +244,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     if args.shape:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            shape_cfg = compose(config_name="config", overrides=[f"model={args.shape}"]).model
+            shape_cfg = with_defaults(compose(config_name="config",
+                                              overrides=[f"model={args.shape}"])).model
         model = random_shaped_model(shape_cfg, args.layers, args.device)
         features = fold_vocab(features, model.config.vocab_size)
         pad = 0

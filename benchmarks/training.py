@@ -62,7 +62,7 @@ from transformers import TrainerCallback  # noqa: E402
 import lobass  # noqa: E402,F401
 from lobass.artifacts import atomic_write_json  # noqa: E402
 from lobass.batches import FeatureDataset  # noqa: E402
-from lobass.config import package_data  # noqa: E402
+from lobass.config import package_data, with_defaults  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
 from lobass.formatting import IGNORE_INDEX, tokenize_example  # noqa: E402
 from lobass.modeling import (  # noqa: E402
@@ -304,7 +304,7 @@ def main() -> None:
     if args.micro_batch_size is not None:
         overrides.append(f"reference.micro_batch_size={args.micro_batch_size or 'null'}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = with_defaults(compose(config_name="config", overrides=overrides))
     recipes = {"user": cfg.reference, "plain": cfg.reference,
                "lobass": OmegaConf.merge(cfg.reference, {"compile": args.compile,
                                                          "share_prefix": not args.no_share_prefix})}

@@ -10,7 +10,6 @@ run before Hydra saves its config under ``.hydra/``.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 from collections import Counter
@@ -19,27 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lobass.data import Example, read_examples
-from lobass.schema import (
-    JUDGE_SPECS,
-    LOGGER_SPECS,
-    ConfigError,
-    RootSpec,
-    check_group,
-    check_key_env,
-    refuse_secrets,
-)
-from lobass.schema.eval_specs import JUDGE_PROMPTS, clashing_set_names, judge_prompt_path
+from lobass.schema import ConfigError, refuse_secrets
+from lobass.schema.rules import check_rules, check_structure, defaults_patch
 
 __all__ = ["ConfigError", "RefuseSecrets", "check_lora_targets", "check_secrets", "package_data",
-           "validate", "validate_pool"]
+           "validate", "validate_pool", "with_defaults"]
 
 log = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).parent / "resources"
-STAGES = ("reference", "score", "select", "train", "eval")
 
 
 def package_data(relative: str) -> str:
@@ -98,182 +88,50 @@ def check_secrets(cfg: DictConfig) -> None:
     refuse_secrets(values)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> DictConfig:
     """Check every config value before any file is read, model loaded or artifact written.
 
     Runs first in ``run(cfg)``. Secrets first (later messages echo values), then each group
-    against :mod:`lobass.schema`, then what spans fields. Checks that need the pool size or the
-    model's architecture are :func:`validate_pool` and :func:`check_lora_targets`.
+    against :mod:`lobass.schema`; then every absent field gets its schema default (in ``cfg``
+    itself, so stage code reads ``cfg.a.b``, never ``.get(key, default)``); then the rules
+    across fields (:mod:`lobass.schema.rules`). Checks that need the pool size or the model's
+    architecture are :func:`validate_pool` and :func:`check_lora_targets`.
+
+    Returns:
+        ``cfg``, every default filled.
 
     Raises:
         ConfigError: naming the key, with the allowed values or range.
 
     """
+    values = _resolved(cfg)
+    refuse_secrets(values)
+    check_structure(values)
+    with_defaults(cfg)
+    check_rules(_resolved(cfg))
+    return cfg
+
+
+def with_defaults(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with every absent field set to its schema default (in place), and returned.
+
+    :func:`validate` calls it; code that composes a config and skips validation (tests, a
+    notebook calling a stage) calls it to get the same config a run sees.
+    """
+    patch = defaults_patch(_resolved(cfg))
+    if patch:
+        with open_dict(cfg):
+            cfg.merge_with(patch)
+    return cfg
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
     try:
-        values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        values = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # an interpolation that cannot resolve: name it
         raise ConfigError(f"the config does not resolve: {err}") from err
-    refuse_secrets(values)
-    unknown = [s for s in values.get("stages") or [] if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown} in stages=; choose from {list(STAGES)}")
-    targets = values.get("model", {}).get("lora_targets")
-    if not targets or not isinstance(targets, list) or not all(
-            isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"model.lora_targets must be a non-empty list of module names such as "
-                          f"[q_proj, v_proj], got {targets!r}")
-    check_group("", values, RootSpec)
-    judge, logger = values["eval"]["judge"], values["logger"]
-    _check_variant("eval.judge", judge, "name", JUDGE_SPECS)
-    if "api_key_env" in judge:  # a remote judge: the variable's value is sent as a bearer token
-        check_key_env("eval.judge", judge)
-    _check_variant("logger", logger, "kind", LOGGER_SPECS)
-    _check_model(values["model"])
-    _check_keep_sources(values["selection"], values["data"])
-    _check_selection(values["selection"])
-    for group in ("reference", "train"):
-        _check_recipe(group, values[group])
-    if "eval" in values["stages"]:
-        _check_eval_files(values["eval"])
-
-
-def _check_variant(key: str, values: dict[str, Any], tag: str, specs: dict[str, type]) -> None:
-    """Check a group whose fields depend on one of its values (the judge's name, logger kind)."""
-    if values.get(tag) not in specs:
-        raise ConfigError(f"{key}.{tag}={values.get(tag)!r} is not supported; choose one of "
-                          f"{sorted(specs)}")
-    check_group(key, values, specs[values[tag]])
-    from hydra.utils import get_class
-
-    try:
-        get_class(values["_target_"])
-    except Exception as err:
-        raise ConfigError(f"{key}._target_={values['_target_']!r} cannot be imported: {err}"
-                          ) from err
-
-
-def _check_model(model: dict[str, Any]) -> None:
-    needs = {"hub": ["hub_id"], "gguf": ["gguf_package", "gguf_file"], "random": ["random_init"]}
-    missing = [k for k in needs[model["source"]] if not model.get(k)]
-    if missing:
-        raise ConfigError(f"model.source={model['source']} needs "
-                          + " and ".join(f"model.{k}" for k in missing) + "; set it")
-
-
-def _check_keep_sources(selection: dict[str, Any], data: dict[str, Any]) -> None:
-    """Each ``selection.keep_sources`` entry names a pool source (``data.source``, a mix name).
-
-    A misspelt one would otherwise keep nothing, and the run would rank every row.
-    """
-    sources = [data["source"], *(data.get("mix") or {})]
-    for name in selection.get("keep_sources") or []:
-        if name not in sources:
-            close = difflib.get_close_matches(str(name), sources, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ConfigError(f"selection.keep_sources names {name!r}, which is no source of the "
-                              f"pool; {hint}the sources are {sources} (data.source and the "
-                              "data.mix names)")
-
-
-def _check_selection(selection: dict[str, Any]) -> None:
-    """One size: ``listed``, ``band``, ``budget=tokens`` (``tokens`` or ``match_tokens``), rows."""
-    _check_length_controls(selection)
-    listed = selection.get("listed")
-    if listed is not None:  # a peer's selection: exactly the pool rows the file holds
-        if not Path(listed).is_file():
-            raise ConfigError(f"selection.listed={listed}: no such file (a data file of the rows "
-                              "to keep, read with selection.listed_reader)")
-        return
-    band = selection.get("band")
-    if band is not None:  # quantiles of the score: replaces ratio and count
-        if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
-            raise ConfigError(f"selection.band must be [lo, hi] score quantiles with 0 <= lo < hi "
-                              f"<= 1, got {band}")
-        return
-    if selection.get("budget", "rows") == "tokens":
-        tokens, match = selection.get("tokens"), selection.get("match_tokens")
-        if (tokens is None) == (match is None):
-            raise ConfigError("selection.budget=tokens needs exactly one of selection.tokens and "
-                              f"selection.match_tokens (got tokens={tokens}, match_tokens={match})")
-        if match is not None and not Path(match).exists():
-            raise ConfigError(f"selection.match_tokens={match}: no such run or selection "
-                              "directory")
-        return
-    ratio, count = selection["ratio"], selection["count"]
-    if ratio is not None and count is not None:  # `selection.count=N` over the default group
-        raise ConfigError(f"selection.count={count} is set beside selection.ratio={ratio} (the "
-                          f"ratio group's default): use selection=count selection.count={count}")
-    if ratio is None and count is None:
-        raise ConfigError("set exactly one of selection.ratio and selection.count (got "
-                          f"ratio={ratio}, count={count})")
-
-
-def _check_length_controls(selection: dict[str, Any]) -> None:
-    """``rule=length_matched_random`` names a selection; it and ``stratify`` take rows only.
-
-    The draw takes the named selection's row count, and stratify splits a ratio or count, so
-    neither combines with a band, a listed file or a token budget.
-    """
-    other = [k for k in ("band", "listed", "match_tokens") if selection.get(k) is not None]
-    other += ["budget=tokens"] if selection.get("budget", "rows") == "tokens" else []
-    if selection.get("rule", "ranked") == "length_matched_random":
-        match = selection.get("match_lengths")
-        if match is None or not Path(match).exists():
-            raise ConfigError(f"selection.rule=length_matched_random needs selection."
-                              f"match_lengths=<run dir or selection artifact> (got {match})")
-        other += [k for k in ("by_source", "keep_sources", "stratify") if selection.get(k)]
-        if other:
-            raise ConfigError(f"selection.rule=length_matched_random draws as many rows as the "
-                              f"named selection has; unset selection.{', selection.'.join(other)}")
-    elif selection.get("stratify") is not None and other:
-        raise ConfigError(f"selection.stratify splits a ratio or count over length quantiles; "
-                          f"unset selection.{', selection.'.join(other)}")
-
-
-def _check_recipe(group: str, recipe: dict[str, Any]) -> None:
-    if recipe["max_steps"] <= 0 and recipe["epochs"] <= 0:
-        raise ConfigError(f"{group}.epochs={recipe['epochs']} with {group}.max_steps="
-                          f"{recipe['max_steps']} trains nothing; set {group}.epochs > 0 or "
-                          f"{group}.max_steps > 0")
-    if recipe.get("fsdp") and recipe.get("deepspeed"):
-        raise ConfigError(f"set at most one of {group}.fsdp and {group}.deepspeed")
-
-
-def _check_eval_files(ev: dict[str, Any]) -> None:
-    """The files the eval stage reads exist (it runs last, after hours of training on a GPU)."""
-    files = []
-    if ev["gsm8k"]["enabled"]:
-        files += [("eval.gsm8k.test_path", ev["gsm8k"]["test_path"]),
-                  ("eval.gsm8k.fewshot_path", ev["gsm8k"]["fewshot_path"])]
-    if ev["ifeval"]["enabled"]:
-        files.append(("eval.ifeval.path", ev["ifeval"]["path"]))
-    if ev["heldout"]["enabled"]:
-        files.append(("eval.heldout.path", ev["heldout"]["path"]))
-    for name, ref in (ev.get("reference_loss") or {}).items():
-        if ref["enabled"]:
-            files += [(f"eval.reference_loss.{name}.{part}", ref[part])
-                      for part in ("questions", "answers") if ref.get(part) is not None]
-    generation = ev["generation"]
-    sets = [n for n, s in generation["sets"].items() if s["enabled"]] if generation["enabled"] \
-        else []
-    for name in sets:
-        files.append((f"eval.generation.sets.{name}.path", generation["sets"][name]["path"]))
-    clash = clashing_set_names(sets, ev.get("reference_loss") or {})
-    if clash:
-        raise ConfigError(f"eval.generation.sets {clash} share a name with another eval metric "
-                          "group; rename them")
-    judge = ev["judge"]
-    if judge["baseline"] is not None and sets:
-        files.append(("eval.judge.prompt", str(judge_prompt_path(judge["prompt"]))))
-        if judge["baseline"] != "full_data" and not Path(judge["baseline"]).exists():
-            raise ConfigError(f"eval.judge.baseline={judge['baseline']}: no such file or "
-                              "directory; give full_data, a run dir, an eval artifact dir or a "
-                              "generations JSONL (null: no judging)")
-    for key, path in files:
-        if not Path(path).is_file():
-            hint = (f"; shipped prompts: {sorted(p.name for p in JUDGE_PROMPTS.glob('*.txt'))}"
-                    if key == "eval.judge.prompt" else "")
-            raise ConfigError(f"{key}={path}: no such file{hint}")
+    assert isinstance(values, dict)
+    return {str(k): v for k, v in values.items()}
 
 
 def validate_pool(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, float]:
@@ -301,7 +159,7 @@ def validate_pool(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, flo
     """
     selection = cfg.selection
     per_source = Counter(e.source for e in examples)
-    kept = list(selection.get("keep_sources") or [])
+    kept = list(selection.keep_sources)
     metrics: dict[str, float] = {}
     for name in kept:
         if not per_source[name]:
@@ -312,11 +170,11 @@ def validate_pool(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, flo
         log.info("selection.keep_sources=%s: %s rows added in full, never ranked", kept,
                  {name: per_source[name] for name in kept})
     ranked = {s: n for s, n in per_source.items() if s not in kept}
-    if selection.get("listed"):
+    if selection.listed:
         metrics.update(_check_listed(selection, {e.id for e in examples}))
-    elif (selection.get("band") is None and selection.get("budget", "rows") == "rows"
+    elif (selection.band is None and selection.budget == "rows"
           and selection.count is not None):
-        groups = ranked if selection.get("by_source") else {"": sum(ranked.values())}
+        groups = ranked if selection.by_source else {"": sum(ranked.values())}
         for source, n in groups.items():
             if selection.count > n:
                 rows = (f"source {source} ({n} rows" if source else
@@ -332,7 +190,7 @@ def validate_pool(cfg: DictConfig, examples: Sequence[Example]) -> dict[str, flo
 
 def _check_listed(selection: DictConfig, pool_ids: set[str]) -> dict[str, float]:
     """``selection.listed`` read as the select stage reads it, matched to the pool by content."""
-    rows, stats = read_examples(selection.listed, selection.get("listed_reader", "alpaca"),
+    rows, stats = read_examples(selection.listed, selection.listed_reader,
                                 on_bad_row="skip")
     listed = {e.id for e in rows}
     matched = len(listed & pool_ids)
@@ -373,7 +231,7 @@ def check_lora_targets(model_cfg: DictConfig, model_path: str) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    config = AutoConfig.from_pretrained(model_path, revision=model_cfg.get("revision"),
+    config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision,
                                         trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config,

@@ -87,7 +87,7 @@ def evaluation_sets(eval_cfg: DictConfig) -> dict[str, list[EvalItem]]:
     if held.enabled:
         sets["heldout"] = _from_examples(read_examples(held.path, held.reader,
                                                        source="heldout")[0])
-    for name, ref in (eval_cfg.get("reference_loss") or {}).items():
+    for name, ref in eval_cfg.reference_loss.items():
         if ref.enabled:
             whole = OmegaConf.merge(ref, {"max_rows": None})
             sets[str(name)] = _from_examples(read_reference_set(str(name), whole))

@@ -37,7 +37,7 @@ def check_device(model_cfg: DictConfig) -> str:
         DeviceUnavailableError: ``cuda`` asked for and unavailable, naming both fixes.
 
     """
-    return resolve_device(str(model_cfg.get("device", "auto")), f"model={model_cfg.name}")
+    return resolve_device(str(model_cfg.device), f"model={model_cfg.name}")
 
 
 def resolve_device(device: str, who: str) -> str:
@@ -71,9 +71,9 @@ def weight_sharding(train_cfg: DictConfig | None) -> str | None:
     """
     if train_cfg is None:
         return None
-    if bool(train_cfg.get("fsdp", False)):
+    if bool(train_cfg.fsdp):
         return "fsdp"
-    deepspeed = train_cfg.get("deepspeed")
+    deepspeed = train_cfg.deepspeed
     if isinstance(deepspeed, DictConfig):
         stage = (deepspeed.get("zero_optimization") or {}).get("stage")
         if stage is not None and int(stage) == 3:

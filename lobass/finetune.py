@@ -24,6 +24,8 @@ from lobass.context import Context, StageResult
 from lobass.devices import check_device, free_memory, weight_sharding
 from lobass.model_card import write_adapter_card
 from lobass.modeling import load_model
+from lobass.schema.specs import TrainSpec
+from lobass.schema.walk import without_defaults
 from lobass.tracking import TrainingCurves
 from lobass.training import (
     rows_per_pass,
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 # resolved into the rows and the seed before the key is made), but never the weights it ends with.
 BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "eval_steps", "fraction", "seed",
                "fit", "folds")
+# Fields added after fine-tune keys were first made; at their schema default (eager, one
+# process, grad_accum as given, training on) a recipe's key is the one it had before them.
+LATER_FIELDS = ("compile", "enabled", "global_batch_size", "fsdp", "fsdp_config", "deepspeed")
 TRAINED_IDS = "trained_ids.json"  # in every fine-tune artifact: the row ids it trained on
 FOLDS_FILE = "folds.json"  # a cross-fitted reference: each fold's adapter, trained and scored ids
 
@@ -49,15 +54,14 @@ def weights_recipe(recipe: DictConfig) -> dict[str, Any]:
     container = OmegaConf.to_container(recipe, resolve=True)
     assert isinstance(container, dict)
     rows = rows_per_pass(recipe)
-    if rows == container.get("batch_size"):
+    if rows == container["batch_size"]:
         container.pop("micro_batch_size", None)  # no split: the keys of unsplit fine-tunes stay
     else:  # the rows per pass a cap resolves to (a divisor keeps the key it had before)
         container["micro_batch_size"] = rows
-    if not container.get("compile"):  # eager: the keys fine-tunes had before the option
-        container.pop("compile", None)
     if not shares_prefix(recipe):  # not applied (off, LoRA dropout, checkpointing): keys as before
         container.pop("share_prefix", None)
-    return {str(k): v for k, v in container.items() if k not in BOOKKEEPING}
+    fields = without_defaults({str(k): v for k, v in container.items()}, TrainSpec, LATER_FIELDS)
+    return {k: v for k, v in fields.items() if k not in BOOKKEEPING}
 
 
 def reference_rows(cfg: DictConfig, n_pool: int) -> list[int]:
@@ -118,7 +122,7 @@ def fit_reference(ctx: Context) -> StageResult:
     """
     cfg, pool = ctx.cfg, ctx.pool
     ref, n = cfg.reference, len(pool.ids)
-    if ref.get("fit", "in_sample") == "in_sample":
+    if ref.fit == "in_sample":
         return finetune(ctx, reference_rows(cfg, n), ref, seed=ref.seed, name="reference")
     k = int(ref.folds)
     if n < k:

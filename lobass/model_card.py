@@ -30,7 +30,7 @@ def base_model_name(model_cfg: DictConfig) -> str:
         return f"pypi:{model_cfg.gguf_package}/{model_cfg.gguf_file}"
     if model_cfg.source == "random":
         return f"random:{model_cfg.name}"
-    revision = model_cfg.get("revision")
+    revision = model_cfg.revision
     return f"{model_cfg.hub_id}@{revision}" if revision else str(model_cfg.hub_id)
 
 

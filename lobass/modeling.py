@@ -173,7 +173,7 @@ def _identity(model_cfg: DictConfig, content: str | None) -> dict[str, Any]:
     fields = ("source", "hub_id", "revision", "gguf_package", "gguf_file", "random_init", "dtype")
     container = OmegaConf.to_container(model_cfg, resolve=True)
     assert isinstance(container, dict)
-    identity = {k: container.get(k) for k in fields}
+    identity = {k: container[k] for k in fields}
     if content is None:  # a pinned hub commit: its name is its content
         return identity
     if model_cfg.source == "hub":
@@ -289,7 +289,7 @@ def resolve_model_path(model_cfg: DictConfig, models_dir: Path) -> tuple[str, bo
     """
     source = model_cfg.source
     if source == "hub":
-        path, _ = checkpoint_path(str(model_cfg.hub_id), model_cfg.get("revision"), "model.hub_id")
+        path, _ = checkpoint_path(str(model_cfg.hub_id), model_cfg.revision, "model.hub_id")
         return path, True
     builders = {"gguf": _convert_gguf, "random": _build_random}
     if source not in builders:
@@ -308,7 +308,7 @@ def load_tokenizer(model_cfg: DictConfig, path: str) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        path, revision=model_cfg.get("revision"), trust_remote_code=model_cfg.trust_remote_code
+        path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -371,7 +371,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             path,
-            revision=model_cfg.get("revision"),
+            revision=model_cfg.revision,
             dtype=DTYPES[model_cfg.dtype],
             device_map=placement,
             attn_implementation=model_cfg.attn_implementation,
@@ -385,7 +385,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
             else:
                 os.environ[key] = value
     log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, model_cfg.dtype,
-             next(model.parameters()).device, model_cfg.get("device", "auto"),
+             next(model.parameters()).device, model_cfg.device,
              f", sharding {sharding}" if sharding else "")
     return model.eval()
 

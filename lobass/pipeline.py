@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lobass import distributed
 from lobass.artifacts import atomic_write_json, fingerprint
-from lobass.config import STAGES, check_lora_targets
+from lobass.config import check_lora_targets
 from lobass.context import Context, StageResult
 from lobass.evaluation.stage import eval_recipe, evaluate
 from lobass.finetune import finetune, fit_reference, weights_recipe
 from lobass.pool import Pool
 from lobass.preflight import open_context, preflight, record_failure
+from lobass.schema.rules import STAGES
 from lobass.scoring import compute_response_losses
 from lobass.scoring.stage import needs_reference, score, scorer_label
 from lobass.selection import select
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def wanted_stages(cfg: DictConfig) -> list[str]:
     """The stages ``cfg.stages`` names, in run order; ``train=none`` keeps only ``eval``."""
     wanted = [name for name in STAGES if name in set(cfg.stages)]
-    if not bool(cfg.train.get("enabled", True)):  # the initial model itself is the point
+    if not cfg.train.enabled:  # the initial model itself is the point
         log.info("train=none (train.enabled=false): evaluating the initial model; stages %s "
                  "skipped", sorted(set(wanted) - {"eval"}))
         return [name for name in wanted if name == "eval"]
@@ -93,7 +94,7 @@ def fine_tunes(cfg: DictConfig, wanted: list[str]) -> bool:
     Its LoRA targets are then checked before the first stage, not found wrong after minutes of
     scoring.
     """
-    trains = bool({"train", "eval"} & set(wanted)) and bool(cfg.train.get("enabled", True))
+    trains = bool({"train", "eval"} & set(wanted)) and bool(cfg.train.enabled)
     scores = trains or bool({"score", "select"} & set(wanted))
     return trains or "reference" in wanted or (scores and needs_reference(cfg))
 
@@ -144,7 +145,7 @@ class Stages:
     @cached_property
     def eval(self) -> StageResult:
         """5) benchmarks, reference-answer losses, answers judged against a baseline's."""
-        trained = self.train if bool(self.cfg.train.get("enabled", True)) else None
+        trained = self.train if self.cfg.train.enabled else None
         baseline = self.cfg.eval.judge.baseline
         if baseline == "full_data":
             full = self.summary.stage("baseline", lambda: _full_data_baseline(self.ctx, trained))
@@ -175,7 +176,7 @@ def point_identity(cfg: DictConfig, selected: StageResult | None, pool: Pool) ->
     (``reference_recipe``): it keeps two LoBaSS points apart, and random rows, which read no
     reference, stay LoBaSS's baseline.
     """
-    fine_tune = bool(cfg.train.get("enabled", True))
+    fine_tune = bool(cfg.train.enabled)
     budget = ("epochs", "max_steps")
     # the train recipe only: an arm and its random baseline must share it, and random reads
     # no reference; the reference's recipe, like its seed, is the scorer's (below)

@@ -61,8 +61,8 @@ def pool_sources(data_cfg: DictConfig) -> dict[str, DictConfig]:
     """
     entries = [("data.source", str(data_cfg.source), data_cfg)]
     for name, mix in (data_cfg.mix or {}).items():
-        label = mix.get("source") or name
-        key = f"data.mix.{name}.source" if mix.get("source") else f"data.mix.{name}"
+        label = mix.source or name
+        key = f"data.mix.{name}.source" if mix.source else f"data.mix.{name}"
         entries.append((key, str(label), mix))
     sources: dict[str, DictConfig] = {}
     keys: dict[str, str] = {}
@@ -91,9 +91,11 @@ def read_pool(data_cfg: DictConfig) -> tuple[list[Example], dict[str, float]]:
     metrics: dict[str, float] = {}
     seen: set[str] = set()
     for name, source in sources.items():
+        # a reader's options live at data.<reader>; only gsm8k has any (keep_calculator)
+        reader_options = data_cfg.gsm8k if source.reader == "gsm8k" else None
         rows, stats = read_examples(source.path, source.reader, source=str(name),
                                     max_rows=source.max_rows, on_bad_row=data_cfg.on_bad_row,
-                                    options=data_cfg.get(source.reader))  # data.gsm8k options
+                                    options=reader_options)
         unique = [e for e in rows if e.id not in seen]  # a row in two mixed files counts once
         stats.skipped["duplicate"] += len(rows) - len(unique)
         seen.update(e.id for e in unique)
@@ -117,7 +119,7 @@ def tokenize_pool(cfg: DictConfig, examples: list[Example], tokenizer: Any,
 
     """
     data = cfg.data
-    allow = bool(data.get("allow_special_tokens", False))
+    allow = bool(data.allow_special_tokens)
     features = [tokenize_example(e, tokenizer, cfg.model.template, data.max_length,
                                  allow_special_tokens=allow) for e in examples]
     metrics = {"data/pool_rows": float(len(examples)),

@@ -48,7 +48,7 @@ def open_context(cfg: DictConfig, metrics: dict[str, float], tracker: RunLogger)
     examples, read_metrics = read_pool(cfg.data)
     metrics.update(read_metrics)
     # overlap with every eval set counted (data/contamination/*), dropped if data.decontaminate
-    drop = bool(cfg.data.get("decontaminate", False))
+    drop = bool(cfg.data.decontaminate)
     examples, audit_metrics = audit(examples, cfg.eval, drop=drop)
     metrics.update(audit_metrics)
     # selection.count per ranked group, keep_sources and the listed file, against the pool

@@ -167,11 +167,11 @@ def rule_from_config(selection_cfg: Any, tokens: int | None = None, *,
         seed: the run's seed, which draws ``length_matched_random``.
 
     """
-    band = selection_cfg.get("band")
-    budget = selection_cfg.get("budget", "rows")
+    band = selection_cfg.band
+    budget = selection_cfg.budget
     listed, listed_from = None, None
-    if selection_cfg.get("listed"):
-        rows, _ = read_examples(selection_cfg.listed, selection_cfg.get("listed_reader", "alpaca"),
+    if selection_cfg.listed:
+        rows, _ = read_examples(selection_cfg.listed, selection_cfg.listed_reader,
                                 on_bad_row="skip")
         listed = frozenset(e.id for e in rows)
         listed_from = f"{Path(selection_cfg.listed).name}@{fingerprint(sorted(listed))}"
@@ -181,15 +181,15 @@ def rule_from_config(selection_cfg: Any, tokens: int | None = None, *,
     return SelectionRule(
         ratio=selection_cfg.ratio if sized else None,
         count=selection_cfg.count if sized else None,
-        tokens=(tokens if tokens is not None else selection_cfg.get("tokens"))
+        tokens=(tokens if tokens is not None else selection_cfg.tokens)
         if budget == "tokens" else None,
         band=(float(band[0]), float(band[1])) if band is not None else None,
-        order=str(selection_cfg.get("order", "top")),
-        by_source=bool(selection_cfg.get("by_source", False)),
-        keep_sources=tuple(selection_cfg.get("keep_sources") or ()),
+        order=str(selection_cfg.order),
+        by_source=bool(selection_cfg.by_source),
+        keep_sources=tuple(selection_cfg.keep_sources),
         listed=listed, listed_from=listed_from,
-        rank=str(selection_cfg.get("rank", "score")), stratify=selection_cfg.get("stratify"),
-        length_bins=int(selection_cfg.get("length_bins", 10)),
+        rank=str(selection_cfg.rank), stratify=selection_cfg.stratify,
+        length_bins=int(selection_cfg.length_bins),
         matched_lengths=tuple(int(n) for n in matched[1]) if matched else None,
         matched_from=matched[0] if matched else None, seed=int(seed))
 
@@ -428,10 +428,10 @@ def select(ctx: Context, scored: StageResult) -> StageResult:
     cfg, pool = ctx.cfg, ctx.pool
     assert scored.scores is not None
     scores = scored.scores
-    match = cfg.selection.get("match_tokens")
+    match = cfg.selection.match_tokens
     n_response = [f.n_response for f in pool.features]
     matched = None
-    if cfg.selection.get("rule", "ranked") == "length_matched_random":
+    if cfg.selection.rule == "length_matched_random":
         matched = matched_lengths(cfg.selection.match_lengths, pool.ids, n_response)
     rule = rule_from_config(cfg.selection, matched_tokens(match) if match else None,
                             matched=matched, seed=int(cfg.seed))

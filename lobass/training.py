@@ -51,7 +51,7 @@ def gradient_accumulation(train_cfg: DictConfig, world: int) -> int:
         ValueError: when the global batch is not a multiple of ``batch_size x world``.
 
     """
-    global_batch = train_cfg.get("global_batch_size")
+    global_batch = train_cfg.global_batch_size
     if global_batch is None:
         return int(train_cfg.grad_accum)
     per_step = int(train_cfg.batch_size) * world
@@ -110,7 +110,7 @@ def rows_per_pass(train_cfg: DictConfig) -> int:
     gives 1), and every pass of a step holds the same number of rows. Unset: ``batch_size``.
     """
     batch = int(train_cfg.batch_size)
-    cap = train_cfg.get("micro_batch_size")
+    cap = train_cfg.micro_batch_size
     if not cap:
         return batch
     return max(d for d in range(1, min(int(cap), batch) + 1) if batch % d == 0)
@@ -123,9 +123,9 @@ def shares_prefix(train_cfg: DictConfig) -> bool:
     row) and a cache that reaches the layers (transformers drops it under gradient
     checkpointing); ``train_lora`` also needs one process (``lobass.prefix_trainer``).
     """
-    return (bool(train_cfg.get("share_prefix", False))
+    return (bool(train_cfg.share_prefix)
             and float(train_cfg.lora.dropout) == 0.0
-            and not bool(train_cfg.get("gradient_checkpointing", False)))
+            and not bool(train_cfg.gradient_checkpointing))
 
 
 def checkpointing_argument() -> str:
@@ -152,8 +152,8 @@ def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
     becomes FSDP's own ``fsdp_config.activation_checkpointing``, because the ``Trainer`` refuses
     both and the plain kind adds a redundant all-gather in the backward pass.
     """
-    fsdp = bool(train_cfg.get("fsdp", False))
-    deepspeed = train_cfg.get("deepspeed")  # at most one of the two: lobass.config.validate
+    fsdp = bool(train_cfg.fsdp)
+    deepspeed = train_cfg.deepspeed  # at most one of the two: lobass.schema.rules
     checkpointing = bool(train_cfg.gradient_checkpointing)
     kwargs: dict[str, Any] = {
         # LoRA uses every adapter on every step: DDP need not search the graph for unused ones.
@@ -161,7 +161,7 @@ def parallel_arguments(train_cfg: DictConfig) -> dict[str, Any]:
         checkpointing_argument(): checkpointing,
     }
     if fsdp:
-        fsdp_config = OmegaConf.to_container(train_cfg.get("fsdp_config") or {}, resolve=True)
+        fsdp_config = OmegaConf.to_container(train_cfg.fsdp_config, resolve=True)
         assert isinstance(fsdp_config, dict)
         if checkpointing:
             fsdp_config.setdefault("activation_checkpointing", True)
@@ -283,7 +283,7 @@ def train_lora(
     peft_model.train()
     checkpoints = work / "checkpoints"
     args = training_arguments(train_cfg, checkpoints, seed, report_to, dtype, device)
-    sharded = bool(train_cfg.get("fsdp", False) or train_cfg.get("deepspeed"))
+    sharded = bool(train_cfg.fsdp or train_cfg.deepspeed)
     response_only = response_only and not sharded and not head_is_adapted(peft_model)
     prefix = (shared_prefix_length(features)
               if response_only and shares_prefix(train_cfg) and world_size() == 1 else 0)
@@ -315,7 +315,7 @@ def train_lora(
     if resume is not None:
         resumed_step = int(json.loads((resume / "trainer_state.json").read_text())["global_step"])
         log.info("resuming training from %s (step %d)", resume, resumed_step)
-    with compiled_layers(peft_model, bool(train_cfg.get("compile", False))):
+    with compiled_layers(peft_model, bool(train_cfg.compile)):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only, so every
     # rank calls it; only the peft adapter files are kept (not the tokenizer or pickled arguments).

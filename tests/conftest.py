@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import lobass  # noqa: E402,F401  (registers the ${pkg_data:...} resolver)
+from lobass.config import with_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -58,12 +59,12 @@ def make_cfg(tmp_path: Path, models_dir: Path) -> Callable[..., DictConfig]:
 
     def _make(*overrides: str, artifacts: Path | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name="config", overrides=[
+            return with_defaults(compose(config_name="config", overrides=[
                 f"artifacts_dir={artifacts or tmp_path / 'artifacts'}",
                 f"models_dir={models_dir}",
                 f"output_dir={tmp_path / 'run'}",
                 *overrides,
-            ])
+            ]))
 
     return _make
 
@@ -72,7 +73,7 @@ def make_cfg(tmp_path: Path, models_dir: Path) -> Callable[..., DictConfig]:
 def smol(models_dir: Path) -> tuple[object, object]:
     """The embedded SmolLM2-135M-Instruct (model, tokenizer), converted once per session."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config")
+        cfg = with_defaults(compose(config_name="config"))
     from lobass.modeling import load_model, load_tokenizer, resolve_model_path
 
     path, _ = resolve_model_path(cfg.model, models_dir)
@@ -88,7 +89,7 @@ def tiny(models_dir: Path) -> tuple[object, object]:
     """
     name = os.environ.get("LOBASS_TEST_TINY_MODEL", "tiny_random")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={name}"])
+        cfg = with_defaults(compose(config_name="config", overrides=[f"model={name}"]))
     from lobass.modeling import load_model, load_tokenizer, resolve_model_path
 
     path, _ = resolve_model_path(cfg.model, models_dir)

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, TINY, local_http_server
-from lobass.config import ConfigError, validate, validate_pool
+from lobass.config import ConfigError, validate, validate_pool, with_defaults
 from lobass.data import read_examples
 from lobass.pipeline import run
 from lobass.pool import read_pool
@@ -222,8 +222,8 @@ def test_the_preflight_sends_no_other_variable_and_warns_on_plain_http(monkeypat
 
     def check(*overrides):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[
-                "judge=openai_compatible", "eval.judge.baseline=full_data", *overrides])
+            cfg = with_defaults(compose(config_name="config", overrides=[
+                "judge=openai_compatible", "eval.judge.baseline=full_data", *overrides]))
         preflight_judge(cfg.eval, ["eval"])
 
     monkeypatch.setenv("LOBASS_HOME_DIR", "private-value")

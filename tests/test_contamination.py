@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from lobass.config import package_data
+from lobass.config import package_data, with_defaults
 from lobass.contamination import audit, evaluation_sets, ngrams, normalize
 from lobass.data import read_examples
 from lobass.pipeline import run
@@ -37,7 +37,7 @@ def pool_file(tmp_path: Path) -> Path:
 
 def _eval_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides)).eval
+        return with_defaults(compose(config_name="config", overrides=list(overrides))).eval
 
 
 def test_normalize_and_ngrams():

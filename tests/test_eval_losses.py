@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
+from lobass.config import with_defaults
 from lobass.evaluation import suite
 from lobass.evaluation.stage import _losses
 from lobass.formatting import tokenize_example
@@ -22,8 +23,8 @@ def test_eval_losses_equal_the_per_row_slow_path(models_dir):
     from peft import get_peft_model
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny_random",
-                                                       "eval.heldout.max_rows=12"])
+        cfg = with_defaults(compose(config_name="config", overrides=["model=tiny_random",
+                                                       "eval.heldout.max_rows=12"]))
     path, _ = resolve_model_path(cfg.model, models_dir)
     tokenizer = load_tokenizer(cfg.model, path)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF, TINY
-from lobass.config import package_data
+from lobass.config import package_data, with_defaults
 from lobass.data import DataError
 from lobass.evaluation.generation import (
     enabled_prompt_sets,
@@ -134,7 +134,7 @@ def test_shipped_prompt_sets_and_references():
 
 def _eval_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides)).eval
+        return with_defaults(compose(config_name="config", overrides=list(overrides))).eval
 
 
 def test_reference_sets_are_named_for_what_they_hold():
@@ -324,7 +324,8 @@ def test_find_baseline_generations_from_file_eval_dir_and_run_dir(tmp_path):
 @pytest.mark.parametrize("eval_option", ["cpu", "gpu"])
 def test_eval_and_judge_configs_compose_and_shipped_files_exist(judge, eval_option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"judge={judge}", f"eval={eval_option}"])
+        cfg = with_defaults(compose(config_name="config",
+                                    overrides=[f"judge={judge}", f"eval={eval_option}"]))
     ev = OmegaConf.to_container(cfg.eval, resolve=True)
     assert ev["judge"]["name"] == judge and ev["judge"]["baseline"] is None
     judge_prompt(cfg.eval.judge)

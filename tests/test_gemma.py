@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from lobass.config import package_data
+from lobass.config import package_data, with_defaults
 from lobass.data import read_examples
 from lobass.formatting import tokenize_example
 from lobass.modeling import load_model, load_tokenizer, resolve_model_path
@@ -16,7 +16,7 @@ from lobass.scoring import compute_response_losses
 @pytest.mark.slow  # the one-time GGUF conversion takes ~90 s here
 def test_gemma_base_model_scores_alpaca_rows_exactly(models_dir):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=gemma3_270m"])
+        cfg = with_defaults(compose(config_name="config", overrides=["model=gemma3_270m"]))
     path, _ = resolve_model_path(cfg.model, models_dir)
     model, tokenizer = load_model(cfg.model, path), load_tokenizer(cfg.model, path)
     assert model.config.vocab_size == 262144 and not tokenizer.chat_template

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from conftest import CONF, ROOT
-from lobass.config import ConfigError, validate
+from lobass.config import ConfigError, validate, with_defaults
 from lobass.data import read_examples
 from lobass.formatting import tokenize_example
 from lobass.memory import architecture_config as arch_config
@@ -37,7 +37,7 @@ GPU_GROUPS = ["train=lora_gpu", "reference=lora_gpu", "eval=gpu"]
 
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return with_defaults(compose(config_name="config", overrides=list(overrides)))
 
 
 def _small(cfg, vocab_size, layers=2):
@@ -109,7 +109,8 @@ def test_trainer_options_from_hydra():
     ds = parallel_arguments(cfg.reference)
     assert ds["deepspeed"]["zero_optimization"]["stage"] == 3 and "fsdp" not in ds
     assert ds["activation_checkpointing"] is True and ds["ddp_find_unused_parameters"] is False
-    plain = parallel_arguments(_compose(*GPU_GROUPS).train)
+    plain_train = _compose(*GPU_GROUPS).train
+    plain = parallel_arguments(plain_train)
     assert "fsdp" not in plain and "deepspeed" not in plain
     # the rule lives in the schema's checks, once: a run with both stops before any work
     both = _compose("train=lora_gpu_fsdp", "train.deepspeed=ds.json")
@@ -124,7 +125,7 @@ def test_trainer_options_from_hydra():
     # Loading for each: the groups name the sharding load_model must prepare for.
     from lobass.devices import weight_sharding
 
-    assert [weight_sharding(g) for g in (cfg.train, cfg.reference, plain)] == [
+    assert [weight_sharding(g) for g in (cfg.train, cfg.reference, plain_train)] == [
         "fsdp", "zero3", None]
 
 

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import CONF
+from lobass.config import with_defaults
 from lobass.data import read_examples
 from lobass.formatting import tokenize_example
 from lobass.memory import (
@@ -32,7 +33,7 @@ RECIPE = ["data=alpaca", "reference=lora_gpu", "train=lora_gpu", "score=gpu", "e
 
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return with_defaults(compose(config_name="config", overrides=list(overrides)))
 
 
 def _shape(cfg):

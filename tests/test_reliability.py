@@ -12,7 +12,7 @@ from hydra.errors import HydraException
 
 from conftest import CONF, TINY
 from lobass.artifacts import artifact_problem, atomic_write_text, ensure_artifact, is_complete
-from lobass.config import ConfigError
+from lobass.config import ConfigError, with_defaults
 from lobass.data import DataError
 from lobass.pipeline import run
 from lobass.scoring import SCORERS
@@ -20,9 +20,9 @@ from lobass.scoring import SCORERS
 
 def _compose(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[
+        return with_defaults(compose(config_name="config", overrides=[
             f"artifacts_dir={tmp_path / 'artifacts'}", f"models_dir={tmp_path / 'models'}",
-            f"output_dir={tmp_path / 'run'}", *overrides])
+            f"output_dir={tmp_path / 'run'}", *overrides]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_unknown_model_or_scorer_group_lists_the_options():
     for override, option in (("model=llama_70b", "smollm2_135m"), ("scorer=ppl", "lobass")):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"), \
                 pytest.raises(HydraException) as err:
-            compose(config_name="config", overrides=[override])
+            with_defaults(compose(config_name="config", overrides=[override]))
         assert "Available options" in str(err.value) and option in str(err.value)
 
 
@@ -101,7 +101,8 @@ def test_models_never_run_remote_code_unless_configured():
     # composed, not read raw: an option may inherit its fields (tiny_offline from tiny_random)
     for path in sorted((CONF / "model").glob("*.yaml")):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            model = compose(config_name="config", overrides=[f"model={path.stem}"]).model
+            model = with_defaults(compose(config_name="config",
+                                          overrides=[f"model={path.stem}"])).model
         assert model.trust_remote_code is False, path.name
 
 

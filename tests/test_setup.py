@@ -141,11 +141,11 @@ def test_gpu_check_pipeline_overrides_compose_with_the_gpu_groups():
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
-    from lobass.config import validate
+    from lobass.config import validate, with_defaults
 
     overrides = _dry_run()["pipeline"][1].split()[2:]  # after "python3 run.py"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = with_defaults(compose(config_name="config", overrides=overrides))
     assert (cfg.model.device, cfg.model.dtype, cfg.score.max_tokens_per_batch) == (
         "cuda", "bfloat16", 16384)
     assert cfg.train.gradient_checkpointing and cfg.eval.gsm8k.batch_size == "auto"

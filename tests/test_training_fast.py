@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF
-from lobass.config import package_data
+from lobass.config import package_data, with_defaults
 from lobass.data import read_examples
 from lobass.formatting import IGNORE_INDEX, tokenize_example
 from lobass.modeling import load_model, load_tokenizer, resolve_model_path
@@ -30,10 +30,10 @@ STEPS, BATCH = 24, 2
 @pytest.fixture
 def setup(models_dir):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
+        cfg = with_defaults(compose(config_name="config", overrides=[
             "model=tiny_random", f"reference.max_steps={STEPS}", f"reference.batch_size={BATCH}",
             "reference.logging_steps=1", "reference.save_steps=1000",
-            "reference.lora.dropout=0.05"])  # masks drawn in the same order both ways
+            "reference.lora.dropout=0.05"]))  # masks drawn in the same order both ways
     path, _ = resolve_model_path(cfg.model, models_dir)
     tokenizer = load_tokenizer(cfg.model, path)
     examples, _ = read_examples(package_data("alpaca/alpaca_pool_1k.json"), "alpaca",
@@ -225,9 +225,9 @@ def test_compiled_layers_with_a_shared_prefix_compile_every_layer(setup, models_
     _, _, tokenizer, features = setup
     layers = 10
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
+        cfg = with_defaults(compose(config_name="config", overrides=[
             "model=tiny_random", f"model.random_init.llama.num_hidden_layers={layers}",
-            "reference.logging_steps=1", "reference.save_steps=1000"])
+            "reference.logging_steps=1", "reference.save_steps=1000"]))
     path, _ = resolve_model_path(cfg.model, models_dir)
     losses, graphs = {}, {}
     for compiled in (False, True):

@@ -212,4 +212,4 @@ def judged_sets(eval_cfg: DictConfig) -> dict[str, DictConfig]:
 
     A set answered only for its length (``alpaca_eval``) needs no baseline answers and no judge.
     """
-    return {k: v for k, v in enabled_prompt_sets(eval_cfg).items() if v.get("judge", True)}
+    return {k: v for k, v in enabled_prompt_sets(eval_cfg).items() if v.judge}

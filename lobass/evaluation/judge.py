@@ -312,7 +312,7 @@ def preflight_judge(eval_cfg: DictConfig, stages: Sequence[str]) -> None:
     judge_prompt(judge_cfg)
     if "api_key_env" in judge_cfg:
         check_key_env("eval.judge", judge_cfg)
-        host = plain_http_host(str(judge_cfg.get("base_url") or ""))
+        host = plain_http_host(str(judge_cfg.base_url))
         if host is not None:
             sent = f"the key in ${judge_cfg.api_key_env}, " if judge_cfg.api_key_env else ""
             log.warning("eval.judge.base_url=%s is plain http:// to %s, not this machine: %sthe "
@@ -336,7 +336,7 @@ def judge_sets(judge: Judge, judge_cfg: DictConfig, generations: dict[str, Path]
         ours = read_jsonl(path)
         baseline = find_baseline_generations(judge_cfg.baseline, name)
         records, counts = judge_pairwise(
-            judge, template, ours, baseline, tie_margin=float(judge_cfg.get("tie_margin", 0.0)),
+            judge, template, ours, baseline, tie_margin=float(judge_cfg.tie_margin),
             bootstrap_iters=int(judge_cfg.bootstrap_iters), seed=seed)
         for record in records:
             record.update({"judge": judge.name, "prompt_file": judge_cfg.prompt,

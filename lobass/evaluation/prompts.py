@@ -154,12 +154,12 @@ def read_reference_set(name: str, spec: Any) -> list[Example]:
             reader (it would be ignored), or a malformed row.
 
     """
-    reader = spec.get("reader") or "fastchat"
+    reader = spec.reader
     key = f"eval.reference_loss.{name}"
     if reader not in PROMPT_READERS:
         raise DataError(f"{key}.reader={reader!r} is not supported; choose one of "
                         f"{sorted(PROMPT_READERS)}")
-    questions = spec.get("questions")
+    questions = spec.questions
     if reader == "fastchat":
         if questions is None:
             raise DataError(f"{key}.questions is required with reader=fastchat (the question "

@@ -46,6 +46,8 @@ from lobass.modeling import (
     load_model,
     load_tokenizer,
 )
+from lobass.schema.eval_specs import PromptSetSpec, ReferenceLossSpec
+from lobass.schema.walk import without_defaults
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
     evaluated = adapter.parent.name if adapter else f"initial-{fingerprint(ctx.pool.tokens_key)}"
     judge_model = (_judge_checkpoint(ev.judge, Path(cfg.models_dir).resolve())
                    if judged is not None else None)  # the judge runs only with a baseline
-    allow = bool(cfg.data.get("allow_special_tokens", False))  # also in the tokens key
+    allow = bool(cfg.data.allow_special_tokens)  # also in the tokens key
     key = fingerprint({"adapter": evaluated, "eval": eval_recipe(ev, judge_model),
                        "seed": seed, "judged": judged, "format": 3,
                        "loss_batch": cfg.score.max_tokens_per_batch})
@@ -131,7 +133,7 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         bench, skipped = suite.run_benchmarks(
             model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
             model_path=ctx.model_path, adapter_dir=adapter,
-            max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.get("revision"))
+            max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.revision)
         metrics.update(bench)
         metrics["eval/benchmarks_seconds"] = time.perf_counter() - began  # GSM8K's generation
         del model  # the judge may load another model
@@ -188,10 +190,19 @@ def eval_recipe(ev: DictConfig, judge_model: str | None) -> dict[str, Any]:
 
     recipe = OmegaConf.to_container(ev, resolve=True)
     assert isinstance(recipe, dict)
+    # fields added after eval keys were first made: at their defaults, out of the key
+    sets, losses = recipe["generation"]["sets"], recipe["reference_loss"]
+    later_set, later_loss = ("judge", "max_new_tokens"), ("trimmed",)
+    recipe["generation"]["sets"] = {n: without_defaults(s, PromptSetSpec, later_set)
+                                    for n, s in sets.items()}
+    recipe["reference_loss"] = {n: without_defaults(r, ReferenceLossSpec, later_loss)
+                                for n, r in losses.items()}
     judge = recipe["judge"]
     judge.pop("probe_timeout_s", None)  # how long the pre-flight waits: bookkeeping
     judge.pop("allow_any_env", None)  # which key variable the pre-flight accepts: bookkeeping
     judge.pop("baseline", None)  # its answers' content is in judge_inputs
+    if judge["name"] != "local_hf":  # only a local judge's log-prob verdicts read the margin
+        judge.pop("tie_margin", None)
     if judge_model is not None:
         judge["model"] = judge_model
     return by_content(recipe)
@@ -203,7 +214,7 @@ def _judge_checkpoint(judge_cfg: DictConfig, models_dir: Path) -> str | None:
     A ``local_hf`` judge named by a directory or a hub id without a pinned commit is keyed by
     the files it is loaded from, as the initial model is (:func:`lobass.modeling.model_key`).
     """
-    name = judge_cfg.get("model")
+    name = judge_cfg.model
     if judge_cfg.name != "local_hf" or name is None:  # a server's judge, or the initial model
         return None
     path, local = checkpoint_path(str(name), None, "eval.judge.model")

@@ -36,7 +36,7 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
     if held.enabled:
         sets["heldout"], _ = read_examples(held.path, held.reader, source="heldout",
                                            max_rows=held.max_rows)
-    for name, ref in (eval_cfg.get("reference_loss") or {}).items():
+    for name, ref in eval_cfg.reference_loss.items():
         if ref.enabled:
             sets[str(name)] = read_reference_set(str(name), ref)
     return sets
@@ -44,8 +44,8 @@ def reference_sets(eval_cfg: DictConfig) -> dict[str, list[Example]]:
 
 def trimmed_sets(eval_cfg: DictConfig) -> set[str]:
     """Reference-loss sets that also report ``loss_trimmed`` (``reference_loss.<set>.trimmed``)."""
-    return {str(name) for name, ref in (eval_cfg.get("reference_loss") or {}).items()
-            if ref.enabled and ref.get("trimmed", False)}
+    return {str(name) for name, ref in eval_cfg.reference_loss.items()
+            if ref.enabled and ref.trimmed}
 
 
 def run_benchmarks(model: Any, tokenizer: Any, eval_cfg: DictConfig, *, chat: bool, seed: int,
@@ -103,7 +103,7 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
     for name, spec in enabled_prompt_sets(eval_cfg).items():
         prompts = read_prompts(spec.path, spec.reader, spec.max_rows)
         # a set's own cap (the answer-length endpoint's 256) or the generation-wide one
-        max_new = int(spec.get("max_new_tokens") or generation.max_new_tokens)
+        max_new = int(spec.max_new_tokens or generation.max_new_tokens)
         set_key = fingerprint({**key, "template": template, "prompts": file_sha256(Path(spec.path)),
                                "text": "special-tokens-allowed" if allow_special_tokens
                                else "plain-v1",

@@ -107,7 +107,7 @@ def check_memory(cfg: DictConfig, model_path: str | None = None) -> MemoryEstima
         DeviceUnavailableError: ``model.device=cuda`` without CUDA.
 
     """
-    mode = str(cfg.get("memory_check", "error"))
+    mode = str(cfg.memory_check)
     if mode not in ("error", "warn", "off"):
         raise ValueError(f"memory_check must be error, warn or off; got {mode!r}")
     if mode == "off":

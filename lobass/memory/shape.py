@@ -40,7 +40,7 @@ def architecture_config(model_cfg: DictConfig, model_path: str | None = None,
     """
     from transformers import AutoConfig
 
-    arch = model_cfg.get("arch")
+    arch = model_cfg.arch
     if arch is not None:
         fields: dict[str, Any] = OmegaConf.to_container(arch, resolve=True)  # type: ignore[assignment]
         model_type = fields.pop("model_type")
@@ -48,7 +48,7 @@ def architecture_config(model_cfg: DictConfig, model_path: str | None = None,
     if model_path is None:
         return None
     try:
-        config = AutoConfig.from_pretrained(model_path, revision=model_cfg.get("revision"),
+        config = AutoConfig.from_pretrained(model_path, revision=model_cfg.revision,
                                             trust_remote_code=model_cfg.trust_remote_code)
     except OSError:  # a hub id that is not in the local cache (offline)
         return None

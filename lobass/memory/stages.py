@@ -172,7 +172,7 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
         raise ValueError(f"model.dtype must be one of {sorted(BYTES)}, got {dtype!r}")
     runtime = CUDA_RUNTIME_BYTES if on_cuda else 0
     full = shape.n_params * BYTES[dtype]
-    wanted = set(cfg.get("stages") or ["reference", "score", "select", "train", "eval"])
+    wanted = set(cfg.stages)
     trains = bool(wanted & {"train", "eval"})
     scores = trains or bool(wanted & {"score", "select"})
     stages: dict[str, StageEstimate] = {}
@@ -193,10 +193,10 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
             "runtime": runtime})
     budget = int(cfg.score.max_tokens_per_batch)
     scoring = scoring_activation_bytes(shape, dtype, budget,
-                                       bool(cfg.score.get("share_prefix", True)))
+                                       bool(cfg.score.share_prefix))
     # L(y) of ifd_chat (uncond) scores responses alone: no prompt, hence no shared prefix, and the
     # engine's no-prefix path lets the decoder keep every layer's keys and values for the batch.
-    names = [str(cfg.scorer.name), *(cfg.score.get("extra_scorers") or [])]
+    names = [str(cfg.scorer.name), *cfg.score.extra_scorers]
     if "uncond" in needed_losses([get_scorer(n) for n in names]):
         scoring = max(scoring, scoring_activation_bytes(shape, dtype, budget, False))
     if scores:
@@ -207,17 +207,17 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
         ev = cfg.eval
         work = {"held-out losses": scoring}
         for task in ("gsm8k", "ifeval"):
-            t = ev.get(task)
-            if t is not None and t.enabled and ev.backend == "hf":
+            t = ev[task]
+            if t.enabled and ev.backend == "hf":
                 length = int(t.max_length)
                 work[task] = generation_bytes(shape, dtype, lm_eval_rows(t.batch_size), length,
                                               length - int(t.max_gen_toks))
-        gen = ev.get("generation")
-        if gen is not None and gen.enabled:
+        gen = ev.generation
+        if gen.enabled:
             prompt = int(cfg.data.max_length)
             # the longest cap of any enabled set (a set may set its own max_new_tokens)
             new = max([int(gen.max_new_tokens)] + [int(s.max_new_tokens) for s in
-                       (gen.get("sets") or {}).values() if s.enabled and s.get("max_new_tokens")])
+                       gen.sets.values() if s.enabled and s.max_new_tokens])
             work["generation"] = generation_bytes(shape, dtype, int(gen.batch_size),
                                                   prompt + new, prompt)
         step = max(work, key=lambda k: work[k])

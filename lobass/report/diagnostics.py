@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lobass.jsonrows import read_jsonl
 from lobass.report.points import members_of
+from lobass.schema.specs import DataSpec
+from lobass.schema.walk import missing_defaults
 from lobass.stats import rank_correlation
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,10 @@ def _pool_text(config: dict[str, Any]) -> dict[str, tuple[str, str]] | None:
     if not data:
         return None
     try:
-        examples, _ = read_pool(OmegaConf.create(data))
+        # a config.yaml written before a data field existed: that field's schema default
+        filled = OmegaConf.merge(data, missing_defaults(data, DataSpec))
+        assert isinstance(filled, DictConfig)
+        examples, _ = read_pool(filled)
     except Exception as error:  # moved or deleted data: the table keeps ids and says why
         log.warning("report: cannot re-read the pool from config.yaml's data (%s); the extreme "
                     "rows are listed by id only", error)

@@ -106,6 +106,7 @@ class JudgeSpec:
     baseline: str | None = knob(None)  # full_data, a run dir, an eval artifact dir or a JSONL
     prompt: str = knob("pairwise_v2.txt")
     bootstrap_iters: int = knob(2000, ge=1)
+    tie_margin: float = knob(0.0, ge=0)  # log-prob verdicts (local_hf): nats within which a tie
 
 
 @dataclass(kw_only=True)
@@ -113,7 +114,6 @@ class LocalJudgeSpec(JudgeSpec):
     """``judge=local_hf``."""
 
     model: str | None = knob(None)
-    tie_margin: float = knob(0.0, ge=0)
     max_length: int = knob(2048, ge=1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -198,6 +199,68 @@ def check_group(key: str, values: Any, spec: type) -> None:
                 raise ConfigError(f"{prefix}{f.name} is missing; add it to the config group")
             continue
         check_value(prefix + f.name, values[f.name], hints[f.name], dict(f.metadata))
+
+
+def field_default(spec: type, name: str) -> Any:
+    """The schema default of ``spec``'s field ``name`` (a fresh copy of a dict or list)."""
+    f = next(f for f in dataclasses.fields(spec) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return copy.deepcopy(f.default)
+
+
+def without_defaults(values: dict[str, Any], spec: type, names: Sequence[str]) -> dict[str, Any]:
+    """``values`` less each field of ``names`` that holds its schema default.
+
+    Why: an artifact key hashes a whole group. A field added to the schema after keys were
+    first made changes nothing at its default, so leaving it out there keeps every earlier
+    artifact's key, whether its config wrote the default or the schema filled it.
+    """
+    return {k: v for k, v in values.items()
+            if not (k in names and v == field_default(spec, k))}
+
+
+def _entry_spec(tp: Any) -> tuple[type | None, type | None]:
+    """``(group, entry)``: the dataclass of a sub-group field, or of a named-entries field."""
+    options = [a for a in get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            return option, None  # type: ignore[return-value]
+        if get_origin(option) is dict and dataclasses.is_dataclass(get_args(option)[1]):
+            return None, get_args(option)[1]
+    return None, None
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def missing_defaults(values: dict[str, Any], spec: type) -> dict[str, Any]:
+    """The fields ``values`` lacks that have a schema default, with it; nested like ``values``.
+
+    Why: the schema is the one place a default is written, so stage code reads ``cfg.a.b``
+    and never ``cfg.a.get("b", default)``. Sub-groups (``train.lora``) and named entries
+    (``data.mix.<name>``) are filled too; a field without a default is :func:`check_group`'s.
+    """
+    hints = get_type_hints(spec)
+    patch: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        if f.name not in values:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                patch[f.name] = field_default(spec, f.name)
+            continue
+        value = values[f.name]
+        group, entry = _entry_spec(hints[f.name])
+        if group is not None and isinstance(value, dict):
+            inner = missing_defaults(value, group)
+        elif entry is not None and isinstance(value, dict):
+            inner = {name: sub for name, item in value.items() if isinstance(item, dict)
+                     and (sub := missing_defaults(item, entry))}
+        else:
+            continue
+        if inner:
+            patch[f.name] = inner
+    return patch
 
 
 def check_known_keys(key: str, values: dict[str, Any], known: Sequence[str]) -> None:

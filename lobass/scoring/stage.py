@@ -39,7 +39,7 @@ SCORES_FILE = "scores.jsonl"
 
 def run_scorers(cfg: DictConfig) -> list[Scorer]:
     """The run's scorer first, then ``score.extra_scorers`` (written as ``score_<name>``)."""
-    names = dict.fromkeys([cfg.scorer.name, *(cfg.score.get("extra_scorers") or [])])
+    names = dict.fromkeys([cfg.scorer.name, *cfg.score.extra_scorers])
     return [get_scorer(name) for name in names]
 
 
@@ -59,9 +59,9 @@ def scorer_label(cfg: DictConfig) -> str:
     name = str(cfg.scorer.name)
     needed = set(needed_losses(run_scorers(cfg)))
     marks = []
-    if cfg.score.get("exclude_eos", False) and needed - set(CHERRY_LOSSES):
+    if cfg.score.exclude_eos and needed - set(CHERRY_LOSSES):
         marks.append("EOS excluded")
-    if "ref" in needed and cfg.reference.get("fit", "in_sample") == "cross_fit":
+    if "ref" in needed and cfg.reference.fit == "cross_fit":
         marks.append(f"cross-fit reference, {cfg.reference.folds} folds")
     return f"{name} ({', '.join(marks)})" if marks else name
 
@@ -139,7 +139,7 @@ def score(ctx: Context, reference: StageResult | None) -> StageResult:
     tok = ctx.tokenizer
     # each loss's rows, built once; score.exclude_eos leaves the end token out of the mean
     inputs = loss_inputs(pool, needed_losses(scorers), tok,
-                         exclude_eos=bool(cfg.score.get("exclude_eos", False)))
+                         exclude_eos=bool(cfg.score.exclude_eos))
     # in sample, every key is what it was before reference.fit existed
     fit = {"fit": "cross_fit", "folds": len(adapters)} if cross_fit else {}
     losses: dict[str, np.ndarray] = {}
