@@ -44,7 +44,7 @@ from lobass.evaluation.generation import (
 )
 from lobass.jsonrows import jsonl_text, read_jsonl
 from lobass.schema import check_key_env, plain_http_host
-from lobass.schema.eval_specs import JUDGE_PROMPTS, judge_prompt_path
+from lobass.schema.eval_specs import judge_prompt_path
 from lobass.stats import bootstrap_interval
 
 log = logging.getLogger(__name__)
@@ -228,12 +228,9 @@ def judge_prompt(judge_cfg: DictConfig) -> tuple[str, str]:
 
     ``eval.judge.prompt`` is a file name under ``conf/judge/prompts/`` or a path; prompts are
     versioned by name (``pairwise_v1.txt``) and the hash goes into every raw verdict record.
+    That the file exists is checked once, with the config (``lobass.schema.rules``).
     """
     path = judge_prompt_path(judge_cfg.prompt)
-    if not path.is_file():
-        shipped = sorted(p.name for p in JUDGE_PROMPTS.glob("*"))
-        raise FileNotFoundError(f"eval.judge.prompt={judge_cfg.prompt}: {path} does not exist; "
-                                f"shipped prompts: {shipped}")
     text = path.read_text(encoding="utf-8")
     missing = [k for k in ("{question}", "{answer_a}", "{answer_b}") if k not in text]
     if missing:
