@@ -7,10 +7,8 @@ resumed in any epoch must see exactly the batches an uninterrupted run would hav
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
-from transformers import Trainer
 
 from lobass.formatting import Features
 
@@ -64,19 +62,3 @@ class EpochSeededLengthSampler(torch.utils.data.Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch) if self.epoch else None
         return iter(get_length_grouped_indices(self.lengths, self.batch_size,
                                                generator=generator))
-
-
-class SampledTrainer(Trainer):
-    """``Trainer`` that draws its training rows in the order of the sampler it is given.
-
-    transformers builds its own sampler in ``_get_train_sampler``; taking ours as an argument
-    (:class:`EpochSeededLengthSampler`: length-grouped batches that a resume replays exactly)
-    keeps that choice visible where the Trainer is built.
-    """
-
-    def __init__(self, *args: Any, sampler: torch.utils.data.Sampler[int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sampler = sampler
-
-    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler[int]:
-        return self.sampler

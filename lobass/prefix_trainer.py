@@ -18,6 +18,10 @@ would differ from one drawn once), no gradient checkpointing (transformers drops
 to a checkpointed layer), and one process (DDP all-reduces gradients during the last backward,
 before the prefix's gradient would arrive). ``lobass.training.shares_prefix`` checks the
 recipe side.
+
+Both ``Trainer`` subclasses live here, imported when training starts: transformers' ``Trainer``
+module takes a while to import (and prints a line under ``WANDB_MODE=offline``), and nothing but
+a fine-tune needs it. :class:`SampledTrainer` is the plain one.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import Trainer
 
-from lobass.batches import SampledTrainer
 from lobass.formatting import IGNORE_INDEX
 from lobass.response_loss import base_model
 from lobass.shared_prefix import PrefixCache, cache_keyword, output_cache
@@ -51,6 +55,22 @@ class _StepPrefix:
                  for state, leaf in zip(states, leaves, strict=True) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+
+class SampledTrainer(Trainer):
+    """``Trainer`` that draws its training rows in the order of the sampler it is given.
+
+    transformers builds its own sampler in ``_get_train_sampler``; taking ours as an argument
+    (:class:`EpochSeededLengthSampler`: length-grouped batches that a resume replays exactly)
+    keeps that choice visible where the Trainer is built.
+    """
+
+    def __init__(self, *args: Any, sampler: torch.utils.data.Sampler[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampler = sampler
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> torch.utils.data.Sampler[int]:
+        return self.sampler
 
 
 class SharedPrefixTrainer(SampledTrainer):

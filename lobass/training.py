@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import atomic_write_json
-from lobass.batches import EpochSeededLengthSampler, FeatureDataset, SampledTrainer
+from lobass.batches import EpochSeededLengthSampler, FeatureDataset
 from lobass.checkpoints import last_complete_checkpoint
 from lobass.compilation import compiled_layers
 from lobass.devices import resolve_device
@@ -276,7 +276,7 @@ def train_lora(
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from lobass.prefix_trainer import SharedPrefixTrainer
+    from lobass.prefix_trainer import SampledTrainer, SharedPrefixTrainer
 
     set_seed(seed)  # LoRA's random init happens in get_peft_model, before Trainer seeds anything
     peft_model = get_peft_model(model, lora_config(train_cfg.lora, lora_targets))

@@ -53,20 +53,53 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+def compose_under(root: Path, models_dir: Path, *overrides: str,
+                  artifacts: Path | None = None) -> DictConfig:
+    """``conf/config.yaml`` with overrides, defaults filled; outputs and artifacts under root."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return with_defaults(compose(config_name="config", overrides=[
+            f"artifacts_dir={artifacts or root / 'artifacts'}",
+            f"models_dir={models_dir}",
+            f"output_dir={root / 'run'}",
+            *overrides,
+        ]))
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, models_dir: Path) -> Callable[..., DictConfig]:
     """Compose ``conf/config.yaml`` with overrides; outputs and artifacts go under tmp_path."""
 
     def _make(*overrides: str, artifacts: Path | None = None) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return with_defaults(compose(config_name="config", overrides=[
-                f"artifacts_dir={artifacts or tmp_path / 'artifacts'}",
-                f"models_dir={models_dir}",
-                f"output_dir={tmp_path / 'run'}",
-                *overrides,
-            ]))
+        return compose_under(tmp_path, models_dir, *overrides, artifacts=artifacts)
 
     return _make
+
+
+def train_recipe(**fields: Any) -> DictConfig:
+    """A ``train`` group of just ``fields``, every other defaulted field at its schema default."""
+    from omegaconf import OmegaConf
+
+    from lobass.schema.specs import TrainSpec
+    from lobass.schema.walk import missing_defaults
+
+    recipe = OmegaConf.create({**fields, **missing_defaults(fields, TrainSpec)})
+    assert isinstance(recipe, DictConfig)
+    return recipe
+
+
+# One tiny run every test that only reads a trained run's outputs shares (its summary, adapter,
+# model card, provenance): 5 rows chosen by length, trained 3 steps on the tiny random model.
+TINY_TRAIN_RUN = (*TINY, "stages=[train]", "scorer=length", "selection=count",
+                  "selection.count=5", "selection.ratio=null")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_run(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[str, Any]:
+    """The summary of :data:`TINY_TRAIN_RUN`, run once per test session. Read it, never write."""
+    from lobass.pipeline import run
+
+    return run(compose_under(tmp_path_factory.mktemp("tiny_train_run"), models_dir,
+                             *TINY_TRAIN_RUN))
 
 
 @pytest.fixture(scope="session")

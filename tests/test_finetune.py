@@ -63,14 +63,14 @@ def test_no_stage_keeps_its_model_alive(make_cfg, tmp_path):
 
 
 def test_response_tokens_trained_by_hand():
-    from omegaconf import OmegaConf
 
+    from conftest import train_recipe
     from lobass.finetune import response_tokens_trained
 
-    recipe = OmegaConf.create({"batch_size": 2, "grad_accum": 1})
+    recipe = train_recipe(batch_size=2, grad_accum=1)
     lengths = [10, 20, 30, 40, 50]  # 150 tokens; 3 steps per epoch (2 + 2 + 1 rows)
     assert response_tokens_trained(lengths, 3, recipe) == 150
     # 2 whole epochs, then one step of 2 rows at the mean length (30)
     assert response_tokens_trained(lengths, 7, recipe) == 2 * 150 + 2 * 30
-    accumulated = OmegaConf.create({"batch_size": 1, "grad_accum": 2})
+    accumulated = train_recipe(batch_size=1, grad_accum=2)
     assert response_tokens_trained(lengths, 3, accumulated) == 150  # 5 micro-batches, 3 steps

@@ -8,9 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import TINY
 from lobass.model_card import base_model_name
-from lobass.pipeline import run
 
 
 @pytest.mark.parametrize(("model", "expected"), [
@@ -22,9 +20,8 @@ def test_base_model_is_named_as_it_can_be_found_again(make_cfg, model, expected)
     assert base_model_name(make_cfg(f"model={model}").model) == expected
 
 
-def test_trained_adapter_has_a_model_card_and_still_loads(make_cfg, tiny):
-    summary = run(make_cfg(*TINY, "stages=[train]", "scorer=length", "selection=count",
-                           "selection.count=5", "selection.ratio=null"))
+def test_trained_adapter_has_a_model_card_and_still_loads(tiny_train_run, tiny):
+    summary = tiny_train_run
     adapter = Path(summary["artifacts"]["adapter"])
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "random:tiny_random"

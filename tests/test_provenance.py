@@ -6,8 +6,6 @@ from importlib import metadata
 import torch
 import transformers
 
-from conftest import TINY
-from lobass.pipeline import run
 from lobass.provenance import git_state, package_versions
 
 
@@ -39,9 +37,8 @@ def test_package_versions_are_the_installed_ones():
                         "no-such-distribution-lobass": None}
 
 
-def test_summary_records_the_commit_and_the_versions(make_cfg):
-    summary = run(make_cfg(*TINY, "stages=[score]", "scorer=length"))
-    recorded = summary["provenance"]
+def test_summary_records_the_commit_and_the_versions(tiny_train_run):
+    recorded = tiny_train_run["provenance"]
     assert recorded["versions"]["peft"] == metadata.version("peft")
     assert recorded["versions"]["lm_eval"] == metadata.version("lm_eval")
     assert recorded["git"] == git_state()

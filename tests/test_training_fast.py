@@ -151,13 +151,11 @@ def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(s
     (8, None, 8), (4, 2, 2), (8, 2, 2), (3, 2, 1), (1, 2, 1), (8, 3, 2), (6, 4, 3), (4, 8, 4)])
 def test_micro_batch_size_caps_the_rows_per_pass_at_a_divisor_of_the_batch(batch, cap, rows):
     """A cap, so the CPU default (2) works with any batch size; passes of a step stay equal."""
-    from omegaconf import OmegaConf
-
+    from conftest import train_recipe
     from lobass.finetune import weights_recipe
     from lobass.training import rows_per_pass, training_plan
 
-    recipe = OmegaConf.create({"batch_size": batch, "micro_batch_size": cap, "grad_accum": 1,
-                               "logging_steps": 1})
+    recipe = train_recipe(batch_size=batch, micro_batch_size=cap, grad_accum=1, logging_steps=1)
     assert rows_per_pass(recipe) == rows
     plan = training_plan(recipe, world=1)
     assert (plan.rows_per_pass, plan.passes_per_step, plan.rows_per_step) == (rows, batch // rows,
