@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import TINY
 from lobass.pipeline import run
@@ -22,6 +23,7 @@ def _scores(summary: dict) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, rows)}
 
 
+@pytest.mark.slow
 def test_paper_mix_ranks_alpaca_alone_and_keeps_all_gsm8k(make_cfg, tmp_path):
     summary = run(make_cfg(*SELECT, "selection.ratio=0.25", "selection.by_source=true",
                            "selection.keep_sources=[gsm8k]"))
@@ -42,6 +44,7 @@ def test_paper_mix_ranks_alpaca_alone_and_keeps_all_gsm8k(make_cfg, tmp_path):
     assert meta["composition"]["gsm8k"]["rows"] == 8 and meta["rule"]["by_source"] is True
 
 
+@pytest.mark.slow
 def test_bottom_k_and_a_random_arm_matched_in_response_tokens(make_cfg, tmp_path):
     top = run(make_cfg(*SELECT, "selection.ratio=null", "selection.count=5"))
     bottom = run(make_cfg(*SELECT, "selection.ratio=null", "selection.count=5",
@@ -68,6 +71,7 @@ def test_bottom_k_and_a_random_arm_matched_in_response_tokens(make_cfg, tmp_path
     assert taken == int(np.argmin(distances)) + 1 and got == totals[taken - 1]
 
 
+@pytest.mark.slow
 def test_initial_model_is_a_point(make_cfg, tmp_path):
     summary = run(make_cfg(*TINY, "train=none", "eval.gsm8k.enabled=false",
                            "eval.generation.enabled=false"))

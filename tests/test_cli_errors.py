@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -14,6 +16,7 @@ def _run(tmp_path, *overrides, **env):
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_config_error_is_one_line_with_the_fix_and_the_traceback_stays_in_error_txt(tmp_path):
     done = _run(tmp_path, "selection.count=8")
     assert done.returncode == 2
@@ -24,6 +27,7 @@ def test_a_config_error_is_one_line_with_the_fix_and_the_traceback_stays_in_erro
     assert "Traceback" in (tmp_path / "run" / "error.txt").read_text()
 
 
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     done = _run(tmp_path, "selection.count=8", HYDRA_FULL_ERROR="1")
     assert done.returncode != 0

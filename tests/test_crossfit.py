@@ -137,6 +137,7 @@ def test_cross_fit_reuses_its_references_and_never_collides_with_in_sample(make_
                                                 plain["artifacts"]["scores"])
 
 
+@pytest.mark.slow
 def test_cross_fit_loss_ref_is_the_fold_adapters_own_loss(make_cfg, tmp_path, models_dir):
     """Each row's L_ref equals a plain forward of the base model with its fold's adapter loaded
     on its own (peft), the mean cross-entropy over the response labels."""
@@ -163,6 +164,7 @@ def test_cross_fit_loss_ref_is_the_fold_adapters_own_loss(make_cfg, tmp_path, mo
     assert checked == len(rows)
 
 
+@pytest.mark.slow
 def test_fraction_applies_within_each_fold(make_cfg, tmp_path):
     summary = run(make_cfg(*CROSS, "reference.fraction=0.5"))
     manifest = json.loads(Path(summary["artifacts"]["reference_folds"]).read_text())

@@ -4,6 +4,7 @@ import gc
 import json
 from pathlib import Path
 
+import pytest
 from transformers import PreTrainedModel
 
 from conftest import TINY
@@ -15,6 +16,7 @@ def _finetunes(tmp_path: Path) -> list[Path]:
                   and not p.name.endswith((".partial", ".lock")))
 
 
+@pytest.mark.slow
 def test_bookkeeping_fields_reuse_a_fine_tune_and_the_learning_rate_does_not(make_cfg, tmp_path):
     first = run(make_cfg(*TINY, "stages=[train]"))
     assert not first["stages"]["train"]["reused"]
@@ -31,6 +33,7 @@ def test_bookkeeping_fields_reuse_a_fine_tune_and_the_learning_rate_does_not(mak
     assert len(_finetunes(tmp_path)) == 3
 
 
+@pytest.mark.slow
 def test_full_data_model_is_the_reference_by_content_address_alone(make_cfg, tmp_path):
     # train's recipe made equal to the reference's: the full-pool fine-tune is the same artifact.
     same = ["train.max_steps=4", "train.batch_size=8", "train.epochs=1", "selection.ratio=1.0"]
@@ -50,6 +53,7 @@ def _live_models() -> int:
     return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
 
 
+@pytest.mark.slow
 def test_no_stage_keeps_its_model_alive(make_cfg, tmp_path):
     before = _live_models()
     summary = run(make_cfg(*TINY, "eval.generation.sets.vicuna.max_rows=1",

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lobass.pool import Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pool_lives_in_pool_py_and_every_module_imports_first_without_a_cycle():
     # the class the pool stage builds is defined beside it (lobass.context only imports it)
     assert Pool.__module__ == "lobass.pool"

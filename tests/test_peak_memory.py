@@ -50,6 +50,7 @@ def _stages(*stages: tuple[str, int], timer: bool = False) -> tuple[dict, str]:
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.slow
 def test_a_stage_that_allocates_a_known_block_shows_it_in_its_own_peak():
     out, _ = _stages(("quiet_before", 0), ("big", BLOCK_MB), ("quiet_after", 0))
     before, big, after = (out["stages"][k] for k in ("quiet_before", "big", "quiet_after"))
@@ -60,6 +61,7 @@ def test_a_stage_that_allocates_a_known_block_shows_it_in_its_own_peak():
     assert out["lifetime"] == pytest.approx(big, abs=5)
 
 
+@pytest.mark.slow
 def test_a_stage_below_the_lifetime_peak_still_shows_its_own_block():
     # getrusage cannot see this stage (an earlier one set the lifetime peak): the sampler does
     out, _ = _stages(("bigger_first", BLOCK_MB + 200), ("quiet", 0), ("big", BLOCK_MB))
@@ -68,6 +70,7 @@ def test_a_stage_below_the_lifetime_peak_still_shows_its_own_block():
     assert out["lifetime"] == pytest.approx(out["stages"]["bigger_first"], abs=5)
 
 
+@pytest.mark.slow
 def test_usr_bin_time_agrees_with_the_largest_stage_peak():
     if not Path("/usr/bin/time").exists():
         pytest.skip("/usr/bin/time is not installed")

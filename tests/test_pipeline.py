@@ -15,6 +15,7 @@ def _summary(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "run" / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_all_stages_end_to_end_on_tiny_model_then_everything_is_reused(make_cfg, tmp_path, tiny):
     summary = run(make_cfg(*TINY))
     assert summary == _summary(tmp_path)
@@ -75,6 +76,7 @@ def test_loss_scorer_needs_no_reference(make_cfg, tmp_path):
     assert len(built) == 2  # L_init (reused by lobass) and L_ref
 
 
+@pytest.mark.slow
 def test_cli_help_cfg_job_and_unknown_key():
     env_run = [sys.executable, str(ROOT / "run.py")]
     out = subprocess.run([*env_run, "--cfg", "job"], capture_output=True, text=True, cwd=ROOT)

@@ -1,10 +1,13 @@
 """Runs trained with another recipe, or measured on another eval, are other points, not seeds."""
 
+import pytest
+
 from conftest import TINY
 from lobass.pipeline import run
 from lobass.report import collect_runs, write_report
 
 
+@pytest.mark.slow
 def test_runs_with_another_learning_rate_or_eval_size_are_not_pooled_as_seeds(make_cfg,
                                                                               tmp_path):
     # stages=[select] with scorer=random: each run's point, without training (cheap); the

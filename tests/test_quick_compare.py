@@ -60,6 +60,7 @@ def test_quick_compare_runs_the_three_arms_and_reports_them(tmp_path, models_dir
     assert (sweep / "eval_alpaca_eval_gpt4_turbo_loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_lobass_and_random_share_the_recipe_key_and_the_reference_recipe_is_the_scorers(
         make_cfg, tmp_path):
     # random reads no reference: were the reference recipe in the content key `recipe`, every

@@ -264,6 +264,7 @@ print(json.dumps({"rows": stats.rows, "grown_mb": grown_mb,
 """
 
 
+@pytest.mark.slow
 def test_a_200_mb_row_is_read_and_truncated_in_bounded_memory(tmp_path, tiny, models_dir):
     import subprocess
     import sys
@@ -347,6 +348,7 @@ def _lock_in_thread(path: Path):
     return acquired, release, thread
 
 
+@pytest.mark.slow
 def test_lock_held_by_a_stopped_process_says_who_holds_it(tmp_path, caplog):
     import signal
     import socket
@@ -373,6 +375,7 @@ def test_lock_held_by_a_stopped_process_says_who_holds_it(tmp_path, caplog):
         proc.wait()
 
 
+@pytest.mark.slow
 def test_lock_left_held_by_a_dead_holders_child_is_broken(tmp_path, caplog):
     import signal
 
@@ -391,6 +394,7 @@ def test_lock_left_held_by_a_dead_holders_child_is_broken(tmp_path, caplog):
         os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_python_fork_of_the_holder_does_not_keep_its_lock(tmp_path, caplog):
     import signal
 

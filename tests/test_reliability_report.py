@@ -240,6 +240,7 @@ def test_a_failed_run_is_failed_in_wandb(make_cfg, tmp_path, monkeypatch):
 # High 5: runs on two pools, or two initial models, are never seeds of one point
 
 
+@pytest.mark.slow
 def test_runs_on_two_jsonl_pools_or_two_initial_models_are_not_pooled_as_seeds(make_cfg, tmp_path):
     """Two data=jsonl files (one data.name, "jsonl") and two tiny models (one model.name) were
     averaged as two seeds of one point: the point named neither its pool nor its model."""

@@ -68,6 +68,7 @@ def _losses(summary: dict) -> list[float]:
     return [json.loads(x)["loss_init"] for x in rows]
 
 
+@pytest.mark.slow
 def test_local_model_overwritten_in_place_is_scored_again(make_cfg, tiny, tmp_path):
     local = tmp_path / "my_llama"
     _save_llama(tiny, local, seed=1)
@@ -211,6 +212,7 @@ def test_initial_model_eval_follows_its_tokens(make_cfg, change):
 # ---------------------------------------------------------------------------------------------
 # Low: score.shard_rows changed losses (rows are batched within a shard) but was not keyed
 
+@pytest.mark.slow
 def test_shard_size_has_its_own_losses(make_cfg):
     args = [*TINY, "stages=[score]", "scorer=loss"]
     first = run(make_cfg(*args))

@@ -47,6 +47,7 @@ def test_planted_keys_appear_in_no_output_of_a_full_run(tmp_path, models_dir):
         assert not leaked, f"{name} leaked into {leaked}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["judge=openai_compatible", f"eval.judge.api_key_env={PLANTED['OPENAI_API_KEY']}"],
     [f"+eval.judge.api_key={PLANTED['ANTHROPIC_API_KEY']}"],

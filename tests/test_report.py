@@ -495,6 +495,7 @@ def write_fixed_sweep(root: Path) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_report_of_a_fixed_sweep_matches_the_golden_files(tmp_path):
     # Through the command line, as a user runs it: `python -m lobass.report DIR --out OUT`.
     sweep = write_fixed_sweep(tmp_path)
@@ -617,6 +618,7 @@ def test_verdicts_by_hand():
     assert verdict(row(math.nan, math.nan, method=""), 0.02).startswith("not tested")
 
 
+@pytest.mark.slow
 def test_margin_from_the_flag_or_the_runs_config_and_holm_over_the_tested_rows(tmp_path):
     _write_count_sweep(tmp_path / "sweep")
     runs = collect_runs(tmp_path / "sweep")

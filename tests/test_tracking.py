@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY, wandb_records
 from lobass.pipeline import run
 from lobass.tracking import sweep_point_name
@@ -16,6 +18,7 @@ def _history(records):
             for r in records if r.WhichOneof("record_type") == "history"]
 
 
+@pytest.mark.slow
 def test_wandb_run_has_a_curve_per_fine_tune_our_config_and_the_outputs(make_cfg, monkeypatch,
                                                                          tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -51,6 +54,7 @@ def test_wandb_run_has_a_curve_per_fine_tune_our_config_and_the_outputs(make_cfg
     assert summary["artifacts"]["generations/vicuna"].endswith(".jsonl")
 
 
+@pytest.mark.slow
 def test_sweep_points_are_named_by_their_overrides_and_grouped_by_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     subprocess.run(

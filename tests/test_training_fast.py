@@ -164,6 +164,7 @@ def test_micro_batch_size_caps_the_rows_per_pass_at_a_divisor_of_the_batch(batch
     assert weights_recipe(recipe).get("micro_batch_size") == (None if rows == batch else rows)
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_train_the_same_steps_and_are_handed_back_eager(setup, tmp_path):
     """``train.compile``: the loop runs compiled decoder layers, and the same training.
 
@@ -209,6 +210,7 @@ def test_compiled_decoder_layers_train_the_same_steps_and_are_handed_back_eager(
         torch.testing.assert_close(weights[True][name], tensor, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_layers_with_a_shared_prefix_compile_every_layer(setup, models_dir, tmp_path):
     """``compile`` with ``share_prefix`` on more layers than dynamo's default limit (8 graphs).
 
@@ -246,6 +248,7 @@ def test_compiled_layers_with_a_shared_prefix_compile_every_layer(setup, models_
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prefix_is_encoded_once_per_step_and_trains_the_same_steps(setup, tmp_path):
     """``share_prefix``: each optimiser step encodes the rows' common prefix once, same training.
 
