@@ -90,7 +90,8 @@ else
 fi
 
 if [ "$MODE" != dry ]; then
-  rm -rf "$SITE" "$WORK/artifacts" "$WORK/run" "$OUT_DIR/steps.jsonl"  # nothing reused
+  # nothing reused: the image site of an earlier rehearsal links into its venv, which may be gone
+  rm -rf "$SITE" "${IMAGE_SITE:-$SITE}" "$WORK/artifacts" "$WORK/run" "$OUT_DIR/steps.jsonl"
   mkdir -p "$OUT_DIR" "$WORK"
   LOG=$OUT_DIR/gpu_check.log
   : >"$LOG"

@@ -55,11 +55,16 @@ def read_image_list(path: Path) -> list[tuple[str, str | None]]:
 
 
 def installed_version(name: str) -> str | None:
-    """Installed version of ``name`` in this interpreter, without a local label, or None."""
+    """Installed version of ``name`` in this interpreter, without a local label, or None.
+
+    None also for a ``.dist-info`` without metadata (a link left from a deleted environment, a
+    half-written install): it names no installed version.
+    """
     try:
-        return importlib.metadata.version(name).split("+", 1)[0]
+        version: str | None = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+    return version.split("+", 1)[0] if version else None
 
 
 def _record_line(name: str, data: bytes) -> str:

@@ -119,6 +119,17 @@ def test_image_stubs_are_wheels_pip_takes_for_the_image_version(tmp_path):
         gpu_image.read_image_list(listing)
 
 
+def test_a_dist_info_without_metadata_names_no_installed_version(tmp_path, monkeypatch):
+    # what an earlier rehearsal's image site left on PYTHONPATH once its venv was gone
+    (tmp_path / "six-1.0.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert gpu_image.installed_version("six") is None
+    listing = tmp_path / "image.txt"
+    listing.write_text("six\n")
+    assert gpu_image.main(["stubs", str(listing), str(tmp_path / "stubs"), "--installed"]) == 0
+    assert (tmp_path / "stubs" / "constraints.txt").read_text() == ""
+
+
 @pytest.mark.slow
 def test_training_benchmark_writes_its_json_before_a_failed_loss_check(tmp_path, models_dir):
     """bf16 on a GPU differs by ~6e-3 between the two paths: the figures must survive a check."""
