@@ -136,8 +136,8 @@ def _overlap(a: tuple[pd.Series, pd.DataFrame], b: tuple[pd.Series, pd.DataFrame
         return None
     rho = math.nan
     if scores_a is not None and scores_b is not None:
-        joined = read_scores(scores_a)[["score"]].join(
-            read_scores(scores_b)[["score"]], how="inner", rsuffix="_b")
+        other = read_scores(scores_b)[["score"]].rename(columns={"score": "score_b"})
+        joined = read_scores(scores_a)[["score"]].join(other, how="inner")
         rho = rank_correlation(joined["score"].to_numpy(), joined["score_b"].to_numpy())
     return {"a": a[0]["point"], "b": b[0]["point"], "rows": len(chosen_a),
             "jaccard": jaccard(chosen_a, chosen_b), "spearman": rho}
