@@ -77,7 +77,9 @@ def test_gsm8k_task_extracts_strict_and_flexible_answers_on_real_rows():
     cfg = OmegaConf.create({"test_path": package_data("gsm8k/gsm8k_test.jsonl"),
                             "fewshot_path": package_data("gsm8k/gsm8k_train_300.jsonl"),
                             "num_fewshot": 0, "max_gen_toks": 8})
-    task = build_task_manager().load([gsm8k_task_config(cfg)])["tasks"]["lobass_gsm8k"]
+    from lm_eval.tasks import get_task_dict  # in every lm-eval >= 0.4.10 (TaskManager.load is not)
+
+    task = get_task_dict([gsm8k_task_config(cfg)], build_task_manager())["lobass_gsm8k"]
     task.build_all_requests(limit=4, rank=0, world_size=1)
     rows = [json.loads(x) for x in
             Path(package_data("gsm8k/gsm8k_test.jsonl")).read_text().splitlines()[:4]]
