@@ -107,8 +107,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     values = _resolved(cfg)
     refuse_secrets(values)
     check_structure(values)
-    with_defaults(cfg)
-    check_rules(_resolved(cfg))
+    patch = defaults_patch(values)
+    _fill(cfg, patch)
+    # the rules read the filled values: the patch merged into the resolved ones, not resolved again
+    filled = OmegaConf.to_container(OmegaConf.merge(values, patch))
+    assert isinstance(filled, dict)
+    check_rules({str(k): v for k, v in filled.items()})
     return cfg
 
 
@@ -118,11 +122,14 @@ def with_defaults(cfg: DictConfig) -> DictConfig:
     :func:`validate` calls it; code that composes a config and skips validation (tests, a
     notebook calling a stage) calls it to get the same config a run sees.
     """
-    patch = defaults_patch(_resolved(cfg))
+    _fill(cfg, defaults_patch(_resolved(cfg)))
+    return cfg
+
+
+def _fill(cfg: DictConfig, patch: dict[str, Any]) -> None:
     if patch:
         with open_dict(cfg):
             cfg.merge_with(patch)
-    return cfg
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:
