@@ -10,7 +10,6 @@ never used. The lock itself is :mod:`lobass.locks`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import logging
@@ -233,10 +232,12 @@ def ensure_artifact(
         The artifact directory and whether an existing complete artifact was reused.
 
     """
-    if _alone.get() or not distributed.init_from_env():
+    # Rank 0 building an artifact alone for every rank (on_main, solo) handles those ensured
+    # inside that build alone too: the other ranks wait elsewhere and meet at no barrier here.
+    if distributed.is_solo() or not distributed.init_from_env():
         return _ensure_alone(directory, build)
     if not collective:
-        return distributed.on_main(lambda: _ensure_alone(directory, build, nested_alone=True))
+        return distributed.on_main(lambda: _ensure_alone(directory, build))
     main = distributed.is_main()
     if distributed.broadcast(is_complete(directory) if main else None):
         return directory, True
@@ -258,29 +259,17 @@ def ensure_artifact(
     return directory, False
 
 
-# Set while rank 0 builds a non-collective artifact on behalf of every rank: artifacts ensured
-# inside that build must not meet the other ranks at a barrier (they are waiting elsewhere).
-_alone: contextvars.ContextVar[bool] = contextvars.ContextVar("lobass_artifact_alone",
-                                                              default=False)
-
-
-def _ensure_alone(directory: Path, build: Callable[[Path], dict[str, Any]],
-                  nested_alone: bool = False) -> tuple[Path, bool]:
+def _ensure_alone(directory: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
     """:func:`ensure_artifact` for one process: lock, check again, build, publish."""
     if is_complete(directory):
         return directory, True
-    token = _alone.set(True) if nested_alone else None
-    try:
-        with _artifact_lock(directory):
-            if is_complete(directory):  # another process finished it while we waited
-                return directory, True
-            _clear_unusable(directory)
-            work = work_dir(directory)
-            work.mkdir(parents=True, exist_ok=True)
-            _publish(work, directory, build(work))
-    finally:
-        if token is not None:
-            _alone.reset(token)
+    with _artifact_lock(directory):
+        if is_complete(directory):  # another process finished it while we waited
+            return directory, True
+        _clear_unusable(directory)
+        work = work_dir(directory)
+        work.mkdir(parents=True, exist_ok=True)
+        _publish(work, directory, build(work))
     return directory, False
 
 

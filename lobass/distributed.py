@@ -4,13 +4,19 @@ Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment) every helper is a no
 so stage code calls them unconditionally. Under ``torchrun`` the rule is: rank 0 decides (is an
 artifact complete? which shards exist?) and broadcasts; ranks meet at barriers around shared
 writes; only rank 0 writes summaries and talks to W&B.
+
+While rank 0 works alone on every rank's behalf (:func:`on_main`), the others wait at a barrier
+elsewhere: inside, the group is rank 0 by itself (:func:`group_size` is 1, barriers and
+broadcasts are no-ops), so code that shards its work runs it all on rank 0 instead of hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -66,15 +72,49 @@ def init_from_env() -> bool:
     return True
 
 
+# Set while rank 0 runs :func:`on_main`'s function: the other ranks are not there to meet.
+_solo: contextvars.ContextVar[bool] = contextvars.ContextVar("lobass_solo", default=False)
+
+
+def in_group() -> bool:
+    """True when the ranks of a process group run this code together (not alone, not solo)."""
+    return dist.is_available() and dist.is_initialized() and not _solo.get()
+
+
+def is_solo() -> bool:
+    """True while rank 0 works alone for every rank (inside :func:`on_main`)."""
+    return _solo.get()
+
+
+@contextlib.contextmanager
+def solo() -> Iterator[None]:
+    """Rank 0 by itself: the group helpers act as on one process (the others wait elsewhere)."""
+    token = _solo.set(True)
+    try:
+        yield
+    finally:
+        _solo.reset(token)
+
+
+def group_size() -> int:
+    """Ranks that share the work here: the world under ``torchrun``, 1 alone or solo."""
+    return dist.get_world_size() if in_group() else 1
+
+
+def group_rank() -> int:
+    """The rank's place among :func:`group_size` ranks (0 alone or solo)."""
+    return dist.get_rank() if in_group() else 0
+
+
 def barrier() -> None:
-    """Wait for every rank (no-op on one process)."""
-    if dist.is_available() and dist.is_initialized():
+    """Wait for every rank (no-op on one process, and solo)."""
+    if in_group():
         dist.barrier()
 
 
 def broadcast(value: T) -> T:
     """Rank 0's ``value`` on every rank (pickled; for small decisions, not tensors)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -84,8 +124,53 @@ def broadcast(value: T) -> T:
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only, then give its result to every rank once it is done.
 
-    For shared writes (an artifact built once) that other ranks must not race or lock on.
+    For shared writes (an artifact built once) that other ranks must not race or lock on. ``fn``
+    runs :func:`solo`: what it shares or gathers stays on rank 0.
     """
-    result: Any = fn() if is_main() else None
+    result: Any = None
+    if is_main():
+        with solo():
+            result = fn()
     barrier()
     return broadcast(result)
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank ``rank``'s share of ``items``: every ``world``-th item from the ``rank``-th.
+
+    Strided, so neighbours (rows sorted by length, batches longest first) spread evenly over
+    the ranks; :func:`unshard` puts the shares back in order.
+    """
+    return list(items[rank::world])
+
+
+def unshard(shares: Sequence[Sequence[T]]) -> list[T]:
+    """The items of :func:`shard`'s shares, one per rank in rank order, in their first order.
+
+    Raises:
+        ValueError: shares whose sizes no strided split gives (a rank lost or doubled items).
+
+    """
+    world, total = len(shares), sum(len(s) for s in shares)
+    if [len(s) for s in shares] != [len(range(r, total, world)) for r in range(world)]:
+        raise ValueError(f"shares of sizes {[len(s) for s in shares]} are not a strided split "
+                         f"of {total} items over {world} ranks")
+    out: list[Any] = [None] * total
+    for rank, share in enumerate(shares):
+        out[rank::world] = share
+    return out
+
+
+def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T]) -> list[Any]:
+    """``fn(items)`` computed by every rank on its own share, gathered on every rank in order.
+
+    ``fn`` maps a list to a sequence of one result per item. The results travel pickled
+    (``all_gather_object``): for per-row numbers and short texts, not tensors.
+    """
+    world = group_size()
+    if world == 1:
+        return list(fn(list(items)))
+    mine = list(fn(shard(items, group_rank(), world)))
+    shares: list[Any] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return unshard(shares)

@@ -3,6 +3,12 @@
 Prompts are left-padded (generation continues at the right edge of every row) and batched by
 length, which on this CPU is several times faster than one prompt at a time. Each finished batch is
 appended and fsynced to the output file, so a killed run resumes from the answers already on disk.
+
+Under ``torchrun`` the ranks share the batches: every rank forms the same batches, takes every
+world-th one, and appends to its own work file (``<set>.rank<r>.jsonl``) beside the output; rank
+0 merges them. A batch holds the same prompts as on one process, and left padding is then the
+same too, so the greedy tokens are those of a one-process run (a batch's padding, not its rank,
+can move float results).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from lobass import distributed
 from lobass.artifacts import atomic_write_text
 from lobass.evaluation.prompts import Prompt
 from lobass.formatting import tokenize_prompt
@@ -142,21 +149,32 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     """
     from tqdm.auto import tqdm
 
-    done = read_generations(path, repair_torn_tail=True)
+    rank, world = distributed.group_rank(), distributed.group_size()
+    if rank == 0:  # answers a killed run left, in the output and any rank's work file
+        merge_work_files(path)
+    distributed.barrier()
+    done = read_generations(path)  # merged above: read-only from here on, on every rank
     todo = [p for p in prompts if p.id not in done]
-    if done:
+    if done and rank == 0:
         log.info("eval.generation: resuming %s with %d of %d answers already in %s", set_name,
                  len(prompts) - len(todo), len(prompts), path)
     ids = {p.id: tokenize_prompt(p.messages, tokenizer, template,
                                  allow_special_tokens=allow_special_tokens) for p in todo}
     todo.sort(key=lambda p: (-len(ids[p.id]), p.id))  # similar lengths together: less padding
+    # The batches of a one-process run; this rank answers every world-th (the same prompts in
+    # each batch whatever the world size, so the same padding and the same tokens).
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    mine = distributed.shard(batches, rank, world)
+    own = path if world == 1 else rank_work_file(path, rank)
+    if world > 1:
+        log.info("eval.generation: rank %d of %d answers %d of %d batches of %s", rank, world,
+                 len(mine), len(batches), set_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle, tqdm(
-        total=len(prompts), initial=len(prompts) - len(todo), desc=f"generate {set_name}",
-        unit="prompt",
+    with open(own, "a", encoding="utf-8") as handle, tqdm(
+        total=sum(map(len, mine)), desc=f"generate {set_name}", unit="prompt",
+        disable=rank != 0,
     ) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for batch in mine:
             outputs = generate_batch(model, tokenizer, [ids[p.id] for p in batch],
                                      max_new_tokens=max_new_tokens)
             for prompt, (tokens, finished) in zip(batch, outputs, strict=True):
@@ -169,9 +187,38 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
             handle.flush()
             os.fsync(handle.fileno())  # a kill after this point loses nothing of the batch
             bar.update(len(batch))
-    rows = [done[p.id] for p in prompts]
-    # Complete: rewrite in prompt order (batches ran longest first), so the file reads like the set.
-    atomic_write_text(path, jsonl_text(rows))
+    distributed.barrier()  # every rank's answers are on disk
+    if rank == 0:
+        done.update(merge_work_files(path))
+        # Complete: rewrite in prompt order (batches ran longest first), so the file reads like
+        # the set.
+        atomic_write_text(path, jsonl_text(done[p.id] for p in prompts))
+    distributed.barrier()
+    if world > 1:
+        done = read_generations(path)
+    return [done[p.id] for p in prompts]
+
+
+def rank_work_file(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` appends its answers for ``path`` under ``torchrun`` (merged, removed)."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def merge_work_files(path: Path) -> dict[str, dict[str, Any]]:
+    """The answers in ``path`` and in every rank's work file, merged into ``path``.
+
+    Run by one process (rank 0) while no rank appends. Each file's torn last line, left by a
+    kill mid-append, is dropped. The work files are removed once ``path`` holds their rows, so
+    the published set is one file; a resume with another world size starts from it.
+    """
+    rows = read_generations(path, repair_torn_tail=True)
+    parts = sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+    for part in parts:  # a kill between the write below and the unlinks: rows seen twice, equal
+        rows.update(read_generations(part, repair_torn_tail=True))
+    if parts:
+        atomic_write_text(path, jsonl_text(rows.values()))
+        for part in parts:
+            part.unlink()
     return rows
 
 

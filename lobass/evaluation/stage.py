@@ -3,10 +3,16 @@
 The evaluated model is the initial model with a fine-tune's adapter merged in, so lm-eval and
 generation see a plain transformers model. The per-row response losses come from the scoring
 engine, handed in by the pipeline as ``response_losses`` (stage packages never import each other).
+
+Under ``torchrun`` every rank loads the model and takes a share of the held-out losses (every
+world-th row) and of the answers (every world-th batch); rank 0 gathers them in order and writes
+the artifact, the same files as one process writes. lm-eval's benchmarks and the judge run on
+rank 0 while the others wait (:func:`evaluate` says why).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,6 +24,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from lobass import distributed
 from lobass.artifacts import (
     atomic_write_json,
     atomic_write_text,
@@ -48,6 +55,7 @@ from lobass.modeling import (
 )
 from lobass.schema.eval_specs import PromptSetSpec, ReferenceLossSpec
 from lobass.schema.walk import without_defaults
+from lobass.shared_prefix import shared_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,13 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
         The eval artifact (``metrics.json``, ``losses/<set>.jsonl``, ``per_prompt_losses.csv``,
         ``judge/``), its metrics and, as ``per_prompt_losses``, the CSV's path.
 
+    Under ``torchrun`` the losses and the answers are sharded over the ranks. lm-eval stays on
+    rank 0: handed an in-memory model, its ``HFLM`` runs as one process (rank 0 of 1), and its
+    own data parallelism loads the weights by path under ``accelerate`` (the merged adapter is
+    not on disk); it then re-batches each rank's share of the questions by length (and ``auto``
+    takes the smallest batch over ranks), so left padding, and with it greedy answers, could
+    differ from one process. The judge is one API client or one local model: rank 0 too.
+
     """
     cfg = ctx.cfg
     ev = OmegaConf.merge(cfg.eval, {"judge": {"baseline": judge_baseline}})
@@ -91,7 +106,8 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
                        "seed": seed, "judged": judged, "format": 3,
                        "loss_batch": cfg.score.max_tokens_per_batch})
 
-    def build(work: Path) -> dict[str, Any]:
+    def build(work: Path) -> dict[str, Any]:  # on every rank under torchrun (collective)
+        main = distributed.is_main()
         model = load_model(cfg.model, ctx.model_path)
         if adapter is not None:
             model = load_adapter(model, adapter).merge_and_unload().eval()
@@ -106,7 +122,9 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
                         for e in examples]
             losses = _losses(response_losses, model, features, budget)
             metrics.update(heldout_loss_metrics(losses, name))
-            write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples], losses)
+            if main:
+                write_row_losses(work / "losses" / f"{name}.jsonl", [e.id for e in examples],
+                                 losses)
             trimmed = np.full(len(features), np.nan)  # (N,)
             if name in suite.trimmed_sets(ev):  # a second pass: the engine returns means only
                 trimmed = _losses(response_losses, model,
@@ -115,8 +133,9 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
             tables.append(per_prompt_losses(name, [e.id for e in examples], features, losses,
                                             trimmed))
         table = pd.concat(tables) if tables else pd.DataFrame(columns=PER_PROMPT_COLUMNS)
-        atomic_write_text(work / PER_PROMPT_LOSSES, table.to_csv(index=False))
-        # b) greedy answers per prompt set, each its own resumable artifact
+        if main:
+            atomic_write_text(work / PER_PROMPT_LOSSES, table.to_csv(index=False))
+        # b) greedy answers per prompt set, each its own resumable artifact (ranks share it)
         began = time.perf_counter()
         generations = suite.generate_sets(
             model, ctx.tokenizer, ev, ctx.artifacts_dir, template=cfg.model.template,
@@ -124,36 +143,43 @@ def evaluate(ctx: Context, adapter: Path | None, *, seed: int, judge_baseline: s
             key={"adapter": evaluated, "model": ctx.pool.tokens_key["model"]})
         metrics["eval/generate_seconds"] = time.perf_counter() - began  # sets reused: ~0
         metrics.update(suite.generation_set_metrics(generations))
-        if ev.backend == "vllm":  # vLLM loads its own copy and wants the GPU memory free first
+        if ev.backend == "vllm" or not main:  # vLLM loads its own copy and wants the memory
             del model
             model = None
             free_memory()
-        # c) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline)
+        # c) benchmarks through lm-eval: GSM8K, IFEval (skipped, with the reason, when offline);
+        #    rank 0 alone (see the docstring), the other ranks wait
         began = time.perf_counter()
-        bench, skipped = suite.run_benchmarks(
-            model, ctx.tokenizer, ev, chat=cfg.model.template == "chat", seed=seed,
-            model_path=ctx.model_path, adapter_dir=adapter,
-            max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.revision)
+        bench, skipped = distributed.on_main(functools.partial(
+            suite.run_benchmarks, model, ctx.tokenizer, ev, chat=cfg.model.template == "chat",
+            seed=seed, model_path=ctx.model_path, adapter_dir=adapter,
+            max_lora_rank=int(cfg.train.lora.r), revision=cfg.model.revision))
         metrics.update(bench)
         metrics["eval/benchmarks_seconds"] = time.perf_counter() - began  # GSM8K's generation
         del model  # the judge may load another model
         free_memory()
-        # d) pairwise judge against the baseline's answers, both orders
+        # d) pairwise judge against the baseline's answers, both orders: rank 0 alone
         if judged is not None:
-            judge = judging.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
-            metrics.update(judging.judge_sets(judge, ev.judge, {
-                k: v for k, v in generations.items() if k in judged_sets(ev)}, work,
-                seed=seed))
-            del judge
-            free_memory()
+            def judge_answers() -> dict[str, float]:
+                judge = judging.make_judge(ev.judge, _judge_loader(ctx), cfg.model.template)
+                verdicts = judging.judge_sets(judge, ev.judge, {
+                    k: v for k, v in generations.items() if k in judged_sets(ev)}, work,
+                    seed=seed)
+                del judge
+                free_memory()
+                return verdicts
+
+            metrics.update(distributed.on_main(judge_answers))
         elif generations:
             log.info("eval.judge.baseline is null: answers saved, no pairwise judging")
-        atomic_write_json(work / "generations.json", {k: str(v) for k, v in generations.items()})
-        atomic_write_json(work / "skipped.json", skipped)
-        atomic_write_json(work / "metrics.json", metrics)
+        if main:
+            atomic_write_json(work / "generations.json",
+                              {k: str(v) for k, v in generations.items()})
+            atomic_write_json(work / "skipped.json", skipped)
+            atomic_write_json(work / "metrics.json", metrics)
         return {"metrics": sorted(metrics), "skipped": skipped}
 
-    directory, reused = ensure_artifact(ctx.artifacts_dir / "eval" / key, build)
+    directory, reused = ensure_artifact(ctx.artifacts_dir / "eval" / key, build, collective=True)
     metrics = json.loads((directory / "metrics.json").read_text())
     answers = json.loads((directory / "generations.json").read_text())  # set -> answers file
     table = directory / PER_PROMPT_LOSSES
@@ -223,10 +249,26 @@ def _judge_checkpoint(judge_cfg: DictConfig, models_dir: Path) -> str | None:
 
 def _losses(response_losses: ResponseLosses, model: Any, features: Sequence[Features],
             budget: int) -> np.ndarray:
+    """``(N,)`` response losses of ``features``; under ``torchrun`` each rank scores a share.
+
+    Every rank encodes the prefix that all ``N`` rows share, as one process would: a share's own
+    longest common prefix can be longer, and would change the float results. The shares are
+    batched apart from each other, so a row's padding may differ from one process's (results
+    within float rounding, 1e-6 in fp32 on CPU).
+    """
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     pad_id = int(pad[0] if isinstance(pad, list) else pad)
-    return response_losses(model, features, max_tokens_per_batch=budget, pad_token_id=pad_id)
+    prefix = shared_prefix_length(features)
+
+    def share_losses(share: list[Features]) -> list[float]:
+        if distributed.group_size() > 1:
+            log.info("eval losses: rank %d of %d scores %d of %d rows", distributed.group_rank(),
+                     distributed.group_size(), len(share), len(features))
+        return response_losses(model, share, max_tokens_per_batch=budget, pad_token_id=pad_id,
+                               prefix_length=prefix).tolist()
+
+    return np.asarray(distributed.map_shards(share_losses, features), dtype=np.float64)  # (N,)
 
 
 def _judge_loader(ctx: Context) -> Callable[[str | None], tuple[Any, Any]]:

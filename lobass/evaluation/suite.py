@@ -84,6 +84,8 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
                   allow_special_tokens: bool = False) -> dict[str, Path]:
     """Answer every enabled prompt set; each set is its own artifact under ``generations/``.
 
+    Under ``torchrun`` every rank calls this with its own copy of the model and answers a share.
+
     Args:
         model: the evaluated model (adapter merged).
         tokenizer: its tokenizer.
@@ -119,7 +121,9 @@ def generate_sets(model: Any, tokenizer: Any, eval_cfg: DictConfig, artifacts_di
                                       batch_size=int(generation.batch_size), set_name=name)
             return {"set": name, "rows": len(rows)}
 
-        directory, _ = ensure_artifact(artifacts_dir / "generations" / set_key, build)
+        # every rank answers its share of the batches (generate_responses), rank 0 publishes
+        directory, _ = ensure_artifact(artifacts_dir / "generations" / set_key, build,
+                                       collective=True)
         paths[name] = directory / f"{name}.jsonl"
     return paths
 
