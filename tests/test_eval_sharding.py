@@ -66,20 +66,23 @@ def test_generation_resumes_from_killed_ranks_work_files(tiny, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["v.jsonl"]  # work files merged
 
 
-# Every eval part sharded or waited for: two reference-loss sets (one trimmed), GSM8K and IFEval
-# on rank 0, and two prompt sets in batches of 2 (vicuna: 5 prompts, batches of 2, 2 and 1: rank
-# 0 answers batches 0 and 2, rank 1 batch 1; padded batches, so their composition matters).
+# Every eval part sharded or waited for: four reference-loss sets (one trimmed), GSM8K, IFEval
+# and the judge on rank 0, and two prompt sets in batches of 2 (vicuna: 5 prompts in batches of
+# 2, 2 and 1: rank 0 answers batches 0 and 2, rank 1 batch 1; padded batches, so their
+# composition matters).
 EVAL_2R = [*TINY, "train=none", "stages=[eval]", "eval.generation.batch_size=2",
            "eval.generation.sets.vicuna.max_rows=5", "eval.generation.sets.alpaca_eval.max_rows=3",
            "eval.heldout.max_rows=7"]
 TIMING = ("eval/generate_seconds", "eval/benchmarks_seconds")
 
 
-def _run(tmp_path: Path, name: str, models_dir: Path, ranks: int) -> tuple[Path, str]:
+def _run(tmp_path: Path, name: str, models_dir: Path, ranks: int,
+         baseline: Path) -> tuple[Path, str]:
     artifacts, run_dir = tmp_path / name / "artifacts", tmp_path / name / "run"
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable])
-    cmd = [*launcher, str(ROOT / "run.py"), *EVAL_2R, f"artifacts_dir={artifacts}",
+    cmd = [*launcher, str(ROOT / "run.py"), *EVAL_2R, f"eval.judge.baseline={baseline}",
+           f"artifacts_dir={artifacts}",
            f"models_dir={models_dir}", f"output_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
@@ -89,7 +92,11 @@ def _run(tmp_path: Path, name: str, models_dir: Path, ranks: int) -> tuple[Path,
 
 @pytest.mark.slow
 def test_two_ranks_write_the_one_process_eval_artifact(tmp_path, models_dir, tiny):
-    (one, _), (two, log) = (_run(tmp_path, name, models_dir, ranks)
+    # the answers vicuna's are judged against (the run's initial model judges, on rank 0)
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text(jsonl_text({"set": "vicuna", "id": str(i), "output": f"Answer {i}."}
+                                   for i in range(1, 6)))
+    (one, _), (two, log) = (_run(tmp_path, name, models_dir, ranks, baseline)
                             for name, ranks in (("one", 1), ("two", 2)))
     # both ranks did a share: 7 held-out rows split 4 + 3, vicuna's 3 batches 2 + 1
     assert "rank 0 of 2 scores 4 of 7 rows" in log and "rank 1 of 2 scores 3 of 7 rows" in log
@@ -99,7 +106,8 @@ def test_two_ranks_write_the_one_process_eval_artifact(tmp_path, models_dir, tin
     assert eval_one.name == eval_two.name and not eval_one.name.endswith(".partial")  # one key
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (eval_one, eval_two))
     assert m1.keys() == m2.keys() and {"eval/heldout/loss", "eval/gsm8k/strict_acc",
-                                       "eval/vicuna/gen_len_tokens"} <= m1.keys()
+                                       "eval/vicuna/gen_len_tokens",
+                                       "eval/vicuna/win_rate"} <= m1.keys()
     for key in m1.keys() - set(TIMING):
         if "loss" in key:  # held-out losses: the shares are batched apart (float rounding)
             assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
@@ -124,3 +132,6 @@ def test_two_ranks_write_the_one_process_eval_artifact(tmp_path, models_dir, tin
         assert sorted(p.name for p in b.parent.iterdir()) == sorted(
             p.name for p in a.parent.iterdir())
         assert b.read_text() == a.read_text() and len(a.read_text().splitlines()) in (3, 5)
+    # the judge's raw verdicts (rank 0 alone in both) on the same answers: the same records
+    verdicts = [(d / "judge" / "vicuna.jsonl").read_text() for d in (eval_one, eval_two)]
+    assert verdicts[0] == verdicts[1] and len(verdicts[0].splitlines()) == 5
