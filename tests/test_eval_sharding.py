@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, TINY
 from lobass.config import package_data
 from lobass.distributed import map_shards, on_main, shard, solo, unshard
-from lobass.evaluation.generation import generate_responses, rank_work_file
+from lobass.evaluation.generation import generate_responses, rank_batches, rank_work_file
 from lobass.evaluation.prompts import read_prompts
 from lobass.jsonrows import jsonl_text
 
@@ -45,6 +45,16 @@ def test_map_shards_on_one_process_is_the_plain_call_and_solo_is_one_rank():
     assert map_shards(lambda share: [v * 2 for v in share], values) == [6.0, 2.0, 4.0]
     with solo():  # rank 0 working alone for a group: its own helpers never wait for the others
         assert on_main(lambda: map_shards(lambda s: s[::-1], [1, 2])) == [2, 1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ranks_answer_the_one_process_batches_unchanged(world):
+    prompts = [f"p{i}" for i in range(7)]  # sorted longest first by the caller
+    alone, n = rank_batches(prompts, 2, 0, 1)
+    assert alone == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"], ["p6"]] and n == 4
+    shares = [rank_batches(prompts, 2, rank, world)[0] for rank in range(world)]
+    # every one-process batch, with the same prompts in it, on exactly one rank
+    assert sorted(sum(shares, [])) == alone and unshard(shares) == alone
 
 
 def test_generation_resumes_from_killed_ranks_work_files(tiny, tmp_path):

@@ -18,7 +18,7 @@ import os
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -30,6 +30,8 @@ from lobass.formatting import tokenize_prompt
 from lobass.jsonrows import InvalidJSON, iter_jsonl, jsonl_line, jsonl_text
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def read_generations(path: Path, *, repair_torn_tail: bool = False) -> dict[str, dict[str, Any]]:
@@ -161,14 +163,11 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     ids = {p.id: tokenize_prompt(p.messages, tokenizer, template,
                                  allow_special_tokens=allow_special_tokens) for p in todo}
     todo.sort(key=lambda p: (-len(ids[p.id]), p.id))  # similar lengths together: less padding
-    # The batches of a one-process run; this rank answers every world-th (the same prompts in
-    # each batch whatever the world size, so the same padding and the same tokens).
-    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-    mine = distributed.shard(batches, rank, world)
+    mine, n_batches = rank_batches(todo, batch_size, rank, world)
     own = path if world == 1 else rank_work_file(path, rank)
     if world > 1:
         log.info("eval.generation: rank %d of %d answers %d of %d batches of %s", rank, world,
-                 len(mine), len(batches), set_name)
+                 len(mine), n_batches, set_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(own, "a", encoding="utf-8") as handle, tqdm(
         total=sum(map(len, mine)), desc=f"generate {set_name}", unit="prompt",
@@ -197,6 +196,19 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     if world > 1:
         done = read_generations(path)
     return [done[p.id] for p in prompts]
+
+
+def rank_batches(todo: Sequence[T], batch_size: int, rank: int,
+                 world: int) -> tuple[list[list[T]], int]:
+    """The batches rank ``rank`` of ``world`` answers, and how many batches there are in all.
+
+    The batches are those of one process (``todo`` in order, ``batch_size`` at a time); the rank
+    takes every ``world``-th. Sharding prompts instead would batch each rank's prompts anew: other
+    neighbours, other left padding, and greedy tokens that may differ where padding moves a
+    logit across a near tie (bf16 above all).
+    """
+    batches = [list(todo[start:start + batch_size]) for start in range(0, len(todo), batch_size)]
+    return distributed.shard(batches, rank, world), len(batches)
 
 
 def rank_work_file(path: Path, rank: int) -> Path:
