@@ -87,7 +87,7 @@ def resolve_dtype(dtype: str, device: str, bf16_supported: bool) -> str:
     Args:
         dtype: ``model.dtype`` as configured (``auto``, ``float32``, ``bfloat16``, ``float16``).
         device: the resolved device, ``cuda`` or ``cpu``.
-        bf16_supported: ``torch.cuda.is_bf16_supported()`` on that device.
+        bf16_supported: native bf16 on that device (compute capability 8.0 or newer).
 
     Returns:
         A concrete dtype name; any other value is returned as it is (the schema checks it).
@@ -101,7 +101,9 @@ def resolve_dtype(dtype: str, device: str, bf16_supported: bool) -> str:
 def model_dtype(model_cfg: DictConfig) -> str:
     """``model.dtype`` resolved on this machine (see :func:`resolve_dtype`)."""
     device = device_type(str(model_cfg.device))
-    supported = device == "cuda" and torch.cuda.is_bf16_supported()
+    # Native bf16 only (compute capability 8.0+): torch counts a V100's emulated bf16 as
+    # supported by default, at a fraction of float32's speed. No tensor is made to ask.
+    supported = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return resolve_dtype(str(model_cfg.dtype), device, supported)
 
 
