@@ -1,4 +1,8 @@
-"""FLOPs the scoring engine executes, and the bf16 peak of the GPU it runs on (for MFU).
+"""FLOPs the scoring engine executes, and the dense peaks of the GPU it runs on (for MFU).
+
+MFU divides by the peak of the precision the matmuls actually run at: bf16 for a bf16 model,
+TF32 for a float32 model on CUDA with TF32 on (lobass enables it), plain FP32 otherwise. Dividing
+bf16 work by an FP32 ceiling (or float32 work by the bf16 peak) misstates it by 2-15x.
 
 Model FLOP utilisation here counts only work the engine does: the decoder body for every token
 outside the shared prefix (the prefix is encoded once per run, not once per row), the LM head at
@@ -14,28 +18,76 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Dense bf16 tensor-core peaks (TFLOP/s, FP32 accumulate, no sparsity) from NVIDIA's data sheets,
-# matched in order against torch.cuda.get_device_name(): the first pattern that matches wins, so
+
+@dataclass(frozen=True)
+class Peaks:
+    """Dense peaks of one GPU in TFLOP/s (no 2:4 sparsity), and the document they come from."""
+
+    bf16: float  # tensor cores, FP32 accumulate (FP16 is the same rate on every part listed)
+    tf32: float  # tensor cores: float32 matmuls with TF32 on (lobass.devices.enable_tf32)
+    fp32: float  # CUDA cores: float32 with TF32 off
+    source: str
+
+
+# Matched in order against torch.cuda.get_device_name(): the first pattern that matches wins, so
 # the PCIe and NVL variants come before the plain "H100"/"H200" (which are the SXM parts).
-BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
-    (r"H100.*PCIe", 756.0),
-    (r"H100 NVL", 835.0),
-    (r"H200 NVL", 835.0),
-    (r"H100", 989.0),  # "NVIDIA H100 80GB HBM3": SXM5
-    (r"H200", 989.0),  # "NVIDIA H200": SXM, same tensor cores as H100 SXM, more memory
-    (r"A100", 312.0),  # 40 GB and 80 GB, SXM4 and PCIe alike
-    (r"L40S", 362.0),
-    (r"A10G", 70.0),  # AWS's A10 variant
-    (r"A10\b", 125.0),
-    (r"L4\b", 121.0),
-    (r"RTX 4090", 165.0),  # FP32 accumulate (330 with FP16 accumulate)
+# NVIDIA's datasheets print tensor-core figures "with sparsity" (marked *): the dense figure is
+# half of it, which is what is listed here.
+PEAK_TFLOPS: list[tuple[str, Peaks]] = [
+    (r"H100.*PCIe", Peaks(756.0, 378.0, 51.0, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe "
+                                             "(BF16 1,513*, TF32 756*, FP32 51 TFLOPS)")),
+    (r"H100 NVL", Peaks(835.0, 417.5, 60.0, "NVIDIA H100 datasheet, H100 NVL (BF16 1,671*, "
+                                           "TF32 835*, FP32 60 TFLOPS)")),
+    (r"H200 NVL", Peaks(835.0, 417.5, 60.0, "NVIDIA H200 Tensor Core GPU datasheet, H200 NVL "
+                                           "(BF16 1,671*, TF32 835*, FP32 60 TFLOPS)")),
+    (r"H100", Peaks(989.0, 494.5, 67.0, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM "
+                                       "(BF16 1,979*, TF32 989*, FP32 67 TFLOPS)")),
+    (r"H200", Peaks(989.0, 494.5, 67.0, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM "
+                                       "(BF16 1,979*, TF32 989*, FP32 67 TFLOPS)")),
+    (r"A100", Peaks(312.0, 156.0, 19.5, "NVIDIA A100 Tensor Core GPU datasheet, 40/80 GB, SXM "
+                                       "and PCIe (BF16 312, TF32 156, FP32 19.5 TFLOPS)")),
+    (r"L40S", Peaks(362.0, 183.0, 91.6, "NVIDIA L40S datasheet (BF16 733*, TF32 366*, FP32 "
+                                       "91.6 TFLOPS)")),
+    # AWS's A10 variant has no NVIDIA datasheet: figures as AWS quotes them (BF16 70, TF32 35,
+    # FP32 35 dense), e.g. baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference
+    (r"A10G", Peaks(70.0, 35.0, 35.0, "AWS EC2 G5 A10G (no NVIDIA datasheet; AWS's figures: "
+                                     "BF16 70, TF32 35, FP32 35 TFLOPS dense)")),
+    (r"A10\b", Peaks(125.0, 62.5, 31.2, "NVIDIA A10 Tensor Core GPU datasheet (BF16 250*, TF32 "
+                                        "125*, FP32 31.2 TFLOPS)")),
+    (r"L4\b", Peaks(121.0, 60.0, 30.3, "NVIDIA L4 Tensor Core GPU datasheet (BF16 242*, TF32 "
+                                       "120*, FP32 30.3 TFLOPS)")),
+    (r"RTX 4090", Peaks(165.2, 82.6, 82.6, "NVIDIA Ada GPU architecture whitepaper, GeForce "
+                                          "RTX 4090 (BF16 FP32-accumulate 165.2, TF32 82.6 "
+                                          "dense; 330 with FP16 accumulate)")),
 ]
+
+
+def device_peaks(device_name: str) -> Peaks | None:
+    """Dense peaks of a GPU by the name CUDA reports, or None when it is not in the table."""
+    return next((peaks for pattern, peaks in PEAK_TFLOPS if re.search(pattern, device_name)),
+                None)
+
+
+def precision(dtype: str, tf32: bool) -> str:
+    """Which peak a model in ``dtype`` runs its matmuls at: ``bf16``, ``tf32`` or ``fp32``.
+
+    bf16 and fp16 weights run on the half-precision tensor cores (the same dense rate on every
+    part listed); float32 on the TF32 tensor cores when TF32 is on, else on the CUDA cores.
+    """
+    if dtype in ("bfloat16", "float16", "torch.bfloat16", "torch.float16"):
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+def peak_tflops(device_name: str, dtype: str, tf32: bool) -> float | None:
+    """Dense peak for ``dtype``'s matmuls (see :func:`precision`), or None for an unknown GPU."""
+    peaks = device_peaks(device_name)
+    return getattr(peaks, precision(dtype, tf32)) if peaks else None
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak of a GPU by the name CUDA reports, or None when it is not in the table."""
-    return next((tf for pattern, tf in BF16_PEAK_TFLOPS if re.search(pattern, device_name)),
-                None)
+    return peak_tflops(device_name, "bfloat16", False)
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,18 @@ embedded SmolLM2-135M-Instruct, float32) three ways in one process:
 
 It checks that engine and naive agree within 1e-4, then prints tokens/s for each, the ratio to
 the naive loop, the effective FLOP rate ``2 * params * tokens / time`` (every token counted, as if
-all work were done) as a fraction of a large float32 ``torch.matmul`` on the same device, and the
+all work were done) as a fraction of a large ``torch.matmul`` in the model's dtype on the same
+device (float32 on the CPU, bf16 on CUDA), and the
 peak memory of the engine pass relative to holding the model. The last line is exactly
 ``speedup_vs_naive=<x> matmul_fraction=<y> cached_speedup=<z>``. Each way is warmed up on a few
 rows before it is timed (CUDA kernels load and the allocator grows on the first call).
 
 On CUDA the model runs in bf16 (``--device cuda``; float32 on the CPU), and the model FLOP
 utilisation (MFU) counts only the FLOPs executed (``benchmarks/flops.py``: the shared prefix once,
-the LM head at response positions only) against the GPU's dense bf16 peak, looked up by name
-(H100 SXM and PCIe told apart, H200, A100, L40S, A10G, RTX 4090...) or ``--peak-tflops``.
+the LM head at response positions only) against the GPU's dense peak at the precision the model
+runs at (bf16; TF32 for a float32 model, TF32 being on as in a lobass run), looked up by name in
+``benchmarks/flops.py``'s table of datasheet figures (H100 SXM and PCIe told apart, H200, A100,
+L40S, A10G, L4, RTX 4090...) or ``--peak-tflops``.
 ``--json PATH`` also writes the figures as JSON (``scripts/gpu_check.sh`` reads them).
 
 ``--shape llama_7b`` (any model config with an ``arch`` block) scores the same rows' token
@@ -51,14 +54,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flops import bf16_peak_tflops, engine_flops, model_dims, naive_flops  # noqa: E402
+from flops import device_peaks, engine_flops, model_dims, naive_flops, precision  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import lobass  # noqa: E402,F401
 from lobass.config import package_data, with_defaults  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
+from lobass.devices import enable_tf32  # noqa: E402
 from lobass.formatting import tokenize_example  # noqa: E402
-from lobass.modeling import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from lobass.modeling import DTYPES, load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from lobass.scoring import compute_response_losses, shared_prefix_length  # noqa: E402
 from lobass.scoring.runner import LazyModel, loss_fn  # noqa: E402
 from lobass.scoring.store import ensure_losses  # noqa: E402
@@ -66,11 +70,14 @@ from lobass.scoring.store import ensure_losses  # noqa: E402
 
 def use_device(device: str, threads: int) -> None:
     """Apply ``--device`` and ``--threads``: fail when CUDA is asked for and absent; on the CPU,
-    hide any GPU (``load_model`` moves to CUDA when it sees one)."""
+    hide any GPU (``load_model`` moves to CUDA when it sees one). On CUDA, TF32 for float32
+    matmuls, as a lobass run sets it (``lobass.devices.enable_tf32``)."""
     if threads:
         torch.set_num_threads(threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
+    if device == "cuda":
+        enable_tf32()
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
@@ -80,15 +87,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_flops(device: str, n: int = 2048, seconds: float = 4.0) -> float:
-    """Measured float32 FLOP/s of a large square matmul: the machine's practical ceiling.
+def matmul_flops(device: str, n: int = 2048, seconds: float = 4.0,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of a large square matmul in ``dtype``: the machine's practical ceiling.
+
+    ``dtype`` is the model's: a bf16 model's work over a float32 ceiling would overstate its
+    fraction up to 15x on a GPU (float32 on the CPU, where the models run in float32).
 
     Timed over a window of ``seconds`` (not a handful of products): on this shared 2-core VM a
     sub-second sample moved between 210 and 330 GFLOP/s from run to run, which swung the matmul
     fraction between 0.68 and 1.11 for the same engine code.
     """
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)
     sync(device)
     reps = 0
@@ -125,14 +136,23 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def bf16_peak_flops(device: str, override: float) -> float | None:
-    """The device's bf16 peak in FLOP/s: ``--peak-tflops``, else looked up by the GPU's name."""
+def peak_flops_of(device: str, dtype: torch.dtype, override: float) -> tuple[float | None, str]:
+    """The device's dense peak in FLOP/s for ``dtype``'s matmuls, and what it is.
+
+    ``--peak-tflops`` when given; else ``benchmarks/flops.py``'s table by the GPU's name, at
+    the precision the matmuls run at: bf16 for bf16/fp16 weights, TF32 for float32 with TF32 on
+    (``torch.get_float32_matmul_precision() != "highest"``), plain FP32 otherwise.
+    """
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    kind = precision(str(dtype).removeprefix("torch."), tf32)
     if override:
-        return override * 1e12
+        return override * 1e12, f"{kind} (--peak-tflops)"
     if device != "cuda":
-        return None
-    tflops = bf16_peak_tflops(torch.cuda.get_device_name())
-    return tflops * 1e12 if tflops else None
+        return None, kind
+    peaks = device_peaks(torch.cuda.get_device_name())
+    if peaks is None:
+        return None, kind
+    return getattr(peaks, kind) * 1e12, f"{kind}: {peaks.source}"
 
 
 def warm_up(model, features, budget: int, pad: int, device: str) -> None:
@@ -147,7 +167,6 @@ def random_shaped_model(model_cfg, layers: int, device: str):
     from transformers import AutoModelForCausalLM
 
     from lobass.memory import architecture_config
-    from lobass.modeling import DTYPES
 
     config = architecture_config(model_cfg)
     if config is None:
@@ -177,8 +196,9 @@ def naive(model, features, device: str) -> tuple[np.ndarray, float]:
     with torch.inference_mode():
         for f in features:
             ids = torch.tensor([f.input_ids], device=device)
-            out.append(model(input_ids=ids, labels=torch.tensor([f.labels], device=device))
-                       .loss.item())
+            # use_cache=False: a user's loop reads only the loss (no cache to build and drop)
+            out.append(model(input_ids=ids, labels=torch.tensor([f.labels], device=device),
+                             use_cache=False).loss.item())
     sync(device)
     return np.array(out), time.perf_counter() - start
 
@@ -213,7 +233,8 @@ def main() -> None:
                         "(e.g. llama_7b): random-initialised model of that architecture")
     parser.add_argument("--layers", type=int, default=0, help="with --shape: keep N layers")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="bf16 peak of the device for MFU; default: known GPUs by name")
+                        help="dense peak of the device for MFU at the model's precision; "
+                        "default: known GPUs by name (benchmarks/flops.py)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
     use_device(args.device, args.threads)
@@ -238,7 +259,9 @@ def main() -> None:
     # The ceiling is sampled just before the model loads and just after the timed engine pass,
     # so the fraction compares the two under the same machine conditions. The first sample runs
     # before the memory baseline: MKL keeps its GEMM buffers, which are not the engine's memory.
-    flops_before = matmul_flops(args.device)
+    # in the dtype the model runs in: bf16 on CUDA (model.dtype, and --shape's bf16 configs)
+    run_dtype = DTYPES[cfg.model.dtype] if args.device == "cuda" else torch.float32
+    flops_before = matmul_flops(args.device, dtype=run_dtype)
     rss_before = rss_kib()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -280,9 +303,10 @@ def main() -> None:
         t_engine = time.perf_counter() - start
         rss_peak = rss_kib("VmHWM")
         gpu_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
-        flops_after = matmul_flops(args.device)
+        flops_after = matmul_flops(args.device, dtype=run_dtype)
         peak_flops = (flops_before + flops_after) / 2
-        print(f"matmul float32: {flops_before / 1e9:.1f} GFLOP/s before the engine pass, "
+        print(f"matmul {str(run_dtype).removeprefix('torch.')}: {flops_before / 1e9:.1f} "
+              "GFLOP/s before the engine pass, "
               f"{flops_after / 1e9:.1f} after; ceiling {peak_flops / 1e9:.1f} (their mean)")
 
         # 3) the same call again: the artifact is complete, nothing is computed
@@ -338,13 +362,16 @@ def main() -> None:
                "naive_tflops": naive_flops(dims, features) / t_naive / 1e12,
                "max_abs_diff": diff, "peak_memory_vs_model": (gpu_peak / held_gpu
                                                               if held_gpu else None)}
-    peak_bf16 = bf16_peak_flops(args.device, args.peak_tflops)
-    if peak_bf16:  # model FLOP utilisation: FLOPs the engine executed over the device's peak
-        figures["mfu"] = executed / t_engine / peak_bf16
-        figures["naive_mfu"] = naive_flops(dims, features) / t_naive / peak_bf16
+    peak, peak_name = peak_flops_of(args.device, next(model.parameters()).dtype,
+                                    args.peak_tflops)
+    figures["mfu_peak"] = peak_name
+    if peak:  # model FLOP utilisation: FLOPs the engine executed over the device's peak
+        figures["mfu"] = executed / t_engine / peak
+        figures["naive_mfu"] = naive_flops(dims, features) / t_naive / peak
+        figures["peak_tflops"] = peak / 1e12
         print(f"mfu={figures['mfu']:.3f} tokens_per_s={tokens / t_engine:.1f} "
               f"(naive loop: mfu {figures['naive_mfu']:.3f}; executed FLOPs "
-              f"{executed:.3e} over a {peak_bf16 / 1e12:.0f} TFLOP/s bf16 peak)")
+              f"{executed:.3e} over a {peak / 1e12:.0f} TFLOP/s dense peak, {peak_name})")
     fraction = 2 * params * tokens / t_engine / peak_flops
     figures["matmul_fraction"] = fraction
     if args.json:

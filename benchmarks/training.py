@@ -26,8 +26,10 @@ For each way it prints the loop's time (the whole ``trainer.train`` call, compil
 and real tokens/s (padding not counted), the rate after the first step (what is left once
 warm-up and compilation are paid), the padding it ran (counted by a forward pre-hook), the
 effective FLOP rate ``4 x params x tokens / time`` (forward plus the gradient with respect to
-activations of a frozen base, every token at full cost) as a fraction of a large float32
-``torch.matmul`` measured in the same process before and after each repeat, and the peak
+activations of a frozen base, every token at full cost) as a fraction of a large
+``torch.matmul`` in the model's dtype (float32 on the CPU, bf16 on CUDA) measured in the same
+process before and after each repeat and, on a GPU in ``benchmarks/flops.py``'s table, of its
+dense datasheet peak for that dtype (``<way>_mfu``), and the peak
 resident memory (per step and over the run; ``torch.cuda.max_memory_allocated`` on CUDA). The
 last line is exactly ``train_speedup=<x> train_matmul_fraction=<y>``: medians over repeats of
 user time / lobass time and of lobass's fraction. ``--profile N`` prints a torch.profiler table
@@ -56,7 +58,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
-from scoring import matmul_flops, reset_peak_rss, rss_kib, sync, use_device  # noqa: E402
+from scoring import (  # noqa: E402
+    matmul_flops,
+    peak_flops_of,
+    reset_peak_rss,
+    rss_kib,
+    sync,
+    use_device,
+)
 from transformers import TrainerCallback  # noqa: E402
 
 import lobass  # noqa: E402,F401
@@ -66,6 +75,7 @@ from lobass.config import package_data, with_defaults  # noqa: E402
 from lobass.data import read_examples  # noqa: E402
 from lobass.formatting import IGNORE_INDEX, tokenize_example  # noqa: E402
 from lobass.modeling import (  # noqa: E402
+    DTYPES,
     load_model,
     load_tokenizer,
     lora_config,
@@ -327,16 +337,20 @@ def main() -> None:
     params, gemm_fraction = 0, float("nan")
     tolerance = (loss_tolerance(cfg.model.dtype) if args.loss_tolerance is None
                  else args.loss_tolerance)
+    # The ceiling and the MFU peak are those of the dtype the model computes in: bf16 work over
+    # a float32 matmul (or the fp32 peak) would overstate its fraction up to 15x on a GPU.
+    dtype = DTYPES[cfg.model.dtype]
+    peak, peak_name = peak_flops_of(args.device, dtype, 0.0)
     runs: list[dict[str, float]] = []
     ways = ("user", "plain", "lobass")
     for repeat in range(args.repeats):
-        before = matmul_flops(args.device)
+        before = matmul_flops(args.device, dtype=dtype)
         figures = {}
         for way in ways if repeat % 2 == 0 else ways[::-1]:  # alternate: drift cancels
             figures[way] = train_once(cfg, path, tokenizer, features, way, device=args.device,
                                       profile=args.profile if repeat == 0 else 0,
                                       recipe=recipes[way])
-        after = matmul_flops(args.device)
+        after = matmul_flops(args.device, dtype=dtype)
         ceiling = (before + after) / 2
         if repeat == 0:  # loaded after the timed ways, so it never adds to their memory
             model = load_model(cfg.model, path)
@@ -357,6 +371,8 @@ def main() -> None:
         for way in ways:
             meter, _, peak = figures[way]
             rate = 4 * params * tokens / meter.seconds
+            if peak:  # model FLOP utilisation against the datasheet's dense peak of the dtype
+                run[f"{way}_mfu"] = rate / peak
             run.update({f"{way}_s": meter.seconds, f"{way}_matmul_fraction": rate / ceiling,
                         f"{way}_steady_tokens_per_s": meter.steady_rate(),
                         f"{way}_padding": meter.padding(), f"{way}_peak_mib": peak})
@@ -375,6 +391,8 @@ def main() -> None:
                 "model": args.model, "device": args.device, "dtype": cfg.model.dtype,
                 "tokens": tokens, "params": params, "layer_gemm_fraction": gemm_fraction,
                 "compile": args.compile, "loss_tolerance": tolerance,
+                "matmul_dtype": str(dtype).removeprefix("torch."), "mfu_peak": peak_name,
+                "peak_tflops": peak / 1e12 if peak else None,
                 "loss_check_ok": all(r["max_loss_diff"] < tolerance for r in runs),
                 "runs": runs})
     speedups = [r["speedup"] for r in runs]

@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lobass.data import Example, read_examples
+from lobass.devices import resolve_auto
 from lobass.schema import ConfigError, refuse_secrets
 from lobass.schema.rules import check_rules, check_structure, defaults_patch
 
@@ -98,7 +99,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     architecture are :func:`validate_pool` and :func:`check_lora_targets`.
 
     Returns:
-        ``cfg``, every default filled.
+        ``cfg``, every default filled and every ``auto`` resolved for this machine.
 
     Raises:
         ConfigError: naming the key, with the allowed values or range.
@@ -109,6 +110,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_structure(values)
     patch = defaults_patch(values)
     _fill(cfg, patch)
+    resolve_auto(cfg)  # model.dtype, score.shard_rows: auto chosen for this machine, before keys
     # the rules read the filled values: the patch merged into the resolved ones, not resolved again
     filled = OmegaConf.to_container(OmegaConf.merge(values, patch))
     assert isinstance(filled, dict)
@@ -120,9 +122,11 @@ def with_defaults(cfg: DictConfig) -> DictConfig:
     """``cfg`` with every absent field set to its schema default (in place), and returned.
 
     :func:`validate` calls it; code that composes a config and skips validation (tests, a
-    notebook calling a stage) calls it to get the same config a run sees.
+    notebook calling a stage) calls it to get the same config a run sees, ``auto`` values
+    resolved (:func:`lobass.devices.resolve_auto`).
     """
     _fill(cfg, defaults_patch(_resolved(cfg)))
+    resolve_auto(cfg)
     return cfg
 
 

@@ -20,9 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from lobass.artifacts import HASH_CACHE, cached_sha256s, ensure_artifact, fingerprint
 from lobass.devices import (
+    AUTO,
     SHARDINGS,
     check_device,
     device_map,
+    device_type,
+    model_dtype,
 )
 from lobass.distributed import init_from_env
 
@@ -168,12 +171,14 @@ def _files_fingerprint(files: list[Path], models_dir: Path) -> str:
 def _identity(model_cfg: DictConfig, content: str | None) -> dict[str, Any]:
     """The config fields that determine the weights and tokenizer, and the files' fingerprint.
 
-    A model loaded from local files is its files: the directory's name is left out.
+    A model loaded from local files is its files: the directory's name is left out. The dtype
+    is the resolved one (``auto`` is bfloat16 on a GPU, float32 on the CPU): a float32 artifact
+    is never reused for a bf16 run, and CPU keys are what they were when configs said float32.
     """
     fields = ("source", "hub_id", "revision", "gguf_package", "gguf_file", "random_init", "dtype")
     container = OmegaConf.to_container(model_cfg, resolve=True)
     assert isinstance(container, dict)
-    identity = {k: container[k] for k in fields}
+    identity = {k: container[k] for k in fields} | {"dtype": model_dtype(model_cfg)}
     if content is None:  # a pinned hub commit: its name is its content
         return identity
     if model_cfg.source == "hub":
@@ -207,6 +212,10 @@ def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
     (why ``conf/model/gemma3_270m.yaml`` asks for eager). ``model.trust_remote_code`` chooses
     between the repository's modelling code and transformers' own.
 
+    A float32 model on CUDA computes its matmuls in TF32 (:func:`lobass.devices.enable_tf32`),
+    ~1e-4 relative from float32: marked, so its artifacts are never taken for the CPU's (whose
+    keys, without the mark, are unchanged).
+
     Args:
         model_cfg: the ``model`` config group.
         model_path: what :func:`resolve_model_path` returned.
@@ -214,9 +223,11 @@ def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
 
     """
     identity = _identity(model_cfg, _source_content(model_cfg, model_path, models_dir))
+    tf32 = (identity["dtype"] == "float32" and device_type(str(model_cfg.device)) == "cuda")
     return f"{model_cfg.name}-" + fingerprint(
         {**identity, "attn_implementation": model_cfg.attn_implementation,
-         "trust_remote_code": bool(model_cfg.trust_remote_code)})  # the repo's code or ours
+         "trust_remote_code": bool(model_cfg.trust_remote_code),  # the repo's code or ours
+         **({"float32_matmul": "tf32"} if tf32 else {})})
 
 
 def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
@@ -316,7 +327,7 @@ def load_tokenizer(model_cfg: DictConfig, path: str) -> Any:
 
 
 def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None) -> Any:
-    """Initial model in ``model.dtype`` and evaluation mode, loaded straight onto its device.
+    """Initial model in ``model.dtype`` (``auto`` resolved) and evaluation mode, on its device.
 
     The weights go from the checkpoint to ``model.device`` (this rank's GPU under ``torchrun``,
     ``LOCAL_RANK``) in their dtype: no float copy in host RAM, no second move. Under sharded
@@ -343,8 +354,10 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
     """
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_cfg.dtype!r}")
+    dtype = model_dtype(model_cfg)  # a config that skipped validate() may still say auto
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {[AUTO, *sorted(DTYPES)]}, "
+                         f"got {model_cfg.dtype!r}")
     if sharding not in (None, *SHARDINGS):
         raise ValueError(f"sharding must be None or one of {SHARDINGS}, got {sharding!r}")
     device = check_device(model_cfg)
@@ -372,7 +385,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
         model: Any = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model_cfg.revision,
-            dtype=DTYPES[model_cfg.dtype],
+            dtype=DTYPES[dtype],
             device_map=placement,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
@@ -384,7 +397,7 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, model_cfg.dtype,
+    log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, dtype,
              next(model.parameters()).device, model_cfg.device,
              f", sharding {sharding}" if sharding else "")
     return model.eval()
@@ -404,11 +417,22 @@ def lora_config(lora_cfg: DictConfig, targets: list[str]) -> Any:
     )
 
 
+# peft upcasts a bf16/fp16 base's LoRA weights to float32 when it loads them (its default
+# autocast_adapter_dtype=True): right for training (float32 master weights under autocast), a
+# waste for inference, where every adapted matmul would cast its input to float32 and run at the
+# float32 rate. Scoring and eval load adapters in the model's own dtype instead; a float32 base
+# (the CPU) is unchanged.
+INFERENCE_ADAPTER: dict[str, Any] = {"is_trainable": False, "autocast_adapter_dtype": False}
+
+
 def load_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Wrap ``model`` with a saved LoRA adapter (inference mode, adapter enabled)."""
+    """Wrap ``model`` with a saved LoRA adapter (inference mode, adapter enabled).
+
+    The adapter's weights take the model's dtype (bf16 on a GPU; see ``INFERENCE_ADAPTER``).
+    """
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin; we only load safetensors.
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    return PeftModel.from_pretrained(model, str(adapter_dir), **INFERENCE_ADAPTER).eval()

@@ -21,6 +21,7 @@ from lobass import distributed
 from lobass.artifacts import atomic_write_json, fingerprint
 from lobass.config import check_lora_targets
 from lobass.context import Context, StageResult
+from lobass.devices import enable_tf32
 from lobass.evaluation.stage import eval_recipe, evaluate
 from lobass.finetune import finetune, fit_reference, weights_recipe
 from lobass.pool import Pool
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = _run_dir(cfg)
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by an earlier failed attempt
     (run_dir / "summary.json").unlink(missing_ok=True)  # and its partial summary: not this run's
+    enable_tf32()  # float32 matmuls on TF32 tensor cores on CUDA; nothing on the CPU
     preflight(cfg, run_dir)  # every value, the device, the judge: before any row or model
     summary = Summary()
     # Under torchrun only rank 0 tracks and writes the summary; the other ranks only compute.

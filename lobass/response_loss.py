@@ -115,11 +115,12 @@ class ResponseLoss:
 
     def collate(self, collator: Callable[[list[Any]], dict[str, Any]]
                 ) -> Callable[[list[Any]], dict[str, Any]]:
-        """``collator`` whose batches also carry ``logits_to_keep``: no position (no LM head)."""
+        """``collator`` whose batches ask for no logits (``logits_to_keep``) and no KV cache."""
 
         def collate(rows: list[Any]) -> dict[str, Any]:
             batch = collator(rows)
             batch["logits_to_keep"] = torch.zeros(0, dtype=torch.long)  # (0,): no logits
+            batch["use_cache"] = False  # nothing reads a training pass's keys and values
             return batch
 
         return collate

@@ -43,7 +43,7 @@ def _subset(small, big) -> bool:
     if isinstance(small, dict):
         return isinstance(big, dict) and all(k in big and _subset(v, big[k])
                                              for k, v in small.items())
-    return small == big
+    return small == big or small == "auto"  # auto: resolved for this machine (devices.py)
 
 
 @pytest.mark.parametrize("overrides", [[f"{g}={o}", POOL] for g, o in OPTIONS]
@@ -57,7 +57,8 @@ def test_validate_fills_every_default_and_moves_no_fine_tune_key(overrides):
     filled = validate(_compose(*overrides))
     before = OmegaConf.to_container(composed, resolve=True)
     after = OmegaConf.to_container(filled, resolve=True)
-    assert _subset(before, after)  # every value given is kept as given
+    assert _subset(before, after)  # every value given is kept as given, auto resolved
+    assert filled.model.dtype != "auto" and isinstance(filled.score.shard_rows, int)
     assert defaults_patch(before) and defaults_patch(after) == {}  # nothing left to fill
     if composed.train.get("enabled", True):
         assert filled.train.fsdp is False or overrides == ["train=lora_gpu_fsdp", POOL]

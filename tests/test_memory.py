@@ -25,7 +25,9 @@ from lobass.memory import (
     estimate_memory,
     layer_activation_bytes,
     model_shape,
+    scoring_activation_bytes,
 )
+from lobass.scoring.engine import head_chunk
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECIPE = ["data=alpaca", "reference=lora_gpu", "train=lora_gpu", "score=gpu", "eval=gpu"]
@@ -70,10 +72,11 @@ def test_every_stage_of_the_7b_recipe_by_hand():
     assert est.stages["train"].total == 19_541_794_816  # 18.2 GiB: a 24 GB card
     assert est.stages["reference"] == est.stages["train"].__class__("reference",
                                                                     est.stages["train"].parts)
-    # score: whole model + fp32 reference adapter + one 16k-token batch + one LM-head chunk
+    # score: whole model + bf16 reference adapter (the model's dtype for inference) + one
+    # 16k-token batch + one LM-head chunk
     scoring = 16384 * (transient + 2 * h * 2) + 64 * vocab * (2 + 4 + 4)
     assert scoring == 2_176_352_256  # 2.0 GiB (the old estimate: full logits and K/V, 14 GiB)
-    assert est.stages["score"].parts == {"weights": weights, "adapter": 4 * n_lora,
+    assert est.stages["score"].parts == {"weights": weights, "adapter": 2 * n_lora,
                                          "activations": scoring, "runtime": GIB}
     # eval: the largest step is the judge's answers, 16 rows of 512 + 1024 tokens of cache
     generation = 16 * 1536 * kv_token + 16 * 512 * transient + 16 * vocab * 8
@@ -124,16 +127,14 @@ def test_13b_fits_80gb_and_vllm_and_fsdp_are_counted_honestly():
     assert ddp.stages["train"] == est.stages["train"]
 
 
-def test_stages_follow_cfg_stages_and_share_prefix():
+def test_stages_follow_cfg_stages_and_no_pass_keeps_a_cache():
     cfg = _compose("model=llama_7b", *RECIPE, "stages=[score]")
     shape = _shape(cfg)
     assert list(estimate_memory(cfg, shape, 1, False).stages) == ["reference", "score"]
     plain = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]",
                                      "score.share_prefix=false"), shape, 1, False)
-    kv_token = 32 * 2 * 4096 * 2  # the decoder keeps every layer's keys and values
-    assert (plain.stages["score"].parts["activations"]
-            - estimate_memory(cfg, shape, 1, False).stages["score"].parts["activations"]
-            == 16384 * kv_token)
+    # the no-prefix path runs with use_cache=False: no layer's keys and values outlive it
+    assert plain.stages["score"] == estimate_memory(cfg, shape, 1, False).stages["score"]
 
 
 @pytest.mark.parametrize("model_type,kv_heads", [("llama", 2), ("gemma", 1)])
@@ -262,18 +263,35 @@ def test_scoring_estimate_against_cuda_peak(tiny):
                             pad_token_id=tokenizer.pad_token_id)
     peak = torch.cuda.max_memory_allocated() - held
     shape = model_shape(config, ALL_LINEAR, 16)
-    estimate = estimate_memory(cfg, shape, 1, False).stages["score"].parts["activations"]
+    total = torch.cuda.get_device_properties(0).total_memory  # the head chunk check_memory counts
+    estimate = estimate_memory(cfg, shape, 1, True, total).stages["score"].parts["activations"]
     assert peak <= estimate * 1.3, json.dumps({"peak_gib": peak / GIB,
                                                "estimate_gib": estimate / GIB})
 
 
-def test_ifd_chat_scoring_counts_the_cache_of_its_prefixless_pass():
+def test_ifd_chat_prefixless_pass_keeps_no_cache():
     base = _compose("model=llama_7b", *RECIPE, "stages=[score]")
     shape = _shape(base)
-    kv_token = 32 * 2 * 4096 * 2
     ifd = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]", "scorer=ifd_chat"),
                           shape, 1, False).stages["score"].parts["activations"]
     extra = estimate_memory(_compose("model=llama_7b", *RECIPE, "stages=[score]",
                                      "score.extra_scorers=[ifd_chat]"), shape, 1, False)
     plain = estimate_memory(base, shape, 1, False).stages["score"].parts["activations"]
-    assert ifd == extra.stages["score"].parts["activations"] == plain + 16384 * kv_token
+    # L(y) has no shared prefix, and the engine's no-prefix path keeps no key/value cache
+    assert ifd == extra.stages["score"].parts["activations"] == plain
+
+
+def test_cuda_estimate_counts_the_head_chunk_the_engine_will_choose():
+    cfg = _compose("model=llama_7b", *RECIPE, "stages=[score]")
+    shape = _shape(cfg)
+    card = 80 * GIB
+    est = estimate_memory(cfg, shape, 1, True, card).stages["score"].parts["activations"]
+    free = card - 2 * shape.n_params - GIB  # what the weights and the CUDA runtime leave
+    rows = head_chunk("cuda", free, 32000, 2)
+    assert rows == 4096  # 80 GB: 2.2 GiB of logits allowed, 4096 rows take 1.2 GiB (the cap)
+    assert est == scoring_activation_bytes(shape, "bfloat16", 16384, rows)
+    assert est - estimate_memory(cfg, shape, 1, True).stages["score"].parts["activations"] == (
+        (4096 - 64) * 32000 * (2 + 4 + 4))
+    # a 24 GiB card with the 7B weights loaded leaves 10.4 GiB: 1096 rows fit, 1024 taken
+    small = estimate_memory(cfg, shape, 1, True, 24 * GIB).stages["score"].parts["activations"]
+    assert small == scoring_activation_bytes(shape, "bfloat16", 16384, 1024)

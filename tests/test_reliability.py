@@ -38,7 +38,7 @@ def _compose(tmp_path: Path, *overrides: str):
     ("model.source=ollama", "model.source='ollama' is not supported; choose one of "
                             "['gguf', 'hub', 'random']"),
     ("model.dtype=fp8", "model.dtype='fp8' is not supported; choose one of "
-                        "['bfloat16', 'float16', 'float32']"),
+                        "['auto', 'bfloat16', 'float16', 'float32']"),
     ("data.reader=parquet", "data.reader='parquet' is not supported; choose one of "
                             "['alpaca', 'dolly', 'gsm8k', 'jsonl']"),
     ("data.on_bad_row=ignore", "data.on_bad_row='ignore' is not supported; choose one of "

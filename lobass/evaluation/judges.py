@@ -170,13 +170,16 @@ class LocalHFJudge:
             if self.fast and all(len(c) == 1 for c in cands):
                 # One forward pass: every verdict is a single token, so its log-probability is
                 # read off the distribution after the prompt (the slow path gives the same).
-                logits = self.model(torch.tensor([ids], device=device)).logits[0, -1]  # (V,)
+                # use_cache=False here and below: one forward each, no token follows it
+                logits = self.model(torch.tensor([ids], device=device),
+                                    use_cache=False).logits[0, -1]  # (V,)
                 logp = F.log_softmax(logits.float(), dim=-1)  # float32: a stable softmax
                 return {n: float(logp[c[0]]) for n, c in zip(names, cands, strict=True)}
             out = {}
             for name, cand in zip(names, cands, strict=True):
                 full = torch.tensor([ids + cand], device=device)  # (1, T + C)
-                logp = F.log_softmax(self.model(full).logits[0].float(), dim=-1)  # (T + C, V)
+                logits = self.model(full, use_cache=False).logits[0]  # (T + C, V)
+                logp = F.log_softmax(logits.float(), dim=-1)
                 positions = range(len(ids) - 1, len(ids) - 1 + len(cand))
                 out[name] = float(sum(logp[p, t] for p, t in zip(positions, cand, strict=True)))
             return out

@@ -4,19 +4,20 @@ A 7B model that does not fit should fail in a second with the numbers and the fi
 20-minute download, or after training, when evaluation runs out of memory. The estimate is per
 device (one rank under ``torchrun``), for every stage the run will reach, each with its own peak:
 
-* **reference / train**: weights in ``model.dtype`` (counted exactly on the meta device), LoRA
-  state (float32 weight, gradient and Adam's two moments: 16 bytes per adapter parameter), and the
-  activations autograd keeps for one micro-batch (per-layer coefficients calibrated against
-  autograd's saved tensors on CPU; ``tests/test_gpu_configs.py`` re-measures them). Under FSDP
+* **reference / train**: weights in ``model.dtype`` (``auto`` resolved; counted exactly on the
+  meta device), LoRA state (float32 weight, gradient and Adam's two moments: 16 bytes per
+  adapter parameter), and the activations autograd keeps for one micro-batch (per-layer
+  coefficients calibrated against autograd's saved tensors on CPU; ``tests/test_gpu_configs.py``
+  re-measures them). Under FSDP
   or ZeRO-3 the weights and LoRA state are divided by the process count, but the layers being
   computed are gathered whole: the non-layer weights (embeddings, LM head) and two decoder
   layers (the one running and the one prefetched) are added back.
 * **score**: the whole model on every rank (scoring shards rows, not weights), the reference
   adapter, and what the engine allocates for one batch of ``score.max_tokens_per_batch`` padded
   tokens: one layer's transient tensors, the final hidden states and the response rows gathered
-  from them, and one 64-row chunk of float32 logits (the LM head runs at response positions only).
-  Without the shared-prefix path (``score.share_prefix=false``, and the response-only ``L(y)``
-  pass of ``scorer=ifd``) the decoder also keeps every layer's keys and values for the batch.
+  from them, and one chunk of logits (the LM head runs at response positions only, 64 rows at a
+  time on the CPU; on CUDA as many as the memory the weights leave allows, up to 4096:
+  ``lobass.scoring.engine.head_chunk``). No key/value cache: the engine's forwards keep none.
 * **eval**: the merged model, then the largest of: held-out losses (as scoring), lm-eval's GSM8K
   and IFEval generation (``batch_size`` rows of up to ``max_length`` tokens of key/value cache;
   ``auto`` lets lm-eval find the batch that fits, counted here as one row), and the answers for
@@ -121,8 +122,8 @@ def check_memory(cfg: DictConfig, model_path: str | None = None) -> MemoryEstima
     shape = model_shape(config, list(cfg.model.lora_targets), rank)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = check_device(cfg.model)
-    estimate = estimate_memory(cfg, shape, world, device == "cuda")
     name, available = visible_memory(device)
+    estimate = estimate_memory(cfg, shape, world, device == "cuda", available)
     log.info("memory estimate for model=%s (%.2fB parameters, %.1fM LoRA) per device, by stage: "
              "%s; visible: %s", cfg.model.name, shape.n_params / 1e9, shape.n_lora / 1e6,
              estimate.describe(), name)

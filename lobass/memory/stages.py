@@ -7,16 +7,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lobass.devices import weight_sharding
+from lobass.devices import model_dtype, weight_sharding
 from lobass.memory.shape import Shape
-from lobass.scoring.engine import HEAD_CHUNK
-from lobass.scoring.scorers import get_scorer, needed_losses
+from lobass.scoring.engine import HEAD_CHUNK, head_chunk
 from lobass.training import rows_per_pass
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_BYTES_PER_PARAM = 16  # float32 weight + gradient + Adam's exp_avg and exp_avg_sq
-ADAPTER_BYTES_PER_PARAM = 4  # an adapter loaded for inference: peft keeps it in float32
 CUDA_RUNTIME_BYTES = 1 * GIB  # CUDA context, cuBLAS/cuDNN workspaces: present before any tensor
 TRAIN_LOGIT_BYTES = 12  # per (token x vocab): bf16 logits, float32 copy, log-softmax, its grad
 VLLM_OVERHEAD_BYTES = 2 * GIB  # vLLM's profiling forward, sampler and CUDA graphs beside the cache
@@ -113,18 +111,17 @@ def _transient_bytes(shape: Shape, dtype: str) -> int:
 
 
 def scoring_activation_bytes(shape: Shape, dtype: str, max_tokens_per_batch: int,
-                             share_prefix: bool = True) -> int:
+                             head_rows: int = HEAD_CHUNK) -> int:
     """Peak of one scoring batch as ``lobass.scoring.engine`` computes it.
 
     Per padded token: one layer's transient tensors, the final hidden states and the response
-    rows gathered from them (2 x h); with ``share_prefix`` off, the decoder's key/value cache of
-    every layer. Once per batch: a ``HEAD_CHUNK``-row chunk of logits in the model dtype, their
-    float32 copy and cross-entropy's float32 log-softmax.
+    rows gathered from them (2 x h). No key/value cache: the engine's batches keep none (the
+    shared prefix's, a few tokens, is negligible). Once per batch: a ``head_rows``-row chunk of
+    logits in the model dtype, their float32 copy and cross-entropy's float32 log-softmax
+    (``HEAD_CHUNK`` on the CPU; on CUDA :func:`lobass.scoring.engine.head_chunk`).
     """
     per_token = _transient_bytes(shape, dtype) + 2 * shape.hidden * BYTES[dtype]
-    if not share_prefix:
-        per_token += kv_bytes_per_token(shape, dtype)
-    head = HEAD_CHUNK * shape.vocab * (BYTES[dtype] + 4 + 4)
+    head = head_rows * shape.vocab * (BYTES[dtype] + 4 + 4)
     return max_tokens_per_batch * per_token + head
 
 
@@ -153,21 +150,25 @@ def _weights(shape: Shape, dtype: str, sharding: str | None, world: int) -> int:
     return min(full, full // world + gathered * BYTES[dtype])
 
 
-def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) -> MemoryEstimate:
+def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool,
+                    device_bytes: int | None = None) -> MemoryEstimate:
     """Per-device bytes of every stage the run reaches.
 
     Args:
         cfg: the composed config (``model``, ``data``, ``reference``, ``train``, ``score``,
-            ``eval``, ``stages``).
+            ``eval``, ``stages``), ``auto`` values resolved (``lobass.config.validate``).
         shape: from ``model_shape``.
         world: processes sharing the work (``WORLD_SIZE``); only FSDP and ZeRO-3 divide weights.
         on_cuda: add the CUDA runtime's fixed cost.
+        device_bytes: the device's total memory; on CUDA the LM-head chunk is then the one the
+            engine will choose once the model is loaded (``head_chunk`` of what the weights and
+            runtime leave: at least what it finds free then), else ``HEAD_CHUNK``.
 
     Raises:
         ValueError: an unknown ``model.dtype``.
 
     """
-    dtype = str(cfg.model.dtype)
+    dtype = model_dtype(cfg.model)  # auto resolved as the run resolves it
     if dtype not in BYTES:
         raise ValueError(f"model.dtype must be one of {sorted(BYTES)}, got {dtype!r}")
     runtime = CUDA_RUNTIME_BYTES if on_cuda else 0
@@ -192,16 +193,13 @@ def estimate_memory(cfg: DictConfig, shape: Shape, world: int, on_cuda: bool) ->
                 bool(g.gradient_checkpointing), float(g.lora.dropout)),
             "runtime": runtime})
     budget = int(cfg.score.max_tokens_per_batch)
-    scoring = scoring_activation_bytes(shape, dtype, budget,
-                                       bool(cfg.score.share_prefix))
-    # L(y) of ifd_chat (uncond) scores responses alone: no prompt, hence no shared prefix, and the
-    # engine's no-prefix path lets the decoder keep every layer's keys and values for the batch.
-    names = [str(cfg.scorer.name), *cfg.score.extra_scorers]
-    if "uncond" in needed_losses([get_scorer(n) for n in names]):
-        scoring = max(scoring, scoring_activation_bytes(shape, dtype, budget, False))
+    head_rows = (head_chunk("cuda", device_bytes - full - runtime, shape.vocab, BYTES[dtype])
+                 if on_cuda and device_bytes else HEAD_CHUNK)
+    scoring = scoring_activation_bytes(shape, dtype, budget, head_rows)
     if scores:
         stages["score"] = StageEstimate("score", {
-            "weights": full, "adapter": shape.n_lora * ADAPTER_BYTES_PER_PARAM,
+            # an adapter loaded for inference takes the model's dtype (modeling.load_adapter)
+            "weights": full, "adapter": shape.n_lora * BYTES[dtype],
             "activations": scoring, "runtime": runtime})
     if "eval" in wanted and "eval" in cfg:
         ev = cfg.eval

@@ -19,6 +19,6 @@ def registry(module: str, attr: str, extra: tuple[str, ...] = ()) -> Callable[[]
 scorers = registry("lobass.scoring", "SCORERS")
 readers = registry("lobass.data", "CONVERTERS")
 prompt_readers = registry("lobass.evaluation.prompts", "PROMPT_READERS")
-dtypes = registry("lobass.modeling", "DTYPES")
+dtypes = registry("lobass.modeling", "DTYPES", ("auto",))  # auto: lobass.devices.resolve_dtype
 schedulers = registry("transformers", "SchedulerType")  # an Enum: its values
 attention = registry("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS", ("eager",))

@@ -103,7 +103,7 @@ class ScoreSpec:
     """``score``: the scoring engine's batching, sharding and non-finite policy."""
 
     max_tokens_per_batch: int = knob(ge=1)
-    shard_rows: int = knob(ge=1)
+    shard_rows: int | Literal["auto"] = knob(ge=1)  # auto: lobass.devices.resolve_shard_rows
     share_prefix: bool = knob()
     extra_scorers: list[str] = knob([], choices=scorers)
     on_nonfinite: Literal["drop", "error"] = knob()

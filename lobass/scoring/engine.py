@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 # initial model, reference adapter on, response alone (L(y)); Cherry LLM's L(y|x) and L(y)
 LOSSES = ("init", "ref", "uncond", "ifd_cond", "ifd_alone")
 INITIAL_MODEL_LOSSES = ("init", "uncond", "ifd_cond", "ifd_alone")  # the adapter disabled
-HEAD_CHUNK = 64  # response positions per LM-head call: bounds the (n, V) float32 logits
+HEAD_CHUNK = 64  # response positions per LM-head call on the CPU: bounds the (n, V) logits
+# On CUDA the chunk follows the memory free once the model is loaded (head_chunk): a 64-row head
+# matmul leaves a GPU's tensor cores mostly idle. Its logits (model dtype, float32 copy, float32
+# log-softmax: dtype bytes + 8 per vocabulary entry) take at most 1/HEAD_MEMORY_SHARE of the free
+# memory, beside the batch's activations that score.max_tokens_per_batch sizes; above
+# HEAD_CHUNK_MAX rows the head matmul is compute-bound already (4096 x hidden x vocab).
+HEAD_MEMORY_SHARE = 32
+HEAD_CHUNK_MAX = 4096
 # On CPU a forward over many more padded tokens than this is memory-bound, slower than the
 # per-row loop (benchmarks/README.md, "Figures behind design choices"). Larger budgets are split
 # on CPU; GPUs keep the configured budget.
@@ -57,6 +64,40 @@ def length_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[li
     return batches
 
 
+def head_chunk(device: str, free_bytes: int, vocab: int, dtype_bytes: int) -> int:
+    """Response positions per LM-head call: ``HEAD_CHUNK`` on the CPU, from free memory on CUDA.
+
+    A pure function of its numbers (tested on the CPU). On CUDA the largest power of two whose
+    logits fit in ``free_bytes / HEAD_MEMORY_SHARE``, within ``[HEAD_CHUNK, HEAD_CHUNK_MAX]``:
+    4096 for a 32k vocabulary in bf16 on a card with 70 GiB free (1.2 GiB of logits), 512 for
+    Gemma's 262k. A power of two keeps the head matmul's shapes (and its kernels) few. Each
+    position's loss is its own row of the matmul, so the chunk moves no loss beyond the rounding
+    of the kernel cuBLAS picks; it is not in the losses key.
+
+    Args:
+        device: ``cuda`` or ``cpu`` (anything else: ``cpu``).
+        free_bytes: device memory free now (``torch.cuda.mem_get_info``), model loaded.
+        vocab: the LM head's output size.
+        dtype_bytes: bytes per element of the model's dtype.
+
+    """
+    if device != "cuda":
+        return HEAD_CHUNK  # what every CPU figure and pinned number was made with
+    rows = free_bytes // HEAD_MEMORY_SHARE // (vocab * (dtype_bytes + 4 + 4))
+    if rows < HEAD_CHUNK:
+        return HEAD_CHUNK
+    return min(HEAD_CHUNK_MAX, 1 << (int(rows).bit_length() - 1))
+
+
+def model_head_chunk(model: torch.nn.Module) -> int:
+    """:func:`head_chunk` for ``model`` on its device, with the memory free now."""
+    head = base_model(model).get_output_embeddings().weight
+    if head.device.type != "cuda":
+        return HEAD_CHUNK
+    free, _ = torch.cuda.mem_get_info(head.device)
+    return head_chunk("cuda", free, head.shape[0], head.element_size())
+
+
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
@@ -75,7 +116,7 @@ def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]) -> PrefixCa
 
 def batch_response_losses(
     model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-    attention_mask: torch.Tensor, prefix: PrefixCache | None = None,
+    attention_mask: torch.Tensor, prefix: PrefixCache | None = None, chunk: int = HEAD_CHUNK,
 ) -> torch.Tensor:
     """Mean response-token loss per row of one right-padded batch.
 
@@ -86,6 +127,7 @@ def batch_response_losses(
         attention_mask: ``(B, T)`` 1 on real tokens.
         prefix: when given, the first ``prefix.length`` tokens of every row are that prefix, and
             its cached key/values replace encoding it again.
+        chunk: response positions per LM-head call (:func:`head_chunk`).
 
     Returns:
         ``(B,)`` float32 losses; rows without response tokens get NaN (caught by the caller).
@@ -95,7 +137,10 @@ def batch_response_losses(
     decoder = base.get_decoder()
     start = 0
     if prefix is None:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        # use_cache=False: nothing reads this batch's keys and values; a cache would hold every
+        # layer's for the whole batch (the 7B shape: 0.5 MiB per token in bf16) until it ends.
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         use_cache=False)[0]  # (B, T, H)
     else:
         start, width = prefix.length, input_ids.shape[1]
         # Positions continue after the prefix; the mask covers prefix + suffix keys (B, T).
@@ -104,7 +149,7 @@ def batch_response_losses(
         hidden = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
                          position_ids=positions, use_cache=False, **cache)[0]  # (B, T-P, H)
     token_loss, keep = response_token_losses(hidden, labels, base.get_output_embeddings(),
-                                             logit_softcap(model), start=start, chunk=HEAD_CHUNK)
+                                             logit_softcap(model), start=start, chunk=chunk)
     row = keep.nonzero()[:, 0]  # (N,) batch row of each response token
     sums = torch.zeros(len(labels), device=labels.device).index_add_(0, row, token_loss)  # (B,)
     counts = keep.sum(dim=1).float()  # (B,)
@@ -144,6 +189,7 @@ def compute_response_losses(
     if device.type == "cpu":
         max_tokens_per_batch = min(max_tokens_per_batch, CPU_MAX_TOKENS_PER_BATCH)
     batches = length_batches([len(f.input_ids) for f in features], max_tokens_per_batch)
+    chunk = model_head_chunk(model)  # HEAD_CHUNK on the CPU; from free memory on CUDA
     with torch.inference_mode():
         prefix = encode_prefix(model, features[0].input_ids[:prefix_length])
         for batch in batches:
@@ -151,7 +197,7 @@ def compute_response_losses(
             input_ids = _pad([r.input_ids for r in rows], pad_token_id, device)
             labels = _pad([r.labels for r in rows], IGNORE_INDEX, device)
             mask = _pad([[1] * len(r.input_ids) for r in rows], 0, device)
-            losses = batch_response_losses(model, input_ids, labels, mask, prefix)
+            losses = batch_response_losses(model, input_ids, labels, mask, prefix, chunk)
             out[batch] = losses.double().cpu().numpy()
             if progress:
                 progress(len(batch))

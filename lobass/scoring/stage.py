@@ -20,7 +20,7 @@ from lobass.artifacts import atomic_write_text, ensure_artifact, fingerprint
 from lobass.context import Context, StageResult
 from lobass.devices import free_memory
 from lobass.jsonrows import jsonl_text, read_jsonl
-from lobass.modeling import load_adapter, load_model
+from lobass.modeling import INFERENCE_ADAPTER, load_adapter, load_model
 from lobass.scoring.runner import (
     CHERRY_LOSSES,
     LazyModel,
@@ -132,7 +132,8 @@ def score(ctx: Context, reference: StageResult | None) -> StageResult:
             return model
         model = load_adapter(model, adapters[0].adapter)
         for extra in adapters[1:]:  # a few MB each: every fold's adapter beside the first
-            model.load_adapter(str(extra.adapter), adapter_name=extra.name, is_trainable=False)
+            model.load_adapter(str(extra.adapter), adapter_name=extra.name,
+                               **INFERENCE_ADAPTER)  # in the model's dtype, as the first
         return model
 
     model = LazyModel(load)  # loaded only if some shard is missing
