@@ -82,6 +82,10 @@ def _check_scores_against_one_process(root: Path, models_dir: Path, *overrides: 
                     reason="deepspeed is not installed (scripts/setup.sh installs it: "
                            "pip install --no-build-isolation '.[deepspeed]')")
 def test_zero3_reference_then_score_in_one_run(tmp_path, models_dir, tiny):
+    """Before stage_scope the score stage loaded under deepspeed.zero.Init (the Trainer's
+    HfDeepSpeedConfig outlived the stage): on a GPU "DeepSpeed Zero-3 is not compatible with
+    passing a device_map"; here rank 1 waited in zero.Init's broadcast while rank 0 waited at
+    the score shards' barrier, until the timeout."""
     out = _two_ranks(tmp_path, models_dir, ZERO3)
     assert out.returncode == 0, out.stderr[-4000:]
     _check_scores_against_one_process(tmp_path, models_dir, ZERO3)
@@ -89,6 +93,12 @@ def test_zero3_reference_then_score_in_one_run(tmp_path, models_dir, tiny):
 
 @pytest.mark.slow
 def test_fsdp_reference_then_score_in_one_run(tmp_path, models_dir, tiny):
+    """On a CPU accelerate trains the FSDP recipe as plain DDP (it turns FSDP on for accelerator
+    devices only), but TrainingArguments and Accelerator still set FSDP_CPU_RAM_EFFICIENT_LOADING
+    and ACCELERATE_USE_FSDP: left in the environment, the next Trainer (train=lora_cpu) built an
+    FSDP plugin from them and stopped ("FSDP parameter initialization with
+    `sync_module_states=True` is not supported on cpu"), and every later from_pretrained saw
+    transformers' is_fsdp_enabled()."""
     out = _two_ranks(tmp_path, models_dir, *FSDP)
     assert out.returncode == 0, out.stderr[-4000:]
     _check_scores_against_one_process(tmp_path, models_dir, *FSDP)
