@@ -371,8 +371,9 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
         import deepspeed
 
         init_from_env()
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend()
-                                   if torch.distributed.is_initialized() else None)
+        if not deepspeed.comm.is_initialized():  # as accelerate does it on an accelerator
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend()
+                                       if torch.distributed.is_initialized() else None)
         placement = None
     saved = {k: os.environ.get(k) for k in announce}
     os.environ.update(announce)
