@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -30,6 +31,12 @@ T = TypeVar("T")
 # Ranks wait at barriers while another rank finishes its shards or rank 0 waits for an artifact
 # lock held by another run: long waits are legitimate, so the default 30 min would be too short.
 TIMEOUT = timedelta(hours=6)
+
+# What TrainingArguments and accelerate write into the environment for a sharded Trainer and never
+# take back: ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, FSDP_CPU_RAM_EFFICIENT_LOADING and
+# accelerate's FSDP_*/DEEPSPEED_* plugin settings. transformers' from_pretrained reads the first
+# and third: left set, every later load under torchrun reads real weights on local rank 0 only.
+STAGE_ENV_PREFIXES = ("ACCELERATE_", "FSDP_", "DEEPSPEED_")
 
 
 def world_size() -> int:
@@ -174,3 +181,48 @@ def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T]) -> li
     shares: list[Any] = [None] * world
     dist.all_gather_object(shares, mine)
     return unshard(shares)
+
+
+@contextlib.contextmanager
+def stage_scope(stage: str) -> Iterator[None]:
+    """Scope a training stage's FSDP / DeepSpeed settings to that stage, restoring them after it.
+
+    A sharded ``Trainer`` leaves three kinds of state in the process, each of which changes how a
+    later stage (scoring, eval, another fine-tune) loads or trains:
+
+    * environment variables (:data:`STAGE_ENV_PREFIXES`), restored to their values on entry;
+    * transformers' global ``HfDeepSpeedConfig`` reference, which accelerate's ``DeepSpeedPlugin``
+      keeps alive: ``is_deepspeed_zero3_enabled()`` stays True, so the next ``from_pretrained``
+      runs under ``deepspeed.zero.Init`` ("DeepSpeed Zero-3 is not compatible with passing a
+      device_map" on a GPU; weights partitioned over ranks that then score different rows on
+      a CPU); ``unset_hf_deepspeed_config`` is transformers' own way to drop it;
+    * accelerate's ``PartialState``/``AcceleratorState``/``GradientState`` singletons, which keep
+      the stage's FSDP or DeepSpeed plugin and distributed type for the next ``Trainer``. They are
+      cleared with accelerate's ``_reset_state`` (what its and transformers' tests use between
+      Trainers; there is no public reset) and rebuilt by the next ``TrainingArguments``.
+
+    The torch process group stays up: later stages shard their rows over the same ranks.
+    Nothing is imported that the stage did not import itself.
+
+    Args:
+        stage: the stage's name, for the log line.
+
+    """
+    saved = {k: v for k, v in os.environ.items() if k.startswith(STAGE_ENV_PREFIXES)}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(STAGE_ENV_PREFIXES)]:
+            if key not in saved:
+                del os.environ[key]
+        os.environ.update(saved)
+        if "transformers.integrations.deepspeed" in sys.modules:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+        if "accelerate.state" in sys.modules:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        log.debug("stage %s: FSDP/DeepSpeed settings restored", stage)

@@ -198,6 +198,11 @@ def finetune(ctx: Context, rows: Sequence[int], recipe: DictConfig, *, seed: int
                        "recipe": weights_recipe(recipe), "seed": seed, "targets": targets})
 
     def build(work: Any) -> dict[str, Any]:
+        # FSDP / DeepSpeed state lives as long as this fine-tune, not into the next stage.
+        with distributed.stage_scope(name):
+            return train(work)
+
+    def train(work: Any) -> dict[str, Any]:
         device, sharding = check_device(cfg.model), weight_sharding(recipe)
         # ZeRO-3 must see live TrainingArguments while the model is built (zero.Init shards the
         # weights as they load); train_lora makes its own, equal ones.

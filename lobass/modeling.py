@@ -378,6 +378,15 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
                 "ZeRO-3 loading needs its TrainingArguments first: build them with "
                 "lobass.training.training_arguments and keep them alive while load_model runs, "
                 "so deepspeed.zero.Init partitions the weights as they load")
+        # zero.Init reads the world size from deepspeed.comm, which accelerate sets up only on
+        # an accelerator (never with use_cpu, DeepSpeed's CPU accelerator): over the existing
+        # process group, or zero.Init sees one rank and refuses the batch sizes.
+        import deepspeed
+
+        init_from_env()
+        if not deepspeed.comm.is_initialized():  # as accelerate does it on an accelerator
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend()
+                                       if torch.distributed.is_initialized() else None)
         placement = None
     saved = {k: os.environ.get(k) for k in announce}
     os.environ.update(announce)

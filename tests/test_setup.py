@@ -108,6 +108,14 @@ def test_setup_sh_keeps_the_cpu_path_and_checks_cuda_on_gpu_machines():
     assert 'name.startswith("nvidia-")' in script
     assert 'extras="dev,gemma,gpu"' in script and "-c constraints.txt" in script
     assert "torch.cuda.is_available()" in script and "TORCH_INDEX_URL" in script
+    # DeepSpeed on CPU machines (the ZeRO-3 tests), built against the installed torch; the
+    # requirement is the `deepspeed` extra's
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["deepspeed"]
+    assert (f'DS_BUILD_OPS=0 "${{PIP[@]}}" -c constraints.txt --no-build-isolation "{extra[0]}"'
+            in script) and extra == ["deepspeed>=0.19.8"]
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts/setup.sh")]).returncode == 0
 
 
