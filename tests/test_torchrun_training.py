@@ -46,6 +46,7 @@ def test_two_ranks_train_one_adapter_and_rank_zero_publishes_it(tmp_path, models
 # turns FSDP on only for accelerator devices, never for MULTI_CPU.)
 FSDP_WORKER = """
 import json, sys
+from pathlib import Path
 import torch, torch.distributed as dist
 from omegaconf import OmegaConf
 from peft import get_peft_model
