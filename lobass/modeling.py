@@ -93,8 +93,8 @@ def load_gguf_tokenizer(gguf: Path) -> Any:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     declared = gguf_special_tokens(gguf, tokenizer)
-    wrong = {name: token for name, token in declared.items()
-             if getattr(tokenizer, name) != token}
+    wrong: dict[str, Any] = {name: token for name, token in declared.items()
+                             if getattr(tokenizer, name) != token}
     if wrong:
         log.info("tokenizer of %s: special tokens set from the file's metadata: %s",
                  gguf.name, wrong)
