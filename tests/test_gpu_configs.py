@@ -22,7 +22,13 @@ from lobass.data import read_examples
 from lobass.formatting import tokenize_example
 from lobass.memory import architecture_config as arch_config
 from lobass.pipeline import run
-from lobass.training import ADAPTER_FILES, gradient_accumulation, parallel_arguments, train_lora
+from lobass.training import (
+    ADAPTER_FILES,
+    checkpointing_argument,
+    gradient_accumulation,
+    parallel_arguments,
+    train_lora,
+)
 
 GPU_MODELS = {  # config -> (hub id, transformers class)
     "llama_7b": ("huggyllama/llama-7b", "LlamaForCausalLM"),
@@ -102,13 +108,13 @@ def test_trainer_options_from_hydra():
     cfg = _compose("model=llama_13b", "train=lora_gpu_fsdp", "reference=lora_gpu_deepspeed")
     fsdp = parallel_arguments(cfg.train)
     # The Trainer refuses both kinds of checkpointing: ours becomes FSDP's own.
-    assert fsdp["fsdp"] is True and fsdp["activation_checkpointing"] is False
+    assert fsdp["fsdp"] is True and fsdp[checkpointing_argument()] is False
     assert fsdp["fsdp_config"] == {"version": 2, "reshard_after_forward": True,
                                    "cpu_offload": False, "state_dict_type": "SHARDED_STATE_DICT",
                                    "activation_checkpointing": True}
     ds = parallel_arguments(cfg.reference)
     assert ds["deepspeed"]["zero_optimization"]["stage"] == 3 and "fsdp" not in ds
-    assert ds["activation_checkpointing"] is True and ds["ddp_find_unused_parameters"] is False
+    assert ds[checkpointing_argument()] is True and ds["ddp_find_unused_parameters"] is False
     plain_train = _compose(*GPU_GROUPS).train
     plain = parallel_arguments(plain_train)
     assert "fsdp" not in plain and "deepspeed" not in plain

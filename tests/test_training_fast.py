@@ -131,7 +131,9 @@ def test_micro_batches_make_the_same_optimizer_steps_in_smaller_forward_passes(s
                                                  "share_prefix": False})  # whole rows per pass
         model = load_model(cfg.model, path)
         seen = widths.setdefault(str(micro), set())
-        model.register_forward_pre_hook(
+        # On the decoder: peft 0.18 calls the base model's forward() directly, past hooks
+        # on the model itself (0.21 calls the model; lowest-direct run)
+        model.get_decoder().register_forward_pre_hook(
             lambda _m, _args, kwargs, seen=seen: seen.add(int(kwargs["input_ids"].shape[0])),
             with_kwargs=True)
         work = tmp_path / f"micro{micro}"
