@@ -73,6 +73,10 @@ full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True
 if rank == 0:
     torch.save({k: v for k, v in full.items() if "lora_" in k}, out / "full_lora.pt")
     (out / "counts.json").write_text(json.dumps({"gathered": gathered, "full": len(full)}))
+# Both ranks leave together: rank 1 tearing gloo down while rank 0 still wrote its files once
+# aborted rank 1 in CI ("terminate called without an active exception", after all files were on
+# disk)
+dist.barrier()
 dist.destroy_process_group()
 """
 
