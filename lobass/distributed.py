@@ -184,6 +184,23 @@ def map_shards(fn: Callable[[list[T]], Sequence[Any]], items: Sequence[T]) -> li
 
 
 @contextlib.contextmanager
+def restored_environ(*, prefixes: tuple[str, ...] = STAGE_ENV_PREFIXES) -> Iterator[None]:
+    """Put the environment variables named ``prefixes*`` back as they were on entry.
+
+    Variables set inside are removed, changed ones restored. One mechanism for both places that
+    scope accelerate's FSDP / DeepSpeed settings: a stage (:func:`stage_scope`) and one FSDP
+    load (``modeling.load_model`` announces RAM-efficient loading for that load only).
+    """
+    saved = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(prefixes) and k not in saved]:
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def stage_scope(stage: str) -> Iterator[None]:
     """Scope a training stage's FSDP / DeepSpeed settings to that stage, restoring them after it.
 
@@ -208,14 +225,10 @@ def stage_scope(stage: str) -> Iterator[None]:
         stage: the stage's name, for the log line.
 
     """
-    saved = {k: v for k, v in os.environ.items() if k.startswith(STAGE_ENV_PREFIXES)}
     try:
-        yield
+        with restored_environ():
+            yield
     finally:
-        for key in [k for k in os.environ if k.startswith(STAGE_ENV_PREFIXES)]:
-            if key not in saved:
-                del os.environ[key]
-        os.environ.update(saved)
         if "transformers.integrations.deepspeed" in sys.modules:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -27,7 +27,7 @@ from lobass.devices import (
     device_type,
     model_dtype,
 )
-from lobass.distributed import init_from_env
+from lobass.distributed import init_from_env, restored_environ
 
 log = logging.getLogger(__name__)
 
@@ -432,9 +432,8 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend()
                                        if torch.distributed.is_initialized() else None)
         placement = None
-    saved = {k: os.environ.get(k) for k in announce}
-    os.environ.update(announce)
-    try:
+    with restored_environ():  # the announcement holds for this load only
+        os.environ.update(announce)
         model: Any = AutoModelForCausalLM.from_pretrained(
             path,
             revision=model_cfg.revision,
@@ -444,12 +443,6 @@ def load_model(model_cfg: DictConfig, path: str, *, sharding: str | None = None)
             trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights from a path we do not control
         )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     log.info("model=%s loaded in %s on %s (model.device=%s%s)", model_cfg.name, dtype,
              next(model.parameters()).device, model_cfg.device,
              f", sharding {sharding}" if sharding else "")

@@ -124,8 +124,8 @@ def ensure_losses(directory: Path, ids: Sequence[str], compute: ComputeFn, *, sh
                        if _read_shard(_shard_path(work, lo, hi), ids[lo:hi]) is not None]
         shards: list[int] | None = dist.broadcast(on_disk)
         done = set(shards or [])
-        mine = [i for i in range(len(ranges))
-                if i % dist.world_size() == dist.rank() and i not in done]
+        mine = [i for i in dist.shard(range(len(ranges)), dist.rank(), dist.world_size())
+                if i not in done]
         if done and dist.is_main():
             log.info("%s: resuming, %d of %d shards already on disk in %s", desc, len(done),
                      len(ranges), work)
