@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lobass.config  # noqa: E402,F401  (registers the ${pkg_data:...} resolver)
 from lobass.devices import DeviceUnavailableError  # noqa: E402
+from lobass.distributed import leave_group  # noqa: E402
 from lobass.jsonrows import DataError  # noqa: E402
 from lobass.memory import InsufficientMemoryError  # noqa: E402
 from lobass.pipeline import run  # noqa: E402
@@ -42,4 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # a failed run exits inside (Hydra's sys.exit), never reaching the line below
+    leave_group()  # under torchrun, once every run of a sweep is done

@@ -79,6 +79,21 @@ def init_from_env() -> bool:
     return True
 
 
+def leave_group() -> None:
+    """Leave ``torchrun``'s process group at the end of a run that every rank finished.
+
+    torch asks for ``destroy_process_group`` near the end of the program: without it, NCCL's
+    pending work may be cut off at exit and every GPU run ends with its "destroy_process_group()
+    was not called" warning. The ranks meet first, so none tears the group down while another
+    still works in it. Called only after success: after a failure the other ranks may never
+    arrive (torch's shutdown notes), and the process's exit ends the group instead.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        log.info("torchrun: rank %s left the process group", os.environ.get("RANK", "?"))
+
+
 # Set while rank 0 runs :func:`on_main`'s function: the other ranks are not there to meet.
 _solo: contextvars.ContextVar[bool] = contextvars.ContextVar("lobass_solo", default=False)
 

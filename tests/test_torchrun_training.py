@@ -36,6 +36,9 @@ def test_two_ranks_train_one_adapter_and_rank_zero_publishes_it(tmp_path, models
     assert any("lora_B" in k and w.abs().sum() > 0 for k, w in weights.items())
     # Stage logs appear once per rank, but only rank 0 wrote the summary and the artifacts.
     assert out.stderr.count("stage train:") + out.stdout.count("stage train:") == 2
+    # ... and each left the process group at the end (torch's shutdown: no NCCL exit warning)
+    left = out.stderr + out.stdout
+    assert "rank 0 left the process group" in left and "rank 1 left the process group" in left
 
 
 
