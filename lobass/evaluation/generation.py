@@ -152,10 +152,11 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
     from tqdm.auto import tqdm
 
     rank, world = distributed.group_rank(), distributed.group_size()
-    if rank == 0:  # answers a killed run left, in the output and any rank's work file
-        merge_work_files(path)
+    # answers a killed run left, in the output and any rank's work file: rank 0 merges them
+    done = merge_work_files(path) if rank == 0 else {}
     distributed.barrier()
-    done = read_generations(path)  # merged above: read-only from here on, on every rank
+    if rank != 0:
+        done = read_generations(path)  # merged above: read-only from here on
     todo = [p for p in prompts if p.id not in done]
     if done and rank == 0:
         log.info("eval.generation: resuming %s with %d of %d answers already in %s", set_name,
@@ -193,7 +194,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt], pa
         # the set.
         atomic_write_text(path, jsonl_text(done[p.id] for p in prompts))
     distributed.barrier()
-    if world > 1:
+    if rank != 0:  # rank 0's own rows are those it just wrote
         done = read_generations(path)
     return [done[p.id] for p in prompts]
 
